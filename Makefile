@@ -1,0 +1,56 @@
+# healthml: two commands.
+#   make run    set everything up (venv, pinned packages) and run the whole pipeline on SUPPORT2
+#   make test   set up, then every test: export drift, notebook tests, integration tests
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+EXTRAS := dev,serve,monitor,dask,fairness
+
+# PHI-handling software phones home nowhere.
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export ORT_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test test-notebooks test-integration export-check lab clean help
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(VENV)/.installed  ## create .venv and install healthml with pinned dependencies
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	@echo "Setting up $(VENV) with $(PYTHON) (pinned by requirements/constraints.txt; takes a few minutes the first time)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e ".[$(EXTRAS)]" 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	touch $@
+
+run: setup  ## run the pipeline (dvc repro) and show the metrics
+	dvc repro
+	dvc metrics show metrics/evaluate.json
+	@echo "Report index: reports/index.html"
+
+export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the source of truth)
+	nbdev-export
+	@if [ -n "$$(git status --porcelain -- healthml)" ]; then \
+	  echo "nbdev-export changed healthml/: edit nbs/, export, and commit both:"; git status --porcelain -- healthml; exit 1; fi
+	@echo "nbdev-export: healthml/ matches nbs/"
+
+test-notebooks: setup  ## the tests inside the notebooks
+	nbdev-test --n-workers 2
+
+test-integration: setup  ## pipeline, CLI and report tests (pytest)
+	python -m pytest
+
+test: export-check test-notebooks test-integration  ## everything CI runs
+
+lab: setup  ## open JupyterLab on nbs/
+	jupyter lab nbs/
+
+clean:  ## remove pipeline outputs (not the venv, not the DVC cache)
+	rm -rf data/interim data/processed models metrics plots reports mlflow.db mlartifacts

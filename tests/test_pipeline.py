@@ -1,0 +1,134 @@
+"""The whole pipeline, run for real with DVC on SUPPORT2 in a copy of the project."""
+import json
+import re
+import sqlite3
+
+import pandas as pd
+import yaml
+from conftest import run
+
+from healthml.report import remote_references
+
+STAGES = ["ingest", "validate", "split", "train", "evaluate", "export", "report"]
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def test_repro_runs_every_stage_in_order(pipeline_project):
+    root, result = pipeline_project
+    assert ran_stages(result.stdout) == STAGES
+
+
+def test_lightgbm_test_auroc_on_support2_is_in_the_published_range(pipeline_project):
+    root, _ = pipeline_project
+    ev = json.loads((root/"metrics/evaluate.json").read_text())
+    for model in ("lightgbm", "logistic"):
+        m = ev[model]
+        assert 0.84 <= m["auroc"] <= 0.91, (model, m["auroc"])
+        assert m["auroc_ci_low"] < m["auroc"] < m["auroc_ci_high"]
+        assert m["n"] == 1821 and m["events"] == 472
+    assert ev["bootstrap"]["unit"] == "patient"
+
+
+def test_test_metrics_match_scikit_learn_on_the_written_scores(pipeline_project):
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+    root, _ = pipeline_project
+    ev = json.loads((root/"metrics/evaluate.json").read_text())
+    scores = pd.read_parquet(root/"data/processed/test_scores.parquet")
+    assert list(scores.columns) == ["outcome", "lightgbm", "logistic"]  # no patient identifiers
+    for model in ("lightgbm", "logistic"):
+        assert abs(ev[model]["auroc"] - roc_auc_score(scores.outcome, scores[model])) < 1e-6
+        assert abs(ev[model]["auprc"] - average_precision_score(scores.outcome, scores[model])) < 1e-6
+        assert abs(ev[model]["brier"] - brier_score_loss(scores.outcome, scores[model])) < 1e-6
+
+
+def test_splits_are_disjoint_by_patient_and_cover_the_cohort(pipeline_project):
+    root, _ = pipeline_project
+    ids = {s: set(pd.read_parquet(root/f"data/processed/{s}.parquet").sno) for s in ("train", "validation", "test")}
+    assert not ids["train"] & ids["test"] and not ids["train"] & ids["validation"] and not ids["validation"] & ids["test"]
+    assert len(ids["train"] | ids["validation"] | ids["test"]) == 9105
+
+
+def test_leaking_columns_never_reach_the_models(pipeline_project):
+    root, _ = pipeline_project
+    ingest = json.loads((root/"data/interim/ingest.json").read_text())
+    assert {"avtisst", "death", "slos", "d_time", "surv2m", "dnr"} <= set(ingest["excluded"])
+    train = pd.read_parquet(root/"data/processed/train.parquet")
+    assert not {"avtisst", "death", "slos", "charges"} & set(train.columns)
+
+
+def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
+    from healthml.config import load_params
+    from healthml.export import OnnxScorer
+    from healthml.train import load_model, model_frame
+    root, _ = pipeline_project
+    spec = load_params(root/"params.yaml").dataset
+    test = pd.read_parquet(root/"data/processed/test.parquet")
+    for model in ("lightgbm", "logistic"):
+        scorer = OnnxScorer(root/f"models/{model}.onnx")
+        native = load_model(root/f"models/{model}.skops").predict_proba(model_frame(test, spec))[:, 1]
+        assert abs(scorer.predict_proba(test) - native).max() < 1e-5
+        assert scorer.metadata["model_name"] == f"support2-mortality-{model}"
+    export = json.loads((root/"metrics/export.json").read_text())
+    assert all(v["passed"] for v in export.values())
+
+
+def test_report_is_self_contained_html_filed_by_version(pipeline_project):
+    from healthml.config import sha256_file
+    root, _ = pipeline_project
+    version = sha256_file(root/"models/lightgbm.onnx")[:12]
+    out = root/"reports/support2-mortality"/version
+    page = (out/"validation.html").read_text()
+    assert remote_references(page) == []
+    for section in ("Data source", "Participant flow", "Predictors", "Performance on held-out test patients", "Deployment artefact"):
+        assert section in page, section
+    assert page.count("data:image/png;base64") >= 2  # ROC and calibration figures embedded
+    assert "import " not in page  # no code cells
+    manifest = json.loads((out/"manifest.json").read_text())
+    assert manifest["outputs"]["validation.html"] == sha256_file(out/"validation.html")
+    assert manifest["inputs"]["model_lightgbm_onnx"]["sha256"].startswith(version)
+    assert version in (root/"reports/index.html").read_text()
+
+
+def test_training_runs_are_in_the_embedded_mlflow_store(pipeline_project):
+    root, _ = pipeline_project
+    with sqlite3.connect(root/"mlflow.db") as db:
+        runs = db.execute("select r.name, p.value from runs r join params p on p.run_uuid = r.run_uuid "
+                          "where p.key = 'dataset'").fetchall()
+        tags = dict(db.execute("select key, value from tags where key = 'git_commit'").fetchall())
+    assert sorted(name for name, _ in runs) == ["support2-mortality-lightgbm", "support2-mortality-logistic"]
+    assert all(value == "support2" for _, value in runs)
+    assert len(tags["git_commit"]) >= 40
+
+
+def test_dvc_metrics_and_plots_show_both_models(pipeline_project):
+    root, _ = pipeline_project
+    shown = run(["dvc", "metrics", "show", "--json"], root).stdout
+    metrics = json.loads(shown)
+    data = next(iter(metrics.values()))["data"]
+    ev = data["metrics/evaluate.json"]["data"]
+    assert ev["lightgbm"]["auroc"] > 0.8 and ev["logistic"]["auroc"] > 0.8
+    plots = run(["dvc", "plots", "show", "--json"], root).stdout
+    assert "ROC curve (test patients)" in plots and "Calibration (test patients, risk deciles)" in plots
+
+
+def test_second_repro_has_nothing_to_do(pipeline_project):
+    root, _ = pipeline_project
+    again = run(["dvc", "repro"], root)
+    assert ran_stages(again.stdout) == []
+    assert "up to date" in again.stdout
+
+
+def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(pipeline_project):
+    root, _ = pipeline_project
+    params = yaml.safe_load((root/"params.yaml").read_text())
+    params["models"]["lightgbm"]["num_leaves"] = 7
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = json.loads((root/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
+    again = run(["dvc", "repro"], root)
+    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report"]
+    after = json.loads((root/"metrics/evaluate.json").read_text())
+    assert after["lightgbm"]["auroc"] != before
+    assert len(list((root/"reports/support2-mortality").iterdir())) == 2  # the first version is kept
