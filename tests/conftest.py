@@ -46,7 +46,7 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pipeline_project(tmp_path_factory):
     "A copy of the project on which `dvc repro` has run once, with its output."
     root = copy_project(tmp_path_factory.mktemp("project"))

@@ -9,7 +9,7 @@ from conftest import run
 
 from healthml.report import remote_references
 
-STAGES = ["ingest", "validate", "split", "train", "evaluate", "export", "report"]
+STAGES = ["ingest", "validate", "split", "train", "evaluate", "export", "report", "gate"]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -29,7 +29,7 @@ def test_lightgbm_test_auroc_on_support2_is_in_the_published_range(pipeline_proj
         assert 0.84 <= m["auroc"] <= 0.91, (model, m["auroc"])
         assert m["auroc_ci_low"] < m["auroc"] < m["auroc_ci_high"]
         assert m["n"] == 1821 and m["events"] == 472
-    assert ev["bootstrap"]["unit"] == "patient"
+    assert ev["settings"]["bootstrap_unit"] == "patient"
 
 
 def test_test_metrics_match_scikit_learn_on_the_written_scores(pipeline_project):
@@ -82,9 +82,11 @@ def test_report_is_self_contained_html_filed_by_version(pipeline_project):
     out = root/"reports/support2-mortality"/version
     page = (out/"validation.html").read_text()
     assert remote_references(page) == []
-    for section in ("Data source", "Participant flow", "Predictors", "Performance on held-out test patients", "Deployment artefact"):
+    for section in ("Data source", "Participant flow", "Predictors", "Discrimination", "Calibration", "Clinical utility",
+                    "Subgroups and fairness", "Comparison on the same patients", "Robustness", "Deployment artefact",
+                    "Promotion gate", "Gate verdict: PASS"):
         assert section in page, section
-    assert page.count("data:image/png;base64") >= 2  # ROC and calibration figures embedded
+    assert page.count("data:image/png;base64") >= 4  # ROC, calibration, decision curve, subgroup forest plot
     assert "import " not in page  # no code cells
     manifest = json.loads((out/"manifest.json").read_text())
     assert manifest["outputs"]["validation.html"] == sha256_file(out/"validation.html")
@@ -111,7 +113,8 @@ def test_dvc_metrics_and_plots_show_both_models(pipeline_project):
     ev = data["metrics/evaluate.json"]["data"]
     assert ev["lightgbm"]["auroc"] > 0.8 and ev["logistic"]["auroc"] > 0.8
     plots = run(["dvc", "plots", "show", "--json"], root).stdout
-    assert "ROC curve (test patients)" in plots and "Calibration (test patients, risk deciles)" in plots
+    for title in ("ROC curve (test patients)", "Calibration (test patients, risk deciles)", "Decision curve (test patients)"):
+        assert title in plots, title
 
 
 def test_second_repro_has_nothing_to_do(pipeline_project):
@@ -128,7 +131,17 @@ def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(p
     (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = json.loads((root/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     again = run(["dvc", "repro"], root)
-    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report"]
+    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report", "gate"]
     after = json.loads((root/"metrics/evaluate.json").read_text())
     assert after["lightgbm"]["auroc"] != before
     assert len(list((root/"reports/support2-mortality").iterdir())) == 2  # the first version is kept
+
+
+def test_gate_passes_on_support2_with_every_rule_judged(pipeline_project):
+    root, result = pipeline_project
+    verdict = json.loads((root/"metrics/gate.json").read_text())
+    assert verdict["passed"] and verdict["verdict"] == "PASS"
+    status = {r["name"]: r["status"] for r in verdict["rules"]}
+    assert status["non_inferior_to_champion"] == "not applicable"  # no champion in service yet
+    assert all(s == "pass" for n, s in status.items() if n != "non_inferior_to_champion")
+    assert "gate: PASS" in result.stderr
