@@ -72,3 +72,22 @@ def test_healthml_gate_exits_1_and_names_the_failed_rule(pipeline_project, tmp_p
     assert "gate FAILED" in r.stderr and "discrimination: auroc_ci_low = 0.71 (must be >= 0.8)" in r.stderr
     verdict = json.loads((tmp_path/"metrics/gate.json").read_text())
     assert verdict["failed_rules"] == ["discrimination"]
+
+
+def test_platt_recalibration_is_fitted_on_validation_and_reported_beside_the_candidate(pipeline_project, tmp_path):
+    import yaml
+    root, _ = pipeline_project
+    proj = tmp_path/"p"
+    shutil.copytree(root, proj, ignore=shutil.ignore_patterns("reports", "mlartifacts", ".git", ".dvc"))
+    params = yaml.safe_load((proj/"params.yaml").read_text())
+    params["evaluate"]["recalibration"] = "platt"
+    params["evaluate"]["n_bootstrap"] = 50
+    (proj/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["healthml", "evaluate"], proj)
+    ev = json.loads((proj/"metrics/evaluate.json").read_text())
+    assert set(ev) == {"lightgbm", "logistic", "lightgbm_recalibrated", "settings"}
+    raw, recal = ev["lightgbm"], ev["lightgbm_recalibrated"]
+    assert abs(recal["auroc"] - raw["auroc"]) < 1e-9                   # a monotone map keeps the ranking
+    assert recal["calibration_slope"] != raw["calibration_slope"]
+    assert 0.8 < recal["calibration_slope"] < 1.2 and abs(recal["calibration_intercept"]) < 0.2
+    assert ev["settings"]["recalibration"] == "platt"
