@@ -9,7 +9,7 @@ from conftest import run
 from healthml.config import Layout, load_params, write_json
 from healthml.evaluate import model_evaluation
 from healthml.gate import evaluate_gate, gate_evidence
-from healthml.subgroups import fairness_gaps, subgroup_frame, subgroup_table
+from healthml.subgroups import fairness_columns, fairness_gaps, subgroup_frame, subgroup_table
 
 
 def _evidence_for(root, scores):
@@ -21,10 +21,11 @@ def _evidence_for(root, scores):
     thr = json.loads(L.evaluation.read_text())["lightgbm"]["threshold"]
     evidence = gate_evidence(L)
     evidence["evaluation"]["lightgbm"] = model_evaluation(y, scores, pid, thr, cfg)
-    groups = subgroup_frame(test, params.dataset, cfg.intersections)
+    groups = subgroup_frame(test, params.dataset, cfg.intersections, cfg.slices)
     table = subgroup_table(y, scores, groups, pid, thr, cfg.min_subgroup_n, cfg.min_subgroup_events, 100)
+    fair = fairness_columns(groups, params.dataset)
     evidence["subgroups"] = {"groups": table.to_dict(orient="records"),
-                             "fairness_gaps": fairness_gaps(y, scores, groups, thr, table)}
+                             "fairness_gaps": fairness_gaps(y, scores, groups[fair], thr, table[table.attribute.isin(fair)])}
     return params, evidence, test
 
 

@@ -9,7 +9,7 @@ from conftest import run
 
 from healthml.report import remote_references
 
-STAGES = ["ingest", "validate", "split", "train", "evaluate", "export", "report", "gate"]
+STAGES = ["ingest", "validate", "split", "train", "evaluate", "export", "report", "gate", "register"]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -100,7 +100,8 @@ def test_training_runs_are_in_the_embedded_mlflow_store(pipeline_project):
         runs = db.execute("select r.name, p.value from runs r join params p on p.run_uuid = r.run_uuid "
                           "where p.key = 'dataset'").fetchall()
         tags = dict(db.execute("select key, value from tags where key = 'git_commit'").fetchall())
-    assert sorted(name for name, _ in runs) == ["support2-mortality-lightgbm", "support2-mortality-logistic"]
+    assert sorted(name for name, _ in runs) == ["support2-mortality-lightgbm", "support2-mortality-logistic",
+                                                "support2-mortality-register"]
     assert all(value == "support2" for _, value in runs)
     assert len(tags["git_commit"]) >= 40
 
@@ -131,7 +132,7 @@ def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(p
     (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = json.loads((root/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     again = run(["dvc", "repro"], root)
-    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report", "gate"]
+    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report", "gate", "register"]
     after = json.loads((root/"metrics/evaluate.json").read_text())
     assert after["lightgbm"]["auroc"] != before
     assert len(list((root/"reports/support2-mortality").iterdir())) == 2  # the first version is kept

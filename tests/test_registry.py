@@ -1,0 +1,225 @@
+"""The model registry for real: embedded SQLite store, and a real `mlflow server` on loopback (team mode)."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import BIN, copy_project, project_env, run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from healthml.audit import AuditLog, verify_log
+
+
+def set_params(root, **changes):
+    params = yaml.safe_load((root/"params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *path, last = dotted.split(".")
+        for k in path: node = node[k]
+        node[last] = value
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def cli(root, *args, check=True, env=None):
+    e = project_env() | (env or {})
+    r = subprocess.run([str(BIN/"healthml"), *args], cwd=root, env=e, capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0: raise AssertionError(f"healthml {' '.join(args)} -> {r.returncode}\n{r.stderr}")
+    return r
+
+
+def registry_state(root):
+    from healthml.config import load_params
+    from healthml.registry import Registry
+    reg = Registry(load_params(root/"params.yaml"), root)
+    return reg
+
+
+@pytest.fixture(scope="module")
+def three_versions(tmp_path_factory):
+    "A project whose registry holds v1 (gate PASS), v2 (PASS, a smaller model) and v3 (FAIL under a stricter plan)."
+    root = copy_project(tmp_path_factory.mktemp("registry"))
+    run(["dvc", "repro"], root)                                     # v1 registered by the pipeline
+    set_params(root, **{"models.lightgbm.n_estimators": 120})
+    run(["dvc", "repro"], root)                                     # v2
+    set_params(root, **{"models.lightgbm.n_estimators": 60})
+    gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]
+    gate["rules"][0]["min"] = 0.95                                  # a plan no model here can meet
+    set_params(root, gate=gate)
+    r = run(["dvc", "repro"], root, check=False)
+    assert r.returncode != 0 and "gate FAILED" in r.stderr        # the pipeline stops at the gate...
+    cli(root, "model", "register")                                  # ...and a person registers it anyway: v3, gate FAIL
+    return root
+
+
+def test_pipeline_registers_versions_with_their_evidence(three_versions):
+    reg = registry_state(three_versions)
+    vs = {v["version"]: v for v in reg.versions()}
+    assert sorted(vs) == [1, 2, 3]
+    assert [vs[i]["gate"] for i in (1, 2, 3)] == ["PASS", "PASS", "FAIL"]
+    assert reg.alias("candidate") == 2 and reg.alias("champion") is None   # nothing is promoted automatically
+    for v in vs.values():
+        assert len(v["onnx_sha256"]) == 64 and v["git_commit"] and v["report"].startswith("reports/support2-mortality/")
+    record = json.loads((three_versions/"metrics/registry.json").read_text())
+    assert record["version"] == 3 and record["gate"] == "FAIL"
+
+
+def test_promote_rollback_and_the_audit_trail(three_versions):
+    root = three_versions
+    cli(root, "model", "promote", "1", "--reason", "first release", "--actor", "dr.ahmed")
+    t0 = time.perf_counter()
+    out = cli(root, "model", "promote", "2", "--reason", "better calibrated", "--actor", "dr.ahmed")
+    assert "champion is now version 2" in out.stderr
+    refused = cli(root, "model", "promote", "3", check=False)
+    assert refused.returncode == 1 and "gate verdict is FAIL" in refused.stderr
+    no_reason = cli(root, "model", "promote", "3", "--override", check=False)
+    assert no_reason.returncode == 1 and "needs a reason" in no_reason.stderr
+    assert registry_state(root).alias("champion") == 2
+    back = cli(root, "model", "rollback", "--reason", "alert rate doubled", "--actor", "dr.ahmed")
+    assert "champion is now version 1" in back.stderr
+    again = cli(root, "model", "rollback", check=False)
+    assert again.returncode == 1 and "nothing to roll back to" in again.stderr
+    assert registry_state(root).alias("champion") == 1
+    cli(root, "model", "promote", "3", "--override", "--reason", "committee accepted lower AUROC for this pilot", "--actor", "dr.lee")
+    assert registry_state(root).alias("champion") == 3
+    entries = AuditLog(root/"audit/audit.jsonl").entries()
+    actions = [(e["action"], e["details"].get("version")) for e in entries]
+    assert actions[-4:] == [("promote", 1), ("promote", 2), ("rollback", 1), ("override", 3)]
+    assert entries[-1]["actor"] == "dr.lee" and "pilot" in entries[-1]["reason"]
+    ok = cli(root, "audit", "verify")
+    assert "chain and anchor intact" in ok.stderr
+    listing = cli(root, "model", "list").stdout
+    assert "version 3 [champion]" in listing and "version 2 [candidate]" in listing
+
+
+def test_lineage_walks_from_a_model_hash_to_data_params_and_code(three_versions):
+    reg = registry_state(three_versions)
+    v1 = reg.version(1)
+    out = json.loads(cli(three_versions, "lineage", v1["onnx_sha256"][:12]).stdout)
+    assert out["version"] == 1 and out["mlflow_run"] == v1["run_id"]
+    assert out["cohort_sha256"] == "4f7dfcfb0d702401adfd0fa47702ed18fdd4dfe37acd0bcf1055acb7df007a1b"
+    assert len(out["git_commit"]) >= 40 and len(out["params_sha256"]) == 64 and out["report"]
+
+
+def test_killing_a_promotion_midway_leaves_a_consistent_registry(three_versions):
+    root = three_versions
+    cli(root, "model", "promote", "1", "--reason", "start")
+    t0 = time.perf_counter()
+    cli(root, "model", "promote", "2", "--reason", "timing run")
+    full = time.perf_counter() - t0
+    cli(root, "model", "promote", "1", "--reason", "reset")
+    for fraction in (0.5, 0.7, 0.8, 0.9, 0.95):
+        p = subprocess.Popen([str(BIN/"healthml"), "model", "promote", "2", "--reason", "killed"], cwd=root,
+                             env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(full * fraction)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        reg = registry_state(root)
+        champ = reg.alias("champion")
+        assert champ in (1, 2)
+        from healthml.registry import verify_artifact
+        verify_artifact(reg, champ)                                  # champion never points at a missing artifact
+        cli(root, "model", "promote", "2", "--reason", "rerun completes")
+        assert registry_state(root).alias("champion") == 2
+        assert cli(root, "audit", "verify").returncode == 0
+        cli(root, "model", "promote", "1", "--reason", "reset")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_byte_level_tampering_of_the_audit_log_is_detected(three_versions, tmp_path, data):
+    log = AuditLog(three_versions/"audit/audit.jsonl")
+    raw, anchor = log.path.read_bytes(), log.head()
+    assert verify_log(log, anchor) == []
+    kind = data.draw(st.sampled_from(["edit", "delete_byte", "insert", "drop_line", "swap_lines", "truncate"]))
+    lines = raw.split(b"\n")[:-1]
+    if kind == "edit":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        b = data.draw(st.integers(0, 255).filter(lambda x: x != raw[i]))
+        bad = raw[:i] + bytes([b]) + raw[i + 1:]
+    elif kind == "delete_byte":
+        i = data.draw(st.integers(0, len(raw) - 2))                  # (the final newline alone is formatting)
+        bad = raw[:i] + raw[i + 1:]
+    elif kind == "insert":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        bad = raw[:i] + data.draw(st.binary(min_size=1, max_size=4).filter(lambda s: s.strip(b"\n") != b"")) + raw[i:]
+    elif kind == "drop_line":
+        i = data.draw(st.integers(0, len(lines) - 1))
+        bad = b"\n".join(lines[:i] + lines[i + 1:]) + b"\n"
+    elif kind == "swap_lines":
+        i = data.draw(st.integers(0, len(lines) - 2))
+        bad = b"\n".join(lines[:i] + [lines[i + 1], lines[i]] + lines[i + 2:]) + b"\n"
+    else:
+        bad = raw[:data.draw(st.integers(0, len(raw) - 2))]
+    p = tmp_path/f"tampered-{kind}.jsonl"
+    p.write_bytes(bad)
+    assert verify_log(AuditLog(p), anchor), kind
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
+    "register, promote and roll back against `mlflow server` (SQLite backend) over loopback."
+    root = tmp_path/"p"
+    shutil.copytree(three_versions, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "audit"))
+    port = _free_port()
+    server = subprocess.Popen([str(BIN/"mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path/"server-artifacts"), "--workers", "1"],
+                              env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        import urllib.request
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError: time.sleep(0.5)
+        env = {"MLFLOW_TRACKING_URI": uri}
+        first = json.loads((root/"metrics/registry.json").read_text())
+        cli(root, "model", "register", env=env)                     # the FAIL model of the fixture: v1 here
+        cli(root, "model", "promote", "1", "--override", "--reason", "pilot", env=env)
+        shutil.copy(three_versions/"models/lightgbm.onnx", root/"models/lightgbm.onnx")  # same files, so:
+        again = cli(root, "model", "register", env=env)            # registering the same model is a no-op
+        assert "version 1" in again.stderr
+        gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]
+        gate["rules"][0]["min"] = 0.80                              # back to the shipped plan
+        set_params(root, gate=gate, **{"models.lightgbm.n_estimators": 200})
+        run(["dvc", "repro", "train", "evaluate", "export", "report", "gate"], root)
+        cli(root, "model", "register", env=env)
+        cli(root, "model", "promote", "2", "--reason", "passed", env=env)
+        assert "champion is now version 1" in cli(root, "model", "rollback", "--reason", "drill", env=env).stderr
+        assert "chain and anchor intact" in cli(root, "audit", "verify", env=env).stderr
+        assert (tmp_path/"server-artifacts").exists() and any((tmp_path/"server-artifacts").rglob("model.onnx"))
+        assert first["gate"] == "FAIL"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_zz_rollback_to_a_missing_artifact_is_refused_and_champion_stays(three_versions):
+    # Runs last in this module: it deletes a stored model of the shared fixture (the embedded store
+    # records absolute artifact paths, so a copied project would still point at the original files).
+    import mlflow
+    root = three_versions
+    cli(root, "model", "promote", "2", "--reason", "x")
+    cli(root, "model", "promote", "1", "--reason", "y")             # champion 1; the previous champion is 2
+    reg = registry_state(root)
+    uri = mlflow.get_run(reg.version(2)["run_id"]).info.artifact_uri
+    shutil.rmtree(uri.removeprefix("file://") + "/onnx")             # version 2's model is gone from the store
+    r = cli(root, "model", "rollback", check=False)
+    assert r.returncode == 1 and "cannot be read" in r.stderr and "champion unchanged" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert registry_state(root).alias("champion") == 1
+    refused = cli(root, "model", "promote", "2", "--reason", "z", check=False)
+    assert refused.returncode == 1 and registry_state(root).alias("champion") == 1
