@@ -15,7 +15,7 @@ export ORT_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-notebooks test-integration export-check lab clean help
+.PHONY: setup run test test-notebooks test-integration export-check browser lab clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -44,7 +44,13 @@ export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the sour
 test-notebooks: setup  ## the tests inside the notebooks
 	nbdev-test --n-workers 2
 
-test-integration: setup  ## pipeline, CLI and report tests (pytest)
+browser:  ## headless Chromium for the report tests (Debian package; needs root or sudo the first time)
+	@command -v chromium >/dev/null || { \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test-integration: setup browser  ## pipeline, CLI, registry and browser tests (pytest)
 	python -m pytest
 
 test: export-check test-notebooks test-integration  ## everything CI runs

@@ -75,6 +75,22 @@ def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
     assert all(v["passed"] for v in export.values())
 
 
+def test_onnx_export_is_byte_reproducible_across_processes(pipeline_project):
+    # Report versions are named by the ONNX SHA-256, so the same model must give the same bytes in any
+    # process (skl2onnx ordered opsets by string hash; PYTHONHASHSEED varies that per process).
+    import os
+    from conftest import project_env
+    import subprocess
+    root, _ = pipeline_project
+    digests = set()
+    for seed in ("1", "3"):
+        env = project_env() | {"PYTHONHASHSEED": seed}
+        subprocess.run(["healthml", "export"], cwd=root, env=env, check=True, capture_output=True)
+        from healthml.config import sha256_file
+        digests.add(sha256_file(root/"models/lightgbm.onnx"))
+    assert len(digests) == 1
+
+
 def test_report_is_self_contained_html_filed_by_version(pipeline_project):
     from healthml.config import sha256_file
     root, _ = pipeline_project

@@ -1,0 +1,116 @@
+"""The filed report as compliance staff meet it: in a real headless Chromium, verifiable, reproducible, never overwritten."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run
+
+from healthml.config import sha256_file
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SECTIONS = ["0. Items a person must supply", "1. Data source", "2. Participant flow", "4. Discrimination", "5. Calibration",
+            "6. Clinical utility", "7. Subgroups and fairness", "8. Comparison on the same patients", "9. Robustness",
+            "11. Promotion gate", "12. TRIPOD+AI reporting items"]
+
+
+def filed_report(root: Path) -> Path:
+    return root/json.loads((root/"metrics/report.json").read_text())["report"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    assert Path(CHROMIUM).exists(), "Debian's chromium is not installed: run `make browser`"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                              "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def open_page(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, errors, requests
+
+
+def test_validation_report_renders_offline_with_every_section_and_figure(pipeline_project, browser, tmp_path):
+    root, _ = pipeline_project
+    page, errors, requests = open_page(browser, filed_report(root)/"validation.html")
+    for title in SECTIONS:
+        assert page.get_by_role("heading", name=re.compile("^" + re.escape(title))).first.is_visible(), title
+    assert page.locator("nav.toc li").count() >= len(SECTIONS)
+    assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 100).length") >= 4
+    assert page.get_by_text("Gate verdict: PASS").is_visible()
+    assert page.locator(".np").first.is_visible()                      # NOT PROVIDED items shown, in red
+    assert page.locator(".np").first.evaluate("e => getComputedStyle(e).color") == "rgb(207, 34, 46)"
+    text = page.inner_text("body")
+    assert "import " not in text and "ReportContext.load" not in text   # no code cells, only their results
+    assert errors == []
+    assert all(u.startswith(("file:", "data:")) for u in requests), [u for u in requests if not u.startswith(("file:", "data:"))]
+    page.screenshot(path=str(tmp_path/"validation.png"), full_page=True)
+    assert (tmp_path/"validation.png").stat().st_size > 50_000
+
+
+def test_report_index_and_model_card_render_and_link(pipeline_project, browser):
+    root, _ = pipeline_project
+    page, errors, requests = open_page(browser, root/"reports/index.html")
+    link = page.locator("table a").first
+    assert link.is_visible() and page.get_by_text("PASS").first.is_visible()
+    link.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith("/validation.html") and page.get_by_role("heading", name="Validation report").is_visible()
+    card, card_errors, card_requests = open_page(browser, filed_report(root)/"model_card.html")
+    for block in ("Basic information", "Release information", "Uses and directions", "Warnings", "Trust ingredients",
+                  "Key metrics: usefulness", "Key metrics: fairness", "Key metrics: safety", "Resources", "Evidence for the NIST AI RMF"):
+        assert card.get_by_role("heading", name=block).is_visible(), block
+    for sub in ("MAP 1.1", "MEASURE 2.11", "MANAGE 2.4"):
+        assert card.get_by_role("cell", name=sub).is_visible(), sub
+    assert errors == card_errors == []
+    assert all(u.startswith(("file:", "data:")) for u in requests + card_requests)
+
+
+def test_model_card_json_says_what_people_have_not_provided(pipeline_project):
+    root, _ = pipeline_project
+    card = json.loads((filed_report(root)/"model_card.json").read_text())
+    assert "Ethics approval" in card["not_provided"] and "Sign-off name" in card["not_provided"]
+    assert card["uses_and_directions"]["intended_use"] == "NOT PROVIDED"
+    assert 0.84 <= float(card["key_metrics"]["usefulness"]["AUROC"].split()[0]) <= 0.91
+    assert [m["subcategory"] for m in card["nist_ai_rmf"]][:2] == ["MAP 1.1", "MEASURE 2.1"]
+
+
+def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    report = filed_report(root)
+    rel = report.relative_to(root)
+    assert run(["healthml", "report", "verify", str(rel)], root).returncode == 0
+    for victim in (report/"validation.html", report/"model_card.json", root/"models/lightgbm.onnx", report/"manifest.json"):
+        original = victim.read_bytes()
+        edited = bytearray(original)
+        edited[len(edited) // 2] ^= 0x01                              # one bit of one byte
+        victim.write_bytes(bytes(edited))
+        try:
+            r = run(["healthml", "report", "verify", str(rel)], root, check=False)
+            assert r.returncode == 1 and "FAILED verification" in r.stderr, victim.name
+        finally:
+            victim.write_bytes(original)
+    assert run(["healthml", "report", "verify", str(rel)], root).returncode == 0
+
+
+def test_forced_rerun_on_the_same_inputs_reproduces_the_filed_numbers(pipeline_project):
+    root, _ = pipeline_project
+    before = filed_report(root)
+    html_sha = sha256_file(before/"validation.html")
+    r = run(["dvc", "repro", "--force", "report"], root)
+    record = json.loads((root/"metrics/report.json").read_text())
+    assert record["reproduced_existing"] is True and root/record["report"] == before
+    assert sha256_file(before/"validation.html") == html_sha            # the filed version was not rewritten
+    assert "Running stage 'report'" in r.stdout
+
