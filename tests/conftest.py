@@ -37,7 +37,7 @@ def copy_project(dest: Path) -> Path:
         if src.is_file():
             (dest/f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest/f)
-    for f in ["reports", "models", "metrics", "plots", "dvc.lock"]:  # a fresh project: no earlier outputs
+    for f in ["reports", "models", "metrics", "plots", "datacard", "dvc.lock"]:  # a fresh project: no earlier outputs
         p = dest/f
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run(["git", "init", "-q"], dest)

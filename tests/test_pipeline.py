@@ -9,7 +9,8 @@ from conftest import run
 
 from healthml.report import remote_references
 
-STAGES = ["ingest", "validate", "split", "train", "evaluate", "export", "report", "gate", "register"]
+STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "report", "gate",
+          "register", "phi_scan"]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -49,6 +50,42 @@ def test_splits_are_disjoint_by_patient_and_cover_the_cohort(pipeline_project):
     ids = {s: set(pd.read_parquet(root/f"data/processed/{s}.parquet").sno) for s in ("train", "validation", "test")}
     assert not ids["train"] & ids["test"] and not ids["train"] & ids["validation"] and not ids["validation"] & ids["test"]
     assert len(ids["train"] | ids["validation"] | ids["test"]) == 9105
+
+
+def test_support2_is_deidentified_with_surrogate_keys_and_ages_over_89_coded_90(pipeline_project):
+    from healthml.cohort import read_cohort
+    root, _ = pipeline_project
+    raw = read_cohort(root/"data/raw/support2.csv")
+    deid = pd.read_parquet(root/"data/deid/cohort.parquet")
+    assert (raw.age > 89).sum() > 50 and deid.age.max() == 90 and ((deid.age == 90) == (raw.age > 89)).all()
+    assert sorted(deid.sno) == list(range(1, 9106))            # a surrogate for every patient...
+    assert (deid.sno.to_numpy() != raw.sno.to_numpy()).mean() > 0.99   # ...not the study number
+    record = json.loads((root/"metrics/deidentify.json").read_text())
+    assert {a["column"]: a["kind"] for a in record["actions"]} == {"sno": "patient key", "age": "age"}
+    assert record["scan"]["passed"]
+
+
+def test_dataset_card_has_flow_table_one_sample_size_and_a_clean_leakage_audit(pipeline_project):
+    root, _ = pipeline_project
+    card = json.loads((root/"datacard/dataset_card.json").read_text())
+    flow = {f["step"]: f for f in card["flow"]}
+    assert flow["rows in the source file"]["rows"] == flow["passed validation"]["rows"] == flow["de-identified"]["rows"] == 9105
+    assert sum(flow[f"{s} split"]["patients"] for s in ("train", "validation", "test")) == 9105
+    t1 = pd.DataFrame(card["table1_by_outcome"])
+    death = "hospdead = 1"
+    ages = t1[t1["characteristic"].str.startswith("age,")].iloc[0]
+    assert float(ages[death].split()[0]) > float(ages["other"].split()[0])  # those who died were older
+    r = card["sample_size"]
+    assert r["adequate"] and r["n_train"] == 5463 and r["parameters"] > len(card["missingness_percent"]) - 1
+    assert card["leakage"]["clean"] and max(card["leakage"]["single_feature_auroc"].values()) < 0.8
+    assert card["leakage"]["patients_in_two_splits"] == {"train/validation": 0, "train/test": 0, "validation/test": 0}
+
+
+def test_last_stage_scanned_every_output_and_mlflow_for_phi(pipeline_project):
+    root, _ = pipeline_project
+    scan = json.loads((root/"metrics/phi_scan.json").read_text())
+    assert scan["passed"] and scan["mlflow_scanned"] and scan["files_scanned"] > 40
+    assert scan["files_not_scanned"] == []
 
 
 def test_leaking_columns_never_reach_the_models(pipeline_project):
@@ -148,7 +185,7 @@ def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(p
     (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = json.loads((root/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     again = run(["dvc", "repro"], root)
-    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report", "gate", "register"]
+    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report", "gate", "register", "phi_scan"]
     after = json.loads((root/"metrics/evaluate.json").read_text())
     assert after["lightgbm"]["auroc"] != before
     assert len(list((root/"reports/support2-mortality").iterdir())) == 2  # the first version is kept

@@ -77,6 +77,24 @@ def test_report_index_and_model_card_render_and_link(pipeline_project, browser):
     assert all(u.startswith(("file:", "data:")) for u in requests + card_requests)
 
 
+def test_dataset_card_renders_offline_with_table_one_and_sample_size(pipeline_project, browser, tmp_path):
+    root, _ = pipeline_project
+    page, errors, requests = open_page(browser, filed_report(root)/"dataset_card.html")
+    for title in ("Provenance", "Participant flow", "Table 1 by outcome", "Table 1 by split", "Missing data (% of rows)",
+                  "Subgroup sizes", "Sample size (Riley et al. 2020)", "Leakage audit", "De-identification"):
+        assert page.get_by_role("heading", name=title).is_visible(), title
+    assert page.get_by_role("cell", name="age, mean (SD)").first.is_visible()
+    assert page.get_by_text("NOT PROVIDED").first.evaluate("e => getComputedStyle(e).color") == "rgb(176, 0, 32)"
+    assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests)
+    shot = tmp_path/"dataset_card.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+    report, _, _ = open_page(browser, filed_report(root)/"validation.html")
+    for title in ("Table 1: cohort characteristics by outcome", "Sample size (Riley et al. 2020)", "Leakage audit",
+                  "De-identification (HIPAA Safe Harbor)", "Data-quality warnings"):
+        assert report.get_by_role("heading", name=re.compile("^" + re.escape(title))).first.is_visible(), title
+
+
 def test_model_card_json_says_what_people_have_not_provided(pipeline_project):
     root, _ = pipeline_project
     card = json.loads((filed_report(root)/"model_card.json").read_text())

@@ -1,0 +1,215 @@
+"""Cohort trust: canary identifiers through a full synthetic pipeline, PHI scanning, de-identification,
+leakage audit on SUPPORT2, quarantine, spec drafting, and property-based split disjointness."""
+import csv
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT, copy_project, run
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+# Planted identifiers: one fake patient whose every identifier is a string no output may hold.
+CANARY = {"name": "Quintessa Canarywood", "mrn": "MRN90807060", "ssn": "987-65-4329", "phone": "415-555-0199",
+          "email": "quintessa.canarywood@example.org", "address": "77 Canary Wharf Lane", "dob": "1931-07-04",
+          "city": "Canaryville"}
+RESTRICTED = ("data/raw", "data/interim", ".dvc/cache", ".dvc/tmp", ".git")  # hold identifiers by design
+
+
+@pytest.fixture(scope="module")
+def synthetic_project(tmp_path_factory):
+    "The example synthetic-EHR project, with canaries planted, run end to end by `dvc repro`."
+    root = copy_project(tmp_path_factory.mktemp("synthetic"))
+    (root/"params.yaml").write_text((root/"examples/synthetic-ehr/params.yaml").read_text())
+    run(["healthml", "synthetic", "--patients", "4000", "--seed", "7", "-o", "data/raw/synthetic_ehr.csv"], root)
+    df = pd.read_csv(root/"data/raw/synthetic_ehr.csv", dtype=str, keep_default_na=False)
+    canary_rows = df.mrn == df.mrn.iloc[5]          # every encounter of one patient
+    for col, value in CANARY.items(): df.loc[canary_rows, col] = value
+    df.loc[canary_rows, "age"] = "95.5"             # and over 89
+    df.to_csv(root/"data/raw/synthetic_ehr.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    result = run(["dvc", "repro"], root, timeout=1500)
+    return root, result, df
+
+
+def _outputs(root: Path) -> list[Path]:
+    "Every file the pipeline wrote outside the restricted zone (not part of the project's source)."
+    source = set(subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split("\n"))
+    out = []
+    for dirpath, _, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root).as_posix()
+        if any(rel == r or rel.startswith(r + "/") for r in RESTRICTED): continue
+        out += [Path(dirpath)/f for f in files if (Path(rel)/f).as_posix().lstrip("./") not in source]
+    return out
+
+
+def test_synthetic_cohort_runs_the_whole_pipeline_through_params_alone(synthetic_project):
+    root, result, _ = synthetic_project
+    stages = re.findall(r"Running stage '(\w+)'", result.stdout)
+    assert stages[0] == "ingest" and stages[-1] == "phi_scan" and "deidentify" in stages
+    assert json.loads((root/"metrics/gate.json").read_text())["verdict"] == "PASS"
+    split = json.loads((root/"metrics/split.json").read_text())
+    assert split["method"] == "temporal"
+    assert (root/"reports/synthetic-mortality").is_dir()
+
+
+SHAPES = [rb"MRN\d{8}", rb"E\d{9}", rb"\d{3}-\d{2}-\d{4}", rb"\d{3}-555-\d{4}", rb"[\w.+-]+@example\.org",
+          rb"(?:19|20)\d\d-\d\d-\d\d", rb"[A-Z][a-z]+ [A-Z][a-z]+", rb"\d+ [A-Z][a-z]+ [A-Z][a-z]+(?: [A-Z][a-z]+)?"]
+
+
+def test_planted_canaries_and_every_raw_identifier_never_reach_any_output(synthetic_project):
+    # Independent of healthml's scanner: exact byte search for the canaries, and every string shaped like
+    # one of the generator's identifiers checked against the set of raw identifier values.
+    root, _, raw = synthetic_project
+    values = set()
+    for col in ("mrn", "name", "ssn", "phone", "email", "address", "encounter_id", "dob"):
+        values |= set(raw[col].unique())
+    values = {v.encode() for v in values}
+    shapes = re.compile(b"|".join(SHAPES))
+    outputs = _outputs(root)
+    assert len(outputs) > 50 and any(p.name == "mlflow.db" for p in outputs)
+    leaks = {}
+    for p in outputs:
+        data = p.read_bytes()
+        found = [c for c in CANARY.values() if c.encode() in data]
+        found += [m.group() for m in shapes.finditer(data) if m.group() in values]
+        if found: leaks[str(p.relative_to(root))] = len(found)
+    assert not leaks, leaks
+    # the search works: the raw file (restricted zone) is full of them
+    data = (root/"data/raw/synthetic_ehr.csv").read_bytes()
+    assert CANARY["name"].encode() in data and sum(m.group() in values for m in shapes.finditer(data)) > 10_000
+
+
+def test_phi_scan_names_the_file_and_place_of_a_leak_but_never_the_value(synthetic_project):
+    root, _, _ = synthetic_project
+    card = root/"datacard/dataset_card.md"
+    original = card.read_bytes()
+    try:
+        card.write_bytes(original + f"\nReviewed with {CANARY['name']} (SSN on file).\n".encode())
+        r = run(["healthml", "phi", "scan", "--no-mlflow"], root, check=False)
+        assert r.returncode == 1
+        assert "datacard/dataset_card.md: line" in r.stderr and "(name)" in r.stderr
+        scan = (root/"metrics/phi_scan.json").read_text()
+        for leaked in (r.stdout + r.stderr, scan):
+            assert CANARY["name"] not in leaked and "Canarywood" not in leaked
+    finally:
+        card.write_bytes(original)
+    assert run(["healthml", "phi", "scan"], root).returncode == 0
+
+
+def test_deidentification_generalises_the_canary_patient(synthetic_project):
+    root, _, raw = synthetic_project
+    deid = pd.read_parquet(root/"data/deid/cohort.parquet")
+    assert not {"name", "address", "city", "phone", "email", "ssn"} & set(deid.columns)
+    assert deid.age.max() == 90 and deid.dob.max() < 2010 and set(deid.zip.str.len()) == {3}
+    assert "000" in set(deid.zip)                                  # restricted 3-digit areas
+    record = json.loads((root/"metrics/deidentify.json").read_text())
+    assert [o["column"] for o in record["outside_safe_harbor"]] == ["lactate_time", "index_rank"]
+    assert record["restricted_zip3"]["version"] == "census-2000/hhs-2012"
+    report = next((root/"reports/synthetic-mortality").iterdir())
+    page = (report/"validation.html").read_text()
+    assert "De-identification (HIPAA Safe Harbor)" in page and "OUTSIDE" in page
+    assert (report/"dataset_card.html").exists()
+
+
+def test_an_identifier_declared_as_a_feature_is_caught_by_the_deidentify_scan(tmp_path):
+    from healthml.synthetic import synthetic_ehr
+    params = yaml.safe_load((ROOT/"examples/synthetic-ehr/params.yaml").read_text())
+    del params["dataset"]["identifiers"]["phone"]
+    params["dataset"]["features"]["phone"] = {"kind": "categorical"}   # a mistake a person could make
+    (tmp_path/"data/raw").mkdir(parents=True)
+    synthetic_ehr(200, seed=1).to_csv(tmp_path/"data/raw/synthetic_ehr.csv", index=False)
+    (tmp_path/"params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("ingest", "validate"): run(["healthml", stage], tmp_path)
+    r = run(["healthml", "deidentify"], tmp_path, check=False)
+    assert r.returncode == 1 and "suspected identifier(s) remain" in r.stderr
+    assert "data/deid/cohort.parquet: column #" in r.stderr and "(phone)" in r.stderr
+    assert "-555-01" not in r.stderr + r.stdout and not (tmp_path/"data/deid/cohort.parquet").exists()
+
+
+def test_leakage_audit_flags_avtisst_when_it_is_put_back_into_support2(tmp_path):
+    root = copy_project(tmp_path)
+    params = yaml.safe_load((root/"params.yaml").read_text())
+    del params["dataset"]["excluded_columns"]["avtisst"]
+    params["dataset"]["features"]["avtisst"] = {"kind": "numeric", "min": 0, "max": 100}
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("ingest", "validate", "deidentify"): run(["healthml", stage], root)
+    r = run(["healthml", "split"], root)
+    assert "leakage audit: `avtisst` alone has AUROC" in r.stderr
+    audit = json.loads((root/"metrics/leakage.json").read_text())
+    assert audit["suspected_leakage"] == ["avtisst"] and audit["single_feature_auroc"]["avtisst"] > 0.8
+
+
+def test_quarantine_sets_failing_rows_aside_with_reasons_and_goes_on(tmp_path):
+    root = copy_project(tmp_path)
+    params = yaml.safe_load((root/"params.yaml").read_text())
+    params["validation"]["on_failure"] = "quarantine"
+    params["dataset"]["provenance"]["sha256"] = None
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    lines = (root/"data/raw/support2.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    bad = lines[5].split(","); bad[header.index("hrt")] = "400"          # data row 5
+    lines[5] = ",".join(bad)
+    lines.append(lines[9])                                              # a duplicated patient: data row 9106
+    (root/"data/raw/support2.csv").write_text("\n".join(lines) + "\n")
+    run(["healthml", "ingest"], root)
+    r = run(["healthml", "validate"], root)
+    assert "9104 of 9106 rows passed" in r.stderr and "2 quarantined" in r.stderr
+    q = pd.read_parquet(root/"data/interim/quarantine.parquet")
+    assert q.source_row.tolist() == [5, 9106]
+    assert q.reasons.tolist() == ["hrt: <= 300 beats/min", "sno: unique (one row per patient)"]
+    assert len(pd.read_parquet(root/"data/interim/validated.parquet")) == 9104
+
+
+def test_spec_draft_proposes_a_spec_that_parses(tmp_path):
+    r = run(["healthml", "spec", "draft", str(ROOT/"data/raw/support2.csv"), "-o", str(tmp_path/"spec.yaml")], tmp_path)
+    assert "item(s) to review" in r.stderr
+    text = (tmp_path/"spec.yaml").read_text()
+    assert text.startswith("# DRAFT dataset spec")
+    from healthml.config import parse_params
+    spec = parse_params({"dataset": yaml.safe_load(text)["dataset"], "report": {"model_name": "x"}}).dataset
+    assert spec.patient_id == "sno" and spec.features["sex"].categories == ["female", "male"]
+    from healthml.config import sha256_file
+    assert spec.provenance.sha256 == sha256_file(ROOT/"data/raw/support2.csv")
+
+
+# --- property-based: any cohort, any method, no patient in two splits --------------------------------------
+@st.composite
+def cohorts(draw):
+    n_patients = draw(st.integers(30, 200))
+    rows_per = draw(st.lists(st.integers(1, 4), min_size=n_patients, max_size=n_patients))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(rng.permutation(n_patients) * 7 + 3, rows_per)
+    died = np.repeat((rng.uniform(size=n_patients) < draw(st.floats(0.15, 0.6))).astype(int), rows_per)
+    sites = np.repeat(rng.choice(["a", "b", "c"], n_patients), rows_per)
+    rank = rng.integers(0, 1000, len(pid))
+    return pd.DataFrame({"pid": pid, "died": died, "site": sites, "index_rank": rank, "t": rank})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(df=cohorts(), method=st.sampled_from(["random", "temporal", "site"]), seed=st.integers(0, 1000))
+def test_splits_are_disjoint_by_patient_on_any_cohort(df, method, seed):
+    from healthml.config import SplitConfig, parse_params
+    from healthml.split import SPLITS, assert_disjoint, assign_splits
+    spec = parse_params({"dataset": {"name": "p", "file": "p.csv", "provenance": {"source": "t"}, "patient_id": "pid",
+                                     "outcome": "died", "index_time": "t", "site": "site", "features": {"x": {"kind": "numeric"}}},
+                         "report": {"model_name": "p"}}).dataset
+    home = df.groupby("pid").site.first()
+    if method == "site": assume((home != df.site.iloc[0]).sum() >= 5)
+    cfg = SplitConfig(method=method, seed=seed, test_site=df.site.iloc[0] if method == "site" else None,
+                      stratify=method == "random" and df.groupby("pid").died.max().value_counts().min() >= 5)
+    label = assign_splits(df, spec, cfg)
+    assert label.notna().all() and set(label) <= set(SPLITS)
+    assert_disjoint({s: df[label == s] for s in SPLITS}, "pid")
+    assert (label.groupby(df.pid).nunique() == 1).all()
+    if method == "temporal":
+        first = df.groupby("pid").index_rank.min()
+        per = label.groupby(df.pid).first()
+        if (per == "test").any() and (per == "train").any():
+            assert first[per == "train"].max() <= first[per == "test"].min()
