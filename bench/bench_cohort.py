@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,8 +29,7 @@ def generate(path: Path, patients: int) -> None:
 
 
 def measure(path: Path) -> dict:
-    import pandas as pd
-    from healthml.cohort import SOURCE_ROW, read_cohort, select_cohort, validate_cohort
+    from healthml.cohort import read_cohort, select_cohort, validate_cohort
     from healthml.config import parse_params
     from healthml.phi import PhiScanner, deidentify_cohort, identifier_values, scan_paths
     params = parse_params(yaml.safe_load((ROOT/"examples/synthetic-ehr/params.yaml").read_text()))
@@ -60,7 +58,7 @@ def measure(path: Path) -> dict:
     return {"rows": len(clean), "patients": int(clean[spec.patient_id].nunique()), "checks": result["n_checks"],
             "warnings": result["n_warnings"], "identifier_values_searched": len(scanner.values), "scan_passed": scan["passed"],
             "seconds": {k: round(v, 2) for k, v in t.items()},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024, 1)}
 
 
 def main():

@@ -115,7 +115,6 @@ def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
 def test_onnx_export_is_byte_reproducible_across_processes(pipeline_project):
     # Report versions are named by the ONNX SHA-256, so the same model must give the same bytes in any
     # process (skl2onnx ordered opsets by string hash; PYTHONHASHSEED varies that per process).
-    import os
     from conftest import project_env
     import subprocess
     root, _ = pipeline_project

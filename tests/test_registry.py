@@ -1,11 +1,9 @@
 """The model registry for real: embedded SQLite store, and a real `mlflow server` on loopback (team mode)."""
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -73,7 +71,6 @@ def test_pipeline_registers_versions_with_their_evidence(three_versions):
 def test_promote_rollback_and_the_audit_trail(three_versions):
     root = three_versions
     cli(root, "model", "promote", "1", "--reason", "first release", "--actor", "dr.ahmed")
-    t0 = time.perf_counter()
     out = cli(root, "model", "promote", "2", "--reason", "better calibrated", "--actor", "dr.ahmed")
     assert "champion is now version 2" in out.stderr
     refused = cli(root, "model", "promote", "3", check=False)

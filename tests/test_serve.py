@@ -1,0 +1,236 @@
+"""Production inference for real: `healthml serve` (uvicorn over loopback), `healthml predict`, hot reload under
+load, a tampered model refused, fuzzed requests (hypothesis in-process, schemathesis over HTTP) never a 5xx."""
+import hashlib
+import http.client
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import BIN, project_env, run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def filed_manifest(root: Path) -> Path:
+    return root/json.loads((root/"metrics/report.json").read_text())["report"]/"manifest.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    "`healthml serve` in a child process, as an operator starts it."
+    def __init__(self, root: Path, *args: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen([str(BIN/"healthml"), "serve", "--port", str(self.port), *args], cwd=root,
+                                     env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(300):
+            if self.proc.poll() is not None: break
+            try:
+                if self.get("/readyz")[0] == 200: return
+            except OSError:
+                time.sleep(0.1)
+
+    def request(self, method, path, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        c.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, (json.loads(data) if data and r.getheader("content-type", "").startswith("application/json") else data.decode())
+
+    def get(self, path): return self.request("GET", path)
+    def post(self, path, body=None): return self.request("POST", path, body)
+
+    def stop(self):
+        self.proc.terminate()
+        try: return self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill(); return self.proc.communicate()
+
+
+def records_of(root: Path, n: int) -> tuple[list[dict], pd.DataFrame]:
+    from healthml.config import load_params
+    from healthml.train import model_frame
+    spec = load_params(root/"params.yaml").dataset
+    test = pd.read_parquet(root/"data/processed/test.parquet").head(n)
+    frame = model_frame(test, spec)
+    recs = [{k: v for k, v in r.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+            for r in frame.to_dict("records")]
+    return [{k: (v if not isinstance(v, str) or v != "(missing)" else None) for k, v in r.items()} for r in recs], test
+
+
+def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_project, tmp_path):
+    from healthml.export import OnnxScorer
+    root, _ = pipeline_project
+    server = Server(root, "--log", str(tmp_path/"predictions.jsonl"))
+    try:
+        status, info = server.get("/v1/model")
+        assert status == 200 and info["version"] == filed_manifest(root).parent.name[:12]
+        from healthml.config import load_params
+        assert set(info["input_schema"]["properties"]) == set(load_params(root/"params.yaml").dataset.features)
+        assert info["input_schema"]["additionalProperties"] is False
+        assert info["input_schema"]["properties"]["hrt"]["anyOf"][0]["maximum"] == 300
+        records, test = records_of(root, 50)
+        records = [{k: v for k, v in r.items() if v is not None} for r in records]
+        status, body = server.post("/v1/predict", {"records": records})
+        assert status == 200, body
+        expected = OnnxScorer(root/"models/lightgbm.onnx").predict_proba(test)
+        assert np.abs(np.array([p["risk"] for p in body["predictions"]]) - expected).max() < 1e-6
+        assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high"}
+        assert all(p["alert"] == (p["risk"] >= body["threshold"]) for p in body["predictions"])
+        status, metrics = server.get("/metrics")
+        assert 'healthml_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
+        assert "healthml_request_latency_seconds_bucket" in metrics and "healthml_predictions_total 50.0" in metrics
+    finally:
+        server.stop()
+    log = [json.loads(x) for x in (tmp_path/"predictions.jsonl").read_text().splitlines()]
+    assert len(log) == 50 and {"request_id", "time", "model_version", "model_sha256", "input_sha256", "risk", "latency_ms"} <= set(log[0])
+    assert not set(records[0]) & set(log[0])                              # no feature values, no identifiers
+
+
+def test_a_tampered_onnx_file_is_refused_at_start(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    bad = tmp_path/"lightgbm.onnx"
+    data = bytearray((root/"models/lightgbm.onnx").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    bad.write_bytes(bytes(data))
+    r = run(["healthml", "serve", "--model", str(bad), "--manifest", str(filed_manifest(root)), "--port", str(free_port())],
+            root, check=False, timeout=60)
+    assert r.returncode == 1
+    assert "refusing to load it" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reload_switches_model_under_load_without_dropping_a_request(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    deploy = tmp_path/"deploy"
+    deploy.mkdir()
+    def install(kind):
+        data = (root/f"models/{kind}.onnx").read_bytes()
+        (deploy/".model.tmp").write_bytes(data); (deploy/".model.tmp").replace(deploy/"model.onnx")
+        (deploy/".m.tmp").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest()})); (deploy/".m.tmp").replace(deploy/"deploy.json")
+        return hashlib.sha256(data).hexdigest()[:12]
+    v_lgbm = install("lightgbm")
+    server = Server(root, "--model", str(deploy/"model.onnx"), "--manifest", str(deploy/"deploy.json"), "--log", str(tmp_path/"p.jsonl"))
+    records, _ = records_of(root, 20)
+    results, stop = [], threading.Event()
+    def client(k):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        while not stop.is_set():
+            conn.request("POST", "/v1/predict", json.dumps({"records": [records[k % 20]]}), {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            results.append((r.status, body.get("model", {}).get("version")))
+        conn.close()
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads: t.start()
+        time.sleep(1.0)
+        v_log = install("logistic")
+        status, body = server.post("/v1/admin/reload")
+        assert status == 200 and body == {"previous_version": v_lgbm, "model_version": v_log}
+        time.sleep(1.0)
+        stop.set()
+        for t in threads: t.join()
+        assert server.get("/v1/model")[1]["version"] == v_log
+    finally:
+        stop.set()
+        server.stop()
+    statuses = {s for s, _ in results}
+    versions = [v for _, v in results]
+    assert statuses == {200} and len(results) > 100
+    assert versions[0] == v_lgbm and versions[-1] == v_log and set(versions) == {v_lgbm, v_log}
+
+
+def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    test = pd.read_parquet(root/"data/processed/test.parquet")
+    bad = test.head(2).copy()
+    bad["hrt"] = [400.0, 80.0]
+    bad["sex"] = ["male", "unknown"]
+    data = pd.concat([test, bad], ignore_index=True)
+    data.to_parquet(tmp_path/"in.parquet", row_group_size=500)
+    r = run(["healthml", "predict", str(tmp_path/"in.parquet"), "-o", str(tmp_path/"scores.parquet"), "--keep", "sno",
+             "--chunk-rows", "500"], root)
+    assert f"{len(test)} of {len(data)} rows scored" in r.stderr and "2 rejected" in r.stderr
+    scores = pd.read_parquet(tmp_path/"scores.parquet")
+    assert list(scores.columns) == ["sno", "risk", "band", "model_version"] and len(scores) == len(test)
+    reference = pd.read_parquet(root/"data/processed/test_scores.parquet").lightgbm.to_numpy()
+    assert np.abs(scores.risk.to_numpy() - reference).max() < 1e-5
+    assert scores.model_version.unique().tolist() == [filed_manifest(root).parent.name[:12]]
+    rejects = pd.read_parquet(tmp_path/"scores.rejects.parquet")
+    assert rejects.reasons.tolist() == ["hrt: <= 300", "sex: not a declared category"]
+    assert rejects.source_row.tolist() == [len(test) + 1, len(test) + 2]
+
+
+def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    code = ("import sys\nfrom healthml.serve import create_app, RecordScorer\n"
+            f"app = create_app({str(root/'models/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'lightgbm', 'mlflow', 'pandas', 'skl2onnx', "
+            "'onnxmltools', 'matplotlib', 'scipy', 'dvc', 'papermill'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=project_env(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --- fuzzing: no input yields a 5xx ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(pipeline_project):
+    from fastapi.testclient import TestClient
+    from healthml.serve import create_app
+    root, _ = pipeline_project
+    return TestClient(create_app(root/"models/lightgbm.onnx", filed_manifest(root), max_records=20, max_body_bytes=20_000))
+
+
+FEATURES = ["age", "sex", "race", "hrt", "crea", "ca", "dzgroup", "meanbp", "aps"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=30), st.sampled_from(["male", "female", "yes", "no", "metastatic", "white", ""]))
+values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)),
+                      max_leaves=5)
+records = st.dictionaries(st.one_of(st.sampled_from(FEATURES), st.text(max_size=10)), values, max_size=8)
+bodies = st.one_of(st.fixed_dictionaries({"records": st.lists(records, max_size=25)}), values,
+                   st.dictionaries(st.text(max_size=8), values, max_size=3))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=bodies)
+def test_fuzzed_json_bodies_never_get_a_5xx(client, body):
+    data = json.dumps(body, allow_nan=True)
+    r = client.post("/v1/predict", content=data, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code != 200:
+        assert r.status_code in (413, 422) and "Traceback" not in r.text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300), ctype=st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]))
+def test_fuzzed_raw_bytes_never_get_a_5xx(client, raw, ctype):
+    r = client.post("/v1/predict", content=raw, headers={"content-type": ctype} if ctype else {})
+    assert r.status_code < 500, (r.status_code, r.text)
+
+
+def test_schemathesis_finds_no_server_error_over_http(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    server = Server(root, "--log", str(tmp_path/"p.jsonl"))
+    try:
+        r = subprocess.run([str(BIN/"schemathesis"), "run", f"http://127.0.0.1:{server.port}/openapi.json",
+                            "--checks", "not_a_server_error", "--mode", "all", "--max-examples", "150", "--phases", "examples,coverage,fuzzing",
+                            "--suppress-health-check", "all", "--no-color"],
+                           capture_output=True, text=True, env=project_env(), cwd=tmp_path, timeout=600)
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    generated, passed = map(int, re.search(r"(\d+) generated, (\d+) passed", r.stdout).groups())
+    assert generated == passed and generated >= 300 and "Tested: 6" in r.stdout and "No issues found" in r.stdout
