@@ -1,15 +1,12 @@
 """The filed report as compliance staff meet it: in a real headless Chromium, verifiable, reproducible, never overwritten."""
 import json
 import re
-import shutil
 from pathlib import Path
 
-import pytest
-from conftest import run
+from conftest import open_page, run
 
 from healthml.config import sha256_file
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SECTIONS = ["0. Items a person must supply", "1. Data source", "2. Participant flow", "4. Discrimination", "5. Calibration",
             "6. Clinical utility", "7. Subgroups and fairness", "8. Comparison on the same patients", "9. Robustness",
             "11. Promotion gate", "12. TRIPOD+AI reporting items"]
@@ -17,28 +14,6 @@ SECTIONS = ["0. Items a person must supply", "1. Data source", "2. Participant f
 
 def filed_report(root: Path) -> Path:
     return root/json.loads((root/"metrics/report.json").read_text())["report"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    assert Path(CHROMIUM).exists(), "Debian's chromium is not installed: run `make browser`"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                              "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield b
-        b.close()
-
-
-def open_page(browser, path: Path):
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    errors, requests = [], []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(path.as_uri())
-    page.wait_for_load_state("load")
-    return page, errors, requests
 
 
 def test_validation_report_renders_offline_with_every_section_and_figure(pipeline_project, browser, tmp_path):

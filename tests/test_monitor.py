@@ -1,0 +1,162 @@
+"""Production monitoring: each kind of dataset shift is caught by the monitor that can see it, nothing is flagged
+when nothing changed (false-alarm rate over 20 seeds), and `healthml monitor` files a report a scheduler and a
+compliance reader can use, with no identifier in it."""
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import BIN, ROOT, open_page, run
+
+from healthml.config import load_params
+from healthml.monitor import compare_windows, known_categories, summarise
+from healthml.monitor_scenarios import SCENARIOS, caught, synthetic_setup, synthetic_window
+
+CANARY_NAME, CANARY_KEY = "Quillon Zebrowski-Fairweather", "CANARY-PT-7731904"
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    params = load_params(ROOT/"examples/synthetic-ehr/params.yaml")
+    return params, *synthetic_setup(params, 4000, seed=0)
+
+
+def monitor_window(synthetic, key, seed):
+    params, ref, threshold, scored = synthetic
+    cur = summarise(scored(synthetic_window(key, 4000, seed)), params.dataset, params.monitor, known_categories(ref))
+    return compare_windows(ref, cur, threshold, params.monitor, key)[0]
+
+
+def test_no_change_raises_no_alert_in_at_least_19_of_20_seeds(synthetic):
+    alarms = {seed: [a["message"] for a in monitor_window(synthetic, "a-no-change", 1000 + seed)["alerts"]] for seed in range(20)}
+    false_alarms = [s for s, a in alarms.items() if a]
+    print(f"false-alarm rate: {len(false_alarms)}/20")
+    assert len(false_alarms) <= 1, {s: alarms[s] for s in false_alarms}
+
+
+@pytest.mark.parametrize("key", ["b-covariate-shift", "c-prevalence-shift", "d-concept-shift", "e-pipeline-break"])
+def test_each_kind_of_shift_is_flagged_by_the_monitor_that_can_see_it(synthetic, key):
+    for seed in (2000, 2001):
+        result = monitor_window(synthetic, key, seed)
+        fired = {a["monitor"] for a in result["alerts"]}
+        assert caught(key, result), (key, seed, fired)
+        if key == "b-covariate-shift":
+            assert any(a["feature"] == "age" for a in result["alerts"] if a["monitor"] == "feature drift")
+        if key == "e-pipeline-break":
+            dq = {(a["feature"], a["statistic"]) for a in result["alerts"] if a["monitor"] == "data quality"}
+            assert {("creatinine", "out-of-range fraction"), ("albumin", "missing fraction rise")} <= dq
+            assert result["recommendation"]["action"] == "fix the data feed" and result["recommendation"]["command"] is None
+        if key in ("c-prevalence-shift", "d-concept-shift"):
+            assert result["recommendation"]["command"].startswith("dvc exp run")
+
+
+def test_concept_shift_is_invisible_without_outcomes(synthetic):
+    "Same inputs, different outcome relationship: until outcomes arrive no input monitor can see it, and none pretends to."
+    params, ref, threshold, scored = synthetic
+    window = scored(synthetic_window("d-concept-shift", 4000, 2003)).drop(columns=params.dataset.outcome)
+    result = compare_windows(ref, summarise(window, params.dataset, params.monitor, known_categories(ref)), threshold, params.monitor)[0]
+    assert result["status"] == "ok" and result["outcomes"]["status"].startswith("not enough outcomes")
+
+
+def support2_window(root: Path, rows: int = 1200) -> pd.DataFrame:
+    "Raw SUPPORT2 rows as an EHR extract sends them (raw column names, raw ages), plus planted identifiers."
+    raw = pd.read_csv(root/"data/raw/support2.csv").tail(rows).reset_index(drop=True)
+    raw["patient_name"] = CANARY_NAME
+    raw["sno"] = [f"{CANARY_KEY}-{i}" for i in range(len(raw))]
+    return raw
+
+
+def all_output_text(folder: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file())
+
+
+def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    window = support2_window(root)
+    window.to_csv(tmp_path/"ward_2026_11.csv", index=False)
+    broken = window.copy()
+    broken["crea"] *= 88.4                                              # creatinine sent in umol/L
+    broken.to_parquet(tmp_path/"ward_2026_12.parquet", index=False)
+
+    r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2026_11.csv")], root, check=False)
+    assert r.returncode in (0, 3, 4), r.stderr
+    today = datetime.now(timezone.utc).date().isoformat()
+    folder = root/"reports/monitoring"/today/"ward_2026_11"
+    result = json.loads((folder/"monitor.json").read_text())
+    assert r.returncode == {"ok": 0, "warning": 3, "critical": 4}[result["status"]]
+    assert {"monitoring.html", "evidently.html", "monitoring.ipynb"} <= {p.name for p in folder.iterdir()}
+    assert result["windows"]["current"]["rows"] == 1200 and result["outcomes"]["status"] == "ok"
+    assert set(result["drift"]) >= set(load_params(root/"params.yaml").dataset.features) | {"predicted_risk"}
+
+    r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2026_12.parquet")], root, check=False)
+    assert r.returncode == 4, r.stderr                                  # critical: a scheduler pages someone
+    assert "crea" in r.stderr and "outside the plausible range" in r.stderr and "Traceback" not in r.stderr
+    broken_result = json.loads((root/"reports/monitoring"/today/"ward_2026_12/monitor.json").read_text())
+    alert = next(a for a in broken_result["alerts"] if a["feature"] == "crea" and a["monitor"] == "data quality")
+    assert alert["severity"] == "critical" and alert["statistic"] == "out-of-range fraction" and alert["value"] > 0.9
+    assert alert["threshold"] == 0.01 and broken_result["recommendation"]["action"] == "fix the data feed"
+
+    index = (root/"reports/index.html").read_text()
+    assert f'href="monitoring/{today}/ward_2026_11/monitoring.html"' in index and "ward_2026_12" in index
+    for name in ("ward_2026_11", "ward_2026_12"):                     # the planted identifiers reached no output
+        text = all_output_text(root/"reports/monitoring"/today/name)
+        assert CANARY_NAME not in text and CANARY_KEY not in text
+    assert CANARY_KEY not in r.stderr + r.stdout and CANARY_NAME not in r.stderr + r.stdout
+
+
+def test_monitor_report_renders_offline_in_chromium(pipeline_project, browser, tmp_path):
+    root, _ = pipeline_project
+    support2_window(root, 800).to_csv(tmp_path/"ward_render.csv", index=False)
+    run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_render.csv"), "--out", str(tmp_path/"report")],
+        root, check=False)
+    page, errors, requests = open_page(browser, tmp_path/"report/monitoring.html")
+    for title in ("1. What to do", "2. Alerts", "3. Feature and prediction drift", "4. Predicted risk and alert rate",
+                  "5. Outcomes: rate, discrimination, calibration", "6. Data quality", "7. Method"):
+        assert page.get_by_role("heading", name=title).is_visible(), title
+    assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 100).length") >= 2
+    assert re.search(r"Status: (OK|WARNING|CRITICAL)", page.inner_text("body"))
+    assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests)
+    ev, ev_errors, ev_requests = open_page(browser, tmp_path/"report/evidently.html")
+    ev.wait_for_timeout(1500)
+    assert "age" in ev.inner_text("body") and ev_errors == []
+    assert all(u.startswith(("file:", "data:")) for u in ev_requests), ev_requests[:3]
+
+
+def test_a_prediction_log_window_runs_the_prediction_monitors_only(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    from healthml.export import OnnxScorer
+    test = pd.read_parquet(root/"data/processed/test.parquet")
+    risks = OnnxScorer(root/"models/lightgbm.onnx").predict_proba(test) * 1.6     # the service now scores everyone higher
+    log = tmp_path/"predictions.jsonl"
+    log.write_text("".join(json.dumps({"time": f"2026-11-{1 + i % 28:02d}T10:00:00.000+00:00", "risk": float(min(p, 1.0))}) + "\n"
+                           for i, p in enumerate(risks)))
+    r = run([str(BIN/"healthml"), "monitor", "--current", str(log), "--since", "2026-11-01", "--until", "2026-11-15",
+             "--out", str(tmp_path/"log_report")], root, check=False)
+    result = json.loads((tmp_path/"log_report/monitor.json").read_text())
+    assert result["data_quality"] is None and "prediction log" in result["notes"][0]
+    assert {a["monitor"] for a in result["alerts"]} <= {"prediction drift", "alert rate"}
+    assert {"prediction drift", "alert rate"} & {a["monitor"] for a in result["alerts"]}
+    n_window = sum(1 for i in range(len(risks)) if 1 + i % 28 < 15)
+    assert result["windows"]["current"]["rows"] == n_window and r.returncode == 3
+
+
+def test_bad_windows_get_a_clear_error_and_no_report(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"missing.csv")], root, check=False)
+    assert r.returncode == 1 and "missing.csv not found" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path/"bad.jsonl"
+    bad.write_text('{"time": "2026-11-01T00:00:00+00:00", "risk": 0.1}\nnot json\n')
+    r = run([str(BIN/"healthml"), "monitor", "--current", str(bad), "--out", str(tmp_path/"never")], root, check=False)
+    assert r.returncode == 1 and "line 2" in r.stderr and not (tmp_path/"never").exists()
+
+
+def test_monitor_demo_on_support2_flags_every_scenario_as_expected(pipeline_project):
+    root, _ = pipeline_project
+    r = run([str(BIN/"healthml"), "monitor", "demo", "--dataset", "support2"], root)
+    assert "5 of 5 scenarios flagged as expected" in r.stderr
+    today = datetime.now(timezone.utc).date().isoformat()
+    for key in SCENARIOS:
+        result = json.loads((root/"reports/monitoring"/today/f"demo-support2-{key}/monitor.json").read_text())
+        assert result["scenario"]["caught"] and caught(key, result), (key, result["alerts"])
