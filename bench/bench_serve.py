@@ -115,6 +115,15 @@ def free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+def wait_ready(port: int, tries: int = 200, timeout: float = 1) -> None:
+    "Poll GET /readyz on loopback until the service answers 200 (or the tries run out)."
+    for _ in range(tries):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout); c.request("GET", "/readyz")
+            if c.getresponse().status == 200: return
+        except OSError: time.sleep(0.1)
+
+
 def http_load(port, records, clients, per_client, rate=None):
     "Each client: its own keep-alive connection, `per_client` requests (paced to `rate` total req/s if given)."
     lat, errors, lock = [], [], threading.Lock()
@@ -151,11 +160,7 @@ def http_bench(tmp, records):
                              "--manifest", str(tmp/"manifest.json"), "--port", str(port), "--log", str(tmp/"pred.jsonl")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for _ in range(200):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1); c.request("GET", "/readyz")
-                if c.getresponse().status == 200: break
-            except OSError: time.sleep(0.1)
+        wait_ready(port)
         http_load(port, records, 2, 100)  # warm-up
         out = {"one_client": http_load(port, records, 1, 2000), "eight_clients": http_load(port, records, 8, 400),
                "paced_200_rps": http_load(port, records, 8, 500, rate=200)}

@@ -9,12 +9,12 @@ import collections
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench_serve import free_port, wait_ready  # bench/ is on sys.path when this script runs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,8 +45,7 @@ def main():
                                         f"expected_sha256; s = RecordScorer.from_file({str(root/'models/lightgbm.onnx')!r}, "
                                         f"expected_sha256({str(manifest)!r}, 'lightgbm.onnx')); print(json.dumps(list(s.schema)))"],
                                        capture_output=True, text=True, check=True).stdout)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    port = free_port()
     log = Path("/tmp")/f"healthml-fuzz-{port}.jsonl"
     proc = subprocess.Popen([str(Path(sys.executable).parent/"healthml"), "serve", "--port", str(port), "--log", str(log),
                              "--max-records", "25"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -54,11 +53,7 @@ def main():
     counts, examples_5xx = collections.Counter(), []
     conn = {"c": None}
     try:
-        for _ in range(300):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2); c.request("GET", "/readyz")
-                if c.getresponse().status == 200: break
-            except OSError: time.sleep(0.1)
+        wait_ready(port, tries=300, timeout=2)
 
         @settings(max_examples=a.requests, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))

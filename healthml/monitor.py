@@ -18,10 +18,10 @@ from .config import DatasetSpec, HealthmlError, Layout, MonitorConfig, Params, a
 
 # %% auto #0
 __all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'MonitorError', 'window_frame', 'WindowSummary',
-           'summarise', 'data_quality_alerts', 'feature_drift', 'drift_alerts', 'wilson', 'newcombe_difference',
-           'prediction_monitors', 'outcome_monitors', 'recommendation', 'overall_status', 'compare_windows',
-           'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring',
-           'known_categories', 'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table',
+           'summarise', 'known_categories', 'data_quality_alerts', 'feature_drift', 'drift_alerts', 'wilson',
+           'newcombe_difference', 'prediction_monitors', 'outcome_monitors', 'recommendation', 'overall_status',
+           'compare_windows', 'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name',
+           'file_monitoring', 'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table',
            'quality_table']
 
 # %% ../nbs/09_monitor.ipynb #8db8c321
@@ -122,6 +122,10 @@ def summarise(df_or_chunks, spec: DatasetSpec, cfg: MonitorConfig, known_categor
     s = WindowSummary(spec, cfg.max_rows, cfg.seed, known_categories, age_top_code)
     for chunk in ([df_or_chunks] if isinstance(df_or_chunks, pd.DataFrame) else df_or_chunks): s.add(chunk)
     return s
+
+def known_categories(ref: WindowSummary) -> dict:
+    "Per categorical feature: the reference's categories and the spec's declared ones."
+    return {n: ref.categories[n] | set(ref.spec.features[n].categories or []) for n in ref.spec.categorical}
 
 # %% ../nbs/09_monitor.ipynb #11677306
 def _alert(severity, monitor, feature, statistic, value, threshold, message) -> dict:
@@ -236,7 +240,7 @@ def newcombe_difference(k1: int, n1: int, k0: int, n0: int) -> tuple[float, floa
     return float(d), float(d - np.sqrt((p1 - l1) ** 2 + (u0 - p0) ** 2)), float(d + np.sqrt((u1 - p1) ** 2 + (p0 - l0) ** 2))
 
 # %% ../nbs/09_monitor.ipynb #5fa12ebb
-def _change(name, cur, ref, ci, threshold, material: bool) -> dict:
+def _change(cur, ref, ci, threshold, material: bool) -> dict:
     return {"reference": ref, "current": cur, "change": cur - ref, "change_ci": list(ci), "threshold": threshold,
             "alert": bool(material and (ci[0] > 0 or ci[1] < 0))}
 
@@ -246,7 +250,7 @@ def prediction_monitors(ref: pd.DataFrame, cur: pd.DataFrame, threshold: float, 
     pr, pc = ref[RISK].dropna().to_numpy(), cur[RISK].dropna().to_numpy()
     kr, kc = int((pr >= threshold).sum()), int((pc >= threshold).sum())
     d, lo, hi = newcombe_difference(kc, len(pc), kr, len(pr))
-    rate = _change("alert rate", kc / len(pc), kr / len(pr), (lo, hi), cfg.alert_rate_change, abs(d) > cfg.alert_rate_change)
+    rate = _change(kc / len(pc), kr / len(pr), (lo, hi), cfg.alert_rate_change, abs(d) > cfg.alert_rate_change)
     edges = np.linspace(0, 1, 21)
     out = {"threshold": threshold, "alert_rate": rate, "mean_risk": {"reference": float(pr.mean()), "current": float(pc.mean())},
            "histogram": {"edges": edges.round(3).tolist(), "reference": (np.histogram(pr, edges)[0] / len(pr)).round(5).tolist(),
@@ -276,7 +280,7 @@ def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int
                           f"current has {ec} events of {nc} known)"}, []
     out, alerts = {"status": "ok"}, []
     d, lo, hi = newcombe_difference(ec, nc, er, nr)
-    out["prevalence"] = _change("prevalence", ec / nc, er / nr, (lo, hi), cfg.prevalence_change, abs(d) >= cfg.prevalence_change)
+    out["prevalence"] = _change(ec / nc, er / nr, (lo, hi), cfg.prevalence_change, abs(d) >= cfg.prevalence_change)
     if out["prevalence"]["alert"]:
         alerts.append(_alert("warning", "prevalence", None, "outcome rate change", d, cfg.prevalence_change,
                              f"outcome rate {ec / nc:.1%} (reference {er / nr:.1%}; change {d:+.1%}, 95% CI {lo:+.1%} to {hi:+.1%})"))
@@ -289,8 +293,7 @@ def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int
     (ac,), vc = delong(yc, c[RISK])
     se = float(np.sqrt(vr[0, 0] + vc[0, 0]))
     lo, hi = (ac - ar) - 1.959964 * se, (ac - ar) + 1.959964 * se
-    out["auroc"] = _change("auroc", float(ac), float(ar), (lo, hi), cfg.auroc_drop, ar - ac > cfg.auroc_drop)
-    out["auroc"]["alert"] = bool(ar - ac > cfg.auroc_drop and hi < 0)  # only a fall is decay
+    out["auroc"] = _change(float(ac), float(ar), (lo, hi), cfg.auroc_drop, ar - ac > cfg.auroc_drop)  # only a fall is decay
     out["auroc"]["p_value"] = float(2 * stats.norm.sf(abs(ac - ar) / se)) if se > 0 else 1.0
     if out["auroc"]["alert"]:
         alerts.append(_alert("critical", "discrimination", None, "AUROC fall", ar - ac, cfg.auroc_drop,
@@ -299,7 +302,7 @@ def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int
     cc = _calibration_draws(yc, c[RISK].to_numpy(), c[PATIENT].to_numpy(), cfg.n_bootstrap, cfg.seed + 1)
     (ir, ir_b), (ic, ic_b) = cr["calibration_intercept"], cc["calibration_intercept"]
     ci = percentile_ci(ic_b - ir_b)
-    out["calibration_intercept"] = _change("citl", ic, ir, ci, cfg.citl_change, abs(ic - ir) > cfg.citl_change)
+    out["calibration_intercept"] = _change(ic, ir, ci, cfg.citl_change, abs(ic - ir) > cfg.citl_change)
     if out["calibration_intercept"]["alert"]:
         alerts.append(_alert("critical", "calibration", None, "calibration-in-the-large change", ic - ir, cfg.citl_change,
                              f"calibration-in-the-large {ic:+.2f} (reference {ir:+.2f}): the model now "
@@ -429,10 +432,11 @@ def model_scorer(layout: Layout, model: str | Path | None = None):
     from healthml.serve import load_verified
     path = Path(model) if model else layout.model_file("lightgbm", "onnx")
     if not path.exists(): raise MonitorError(f"model {path} not found", hint="run `dvc repro` (export stage) or pass --model")
-    data = path.read_bytes()
     if layout.export_metrics.exists() and path.resolve() == layout.model_file("lightgbm", "onnx").resolve():
-        data = load_verified(path, json.loads(layout.export_metrics.read_text())["lightgbm"]["sha256"])
+        sha = json.loads(layout.export_metrics.read_text())["lightgbm"]["sha256"]
+        return OnnxScorer(load_verified(path, sha)), sha
     import hashlib
+    data = path.read_bytes()
     return OnnxScorer(data), hashlib.sha256(data).hexdigest()
 
 def score_sample(scorer, sample: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -451,7 +455,7 @@ def window_name(path: str | Path, since: str | None = None, until: str | None = 
 def file_monitoring(result: dict, snapshot, out_dir: Path, template: Path, scanner=None, kernel: str = "python3") -> Path:
     "Write monitor.json, Evidently's HTML and the rendered report into `out_dir` (atomically, after a PHI scan)."
     import papermill as pm
-    from healthml.phi import PhiLeakError, leak_message, scan_paths
+    from healthml.phi import keep_only_if_clean
     from healthml.report import notebook_to_html
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -465,10 +469,8 @@ def file_monitoring(result: dict, snapshot, out_dir: Path, template: Path, scann
                             kernel_name=kernel, progress_bar=False, log_output=False, cwd=str(tmp))
         atomic_write(tmp/"monitoring.html", notebook_to_html(tmp/"monitoring.ipynb"))
         if scanner is not None:
-            scan = scan_paths(scanner, [tmp], root=tmp)
-            if not scan["passed"]:
-                raise PhiLeakError(f"the monitoring report holds {len(scan['hits'])} suspected identifier(s); it was not filed:\n"
-                                   + leak_message(scan["hits"]), hint="find where the value enters the report")
+            keep_only_if_clean(scanner, tmp, "the monitoring report holds {n} suspected identifier(s); it was not filed",
+                               hint="find where the value enters the report")
         if out_dir.exists(): shutil.rmtree(out_dir)
         tmp.replace(out_dir)
     finally:
@@ -476,10 +478,6 @@ def file_monitoring(result: dict, snapshot, out_dir: Path, template: Path, scann
     return out_dir
 
 # %% ../nbs/09_monitor.ipynb #9da8a38d
-def known_categories(ref: WindowSummary) -> dict:
-    "Per categorical feature: the reference's categories and the spec's declared ones."
-    return {n: ref.categories[n] | set(ref.spec.features[n].categories or []) for n in ref.spec.categorical}
-
 def monitor(params: Params, layout: Layout, current: str | Path, reference: str | Path | None = None,
             model: str | Path | None = None, since: str | None = None, until: str | None = None,
             out_dir: str | Path | None = None, render: bool = True, kernel: str = "python3", progress=None) -> dict:

@@ -23,7 +23,8 @@ from .config import DatasetSpec, DeidentifyConfig, HealthmlError, Layout, write_
 __all__ = ['PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS', 'DeidentificationError',
            'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'deidentify_cohort', 'PhiHit',
            'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts', 'scan_file', 'scan_paths', 'scan_mlflow',
-           'PhiLeakError', 'identifier_values', 'scanner_for', 'leak_message', 'deidentify', 'phi_scan']
+           'PhiLeakError', 'identifier_values', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'deidentify',
+           'phi_scan']
 
 # %% ../nbs/02_phi.ipynb #c6bfe23f
 class DeidentificationError(HealthmlError):
@@ -343,17 +344,26 @@ def leak_message(hits: list[dict], n: int = 8) -> str:
     more = f"\n  ... and {len(hits) - n} more" if len(hits) > n else ""
     return "\n".join(lines) + more
 
+def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str, root: Path | None = None) -> dict:
+    """Scan a new output (file or folder) before it is kept; on any hit delete it and raise `PhiLeakError`.
+
+    `message` may use `{n}` for the number of hits; the error lists each hit's file and place, never the value."""
+    import shutil
+    path = Path(path)
+    scan = scan_paths(scanner, [path], root=root or path)
+    if not scan["passed"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise PhiLeakError(message.format(n=len(scan["hits"])) + ":\n" + leak_message(scan["hits"]), hint=hint)
+    return scan
+
 def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout) -> dict:
     "The de-identification stage: validated cohort -> Safe Harbor cohort + record, scanned before it is kept."
     df = pd.read_parquet(layout.validated)
     out, record = deidentify_cohort(df, spec, cfg)
     write_parquet(layout.deidentified, out)
-    scan = scan_paths(PhiScanner(identifier_values(spec, df)), [layout.deidentified], root=layout.root)
-    if not scan["passed"]:
-        layout.deidentified.unlink(missing_ok=True)
-        raise PhiLeakError(f"{len(scan['hits'])} suspected identifier(s) remain after de-identification:\n"
-                           + leak_message(scan["hits"]),
-                           hint="declare the column in `dataset.identifiers` (or drop it from the features)")
+    scan = keep_only_if_clean(PhiScanner(identifier_values(spec, df)), layout.deidentified,
+                              "{n} suspected identifier(s) remain after de-identification",
+                              hint="declare the column in `dataset.identifiers` (or drop it from the features)", root=layout.root)
     record["scan"] = {k: v for k, v in scan.items() if k != "hits"}
     write_json(layout.deid_record, record)
     return record

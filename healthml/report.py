@@ -10,7 +10,6 @@ import html
 import json
 import re
 import sys
-import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -448,12 +447,10 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
 
 def _scan_for_phi(ctx: ReportContext, out_dir: Path) -> None:
     "Scan every file of a new report for identifiers; on any hit the report is removed, not filed."
-    from healthml.phi import PhiLeakError, leak_message, scan_paths, scanner_for
-    scan = scan_paths(scanner_for(ctx.params.dataset, ctx.layout), [out_dir], root=ctx.layout.root.resolve())
-    if not scan["passed"]:
-        shutil.rmtree(out_dir)
-        raise PhiLeakError(f"the new report holds {len(scan['hits'])} suspected identifier(s); it was not filed:\n"
-                           + leak_message(scan["hits"]), hint="find where the value enters the report and de-identify it upstream")
+    from healthml.phi import keep_only_if_clean, scanner_for
+    keep_only_if_clean(scanner_for(ctx.params.dataset, ctx.layout), out_dir,
+                       "the new report holds {n} suspected identifier(s); it was not filed",
+                       hint="find where the value enters the report and de-identify it upstream", root=ctx.layout.root.resolve())
 
 def _record(ctx: ReportContext, out_dir: Path, reproduced: bool) -> None:
     "Tell later stages (register) where this run's report is filed."
