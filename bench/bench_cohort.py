@@ -24,14 +24,14 @@ ROOT = HERE.parent
 
 
 def generate(path: Path, patients: int) -> None:
-    from healthml.synthetic import synthetic_ehr
+    from healthml.data.synthetic import synthetic_ehr
     synthetic_ehr(patients, seed=11).to_parquet(path, index=False)
 
 
 def measure(path: Path) -> dict:
-    from healthml.cohort import read_cohort, select_cohort, validate_cohort
-    from healthml.config import parse_params
-    from healthml.phi import PhiScanner, deidentify_cohort, identifier_values, scan_paths
+    from healthml.data.cohort import read_cohort, select_cohort, validate_cohort
+    from healthml.core.params import parse_params
+    from healthml.data.phi import PhiScanner, deidentify_cohort, identifier_values, scan_paths
     params = parse_params(yaml.safe_load((ROOT/"examples/synthetic-ehr/params.yaml").read_text()))
     spec = params.dataset
     t = {}
@@ -83,7 +83,7 @@ def main():
               "target": {"seconds": 60, "peak_rss_mb": 4096},
               "met": core < 60 and r["peak_rss_mb"] < 4096,
               "machine": {"cores": os.cpu_count(), "python": platform.python_version()}}
-    from healthml.config import write_json
+    from healthml.core.io import write_json
     write_json(a.out, result)
     print(json.dumps(result, indent=2))
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from healthml.config import EvaluateConfig, write_json
-from healthml.evaluate import compare, model_evaluation
+from healthml.core.io import write_json
+from healthml.core.params import EvaluateConfig
+from healthml.evaluation.evaluate import compare, model_evaluation
 
 
 def simulate(n: int, seed: int = 0):

@@ -1,7 +1,7 @@
 """Benchmarks of production monitoring.
 
 1. A 1M-row x 30-feature current window (Parquet, 13 synthetic-EHR features + 17 extra labs) against a
-   20,000-row reference, with an ONNX LightGBM model: the whole `healthml.monitor.monitor` as the CLI runs it
+   20,000-row reference, with an ONNX LightGBM model: the whole `healthml.deploy.monitor.monitor` as the CLI runs it
    (chunked read, exact data-quality counts, stratified sample, scoring, Evidently drift, outcome monitors,
    Papermill report, PHI scan), in a child process: wall time and peak memory (VmHWM).
 2. Scenario detection on the synthetic EHR (library level, no rendering): false-alarm rate of scenario (a)
@@ -30,7 +30,7 @@ EXTRA = [f"lab_{i:02d}" for i in range(1, 18)]
 def params_30():
     "The synthetic example's params with 17 extra numeric labs: 30 features."
     import yaml
-    from healthml.config import parse_params
+    from healthml.core.params import parse_params
     raw = yaml.safe_load((ROOT/"examples/synthetic-ehr/params.yaml").read_text())
     for c in EXTRA: raw["dataset"]["features"][c] = {"kind": "numeric", "min": -10, "max": 10}
     raw["monitor"]["template"] = str(ROOT/"nbs/templates/monitoring.ipynb")
@@ -38,7 +38,7 @@ def params_30():
 
 
 def window(n_patients: int, seed: int, **knobs):
-    from healthml.synthetic import synthetic_ehr
+    from healthml.data.synthetic import synthetic_ehr
     df = synthetic_ehr(n_patients, seed=seed, **knobs)
     rng = np.random.default_rng(seed + 7)
     for c in EXTRA: df[c] = rng.normal(0, 1, len(df)).round(3)
@@ -46,8 +46,8 @@ def window(n_patients: int, seed: int, **knobs):
 
 
 def build(tmp: Path, rows: int):
-    from healthml.export import to_onnx
-    from healthml.train import model_frame, model_pipelines, outcome
+    from healthml.modelling.export import to_onnx
+    from healthml.modelling.train import model_frame, model_pipelines, outcome
     params = params_30()
     spec = params.dataset
     dev = window(8000, 1)
@@ -65,8 +65,8 @@ import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[2])
 from bench_monitor import params_30
-from healthml.config import Layout
-from healthml.monitor import monitor
+from healthml.core.layout import Layout
+from healthml.deploy.monitor import monitor
 tmp = sys.argv[1]
 t = time.perf_counter()
 r = monitor(params_30(), Layout(tmp), f"{tmp}/current.parquet", f"{tmp}/reference.parquet", f"{tmp}/model.onnx",
@@ -88,9 +88,9 @@ def run_child(tmp: Path, render: bool) -> dict:
 
 
 def scenario_rates(null_seeds: int, shift_seeds: int) -> dict:
-    from healthml.config import load_params
-    from healthml.monitor import compare_windows, known_categories, summarise
-    from healthml.monitor_scenarios import SCENARIOS, caught, synthetic_setup, synthetic_window
+    from healthml.core.params import load_params
+    from healthml.deploy.monitor import compare_windows, known_categories, summarise
+    from healthml.deploy.monitor_scenarios import SCENARIOS, caught, synthetic_setup, synthetic_window
     params = load_params(ROOT/"examples/synthetic-ehr/params.yaml")
     ref, threshold, scored = synthetic_setup(params, 4000, seed=0)
     def one(key, seed):

@@ -43,11 +43,11 @@ def percentiles(xs_ms):
 
 def build_model(tmp: Path):
     "LightGBM pipeline trained on a synthetic extract (example project's spec), exported to ONNX."
-    from healthml.cohort import clean_cohort, select_cohort
-    from healthml.config import parse_params
-    from healthml.export import to_onnx
-    from healthml.synthetic import synthetic_ehr
-    from healthml.train import model_frame, model_pipelines, outcome
+    from healthml.data.cohort import clean_cohort, select_cohort
+    from healthml.core.params import parse_params
+    from healthml.modelling.export import to_onnx
+    from healthml.data.synthetic import synthetic_ehr
+    from healthml.modelling.train import model_frame, model_pipelines, outcome
     params = parse_params(yaml.safe_load((ROOT/"examples/synthetic-ehr/params.yaml").read_text()))
     spec = params.dataset
     df = clean_cohort(select_cohort(synthetic_ehr(8000, seed=3).assign(source_row=0), spec)[0], spec)
@@ -60,8 +60,8 @@ def build_model(tmp: Path):
 
 
 def single_record(spec, df, pipe, tmp, sha, n=3000):
-    from healthml.serve import RecordScorer
-    from healthml.train import model_frame
+    from healthml.deploy.serve import RecordScorer
+    from healthml.modelling.train import model_frame
     scorer = RecordScorer.from_file(tmp/"model.onnx", sha)
     rows = model_frame(df.head(n), spec)
     records = [{k: (None if (isinstance(v, float) and np.isnan(v)) or v is None else v) for k, v in r.items()}
@@ -95,10 +95,10 @@ def single_record(spec, df, pipe, tmp, sha, n=3000):
 
 
 def batch(tmp, sha, patients):
-    from healthml.synthetic import synthetic_ehr
+    from healthml.data.synthetic import synthetic_ehr
     src = tmp/"batch.parquet"
     synthetic_ehr(patients, seed=5).to_parquet(src, index=False, row_group_size=100_000)
-    code = ("import sys, time, json\nfrom healthml.serve import RecordScorer, predict_file\n"
+    code = ("import sys, time, json\nfrom healthml.deploy.serve import RecordScorer, predict_file\n"
             f"s = RecordScorer.from_file({str(tmp/'model.onnx')!r}, {sha!r})\nt0 = time.perf_counter()\n"
             f"r = predict_file(s, {str(src)!r}, {str(tmp/'scores.parquet')!r}, keep=['encounter_id'], chunk_rows=100_000)\n"
             "r['seconds'] = time.perf_counter() - t0\n"
@@ -186,7 +186,7 @@ def main():
         batch_r = batch(tmp, sha, a.batch_patients)
     result = {"benchmark": "production inference: single record, batch, HTTP", "single_record": single, "batch": batch_r,
               "http": http_r, "machine": {"cores": os.cpu_count(), "python": platform.python_version()}}
-    from healthml.config import write_json
+    from healthml.core.io import write_json
     write_json(a.out, result)
     print(json.dumps(result, indent=2))
 

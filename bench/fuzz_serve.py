@@ -41,7 +41,7 @@ def main():
     a = ap.parse_args()
     root = a.project.resolve()
     manifest = root/json.loads((root/"metrics/report.json").read_text())["report"]/"manifest.json"
-    schema = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from healthml.serve import RecordScorer, "
+    schema = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from healthml.deploy.serve import RecordScorer, "
                                         f"expected_sha256; s = RecordScorer.from_file({str(root/'models/lightgbm.onnx')!r}, "
                                         f"expected_sha256({str(manifest)!r}, 'lightgbm.onnx')); print(json.dumps(list(s.schema)))"],
                                        capture_output=True, text=True, check=True).stdout)
@@ -81,7 +81,7 @@ def main():
               "server_errors_5xx": sum(v for k, v in counts.items() if isinstance(k, int) and k >= 500),
               "connection_errors": counts.get("connection_error", 0), "seconds": round(seconds, 1),
               "examples_of_5xx": examples_5xx, "met": total >= a.requests and not any(isinstance(k, int) and k >= 500 for k in counts)}
-    from healthml.config import write_json
+    from healthml.core.io import write_json
     write_json(a.out, result)
     log.unlink(missing_ok=True)
     print(json.dumps(result, indent=2))

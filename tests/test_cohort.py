@@ -118,7 +118,7 @@ def test_deidentification_generalises_the_canary_patient(synthetic_project):
 
 
 def test_an_identifier_declared_as_a_feature_is_caught_by_the_deidentify_scan(tmp_path):
-    from healthml.synthetic import synthetic_ehr
+    from healthml.data.synthetic import synthetic_ehr
     params = yaml.safe_load((ROOT/"examples/synthetic-ehr/params.yaml").read_text())
     del params["dataset"]["identifiers"]["phone"]
     params["dataset"]["features"]["phone"] = {"kind": "categorical"}   # a mistake a person could make
@@ -171,10 +171,10 @@ def test_spec_draft_proposes_a_spec_that_parses(tmp_path):
     assert "item(s) to review" in r.stderr
     text = (tmp_path/"spec.yaml").read_text()
     assert text.startswith("# DRAFT dataset spec")
-    from healthml.config import parse_params
+    from healthml.core.params import parse_params
     spec = parse_params({"dataset": yaml.safe_load(text)["dataset"], "report": {"model_name": "x"}}).dataset
     assert spec.patient_id == "sno" and spec.features["sex"].categories == ["female", "male"]
-    from healthml.config import sha256_file
+    from healthml.core.io import sha256_file
     assert spec.provenance.sha256 == sha256_file(ROOT/"data/raw/support2.csv")
 
 
@@ -195,8 +195,8 @@ def cohorts(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(df=cohorts(), method=st.sampled_from(["random", "temporal", "site"]), seed=st.integers(0, 1000))
 def test_splits_are_disjoint_by_patient_on_any_cohort(df, method, seed):
-    from healthml.config import SplitConfig, parse_params
-    from healthml.split import SPLITS, assert_disjoint, assign_splits
+    from healthml.core.params import SplitConfig, parse_params
+    from healthml.data.split import SPLITS, assert_disjoint, assign_splits
     spec = parse_params({"dataset": {"name": "p", "file": "p.csv", "provenance": {"source": "t"}, "patient_id": "pid",
                                      "outcome": "died", "index_time": "t", "site": "site", "features": {"x": {"kind": "numeric"}}},
                          "report": {"model_name": "p"}}).dataset

@@ -2,7 +2,7 @@
 import numpy as np
 from scipy import stats
 
-from healthml.discrimination import SortedScores, bootstrap_weights, delong_ci, percentile_ci, weighted_auroc
+from healthml.evaluation.discrimination import SortedScores, bootstrap_weights, delong_ci, percentile_ci, weighted_auroc
 
 REPS, N, PREVALENCE, SHIFT = 300, 300, 0.3, 1.0
 TRUE_AUROC = stats.norm.cdf(SHIFT / np.sqrt(2))  # binormal, unit variances: AUROC = Phi(shift / sqrt 2)

@@ -6,10 +6,13 @@ import numpy as np
 import pandas as pd
 from conftest import run
 
-from healthml.config import Layout, load_params, write_json
-from healthml.evaluate import model_evaluation
-from healthml.gate import evaluate_gate, gate_evidence
-from healthml.subgroups import fairness_columns, fairness_gaps, subgroup_frame, subgroup_table
+from healthml.core.io import write_json
+from healthml.core.layout import Layout
+from healthml.core.params import load_params
+from healthml.evaluation.evaluate import model_evaluation
+from healthml.governance.gate import evaluate_gate, gate_evidence
+from healthml.data.cohort import subgroup_frame
+from healthml.evaluation.subgroups import fairness_columns, fairness_gaps, subgroup_table
 
 
 def _evidence_for(root, scores):

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from conftest import BIN, ROOT, open_page, run
 
-from healthml.config import load_params
-from healthml.monitor import compare_windows, known_categories, summarise
-from healthml.monitor_scenarios import SCENARIOS, caught, synthetic_setup, synthetic_window
+from healthml.core.params import load_params
+from healthml.deploy.monitor import compare_windows, known_categories, summarise
+from healthml.deploy.monitor_scenarios import SCENARIOS, caught, synthetic_setup, synthetic_window
 
 CANARY_NAME, CANARY_KEY = "Quillon Zebrowski-Fairweather", "CANARY-PT-7731904"
 
@@ -126,7 +126,7 @@ def test_monitor_report_renders_offline_in_chromium(pipeline_project, browser, t
 
 def test_a_prediction_log_window_runs_the_prediction_monitors_only(pipeline_project, tmp_path):
     root, _ = pipeline_project
-    from healthml.export import OnnxScorer
+    from healthml.modelling.export import OnnxScorer
     test = pd.read_parquet(root/"data/processed/test.parquet")
     risks = OnnxScorer(root/"models/lightgbm.onnx").predict_proba(test) * 1.6     # the service now scores everyone higher
     log = tmp_path/"predictions.jsonl"

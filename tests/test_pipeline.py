@@ -7,7 +7,7 @@ import pandas as pd
 import yaml
 from conftest import run
 
-from healthml.report import remote_references
+from healthml.governance.report import remote_references
 
 STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "report", "gate",
           "register", "phi_scan"]
@@ -53,7 +53,7 @@ def test_splits_are_disjoint_by_patient_and_cover_the_cohort(pipeline_project):
 
 
 def test_support2_is_deidentified_with_surrogate_keys_and_ages_over_89_coded_90(pipeline_project):
-    from healthml.cohort import read_cohort
+    from healthml.data.cohort import read_cohort
     root, _ = pipeline_project
     raw = read_cohort(root/"data/raw/support2.csv")
     deid = pd.read_parquet(root/"data/deid/cohort.parquet")
@@ -97,9 +97,9 @@ def test_leaking_columns_never_reach_the_models(pipeline_project):
 
 
 def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
-    from healthml.config import load_params
-    from healthml.export import OnnxScorer
-    from healthml.train import load_model, model_frame
+    from healthml.core.params import load_params
+    from healthml.modelling.export import OnnxScorer
+    from healthml.modelling.train import load_model, model_frame
     root, _ = pipeline_project
     spec = load_params(root/"params.yaml").dataset
     test = pd.read_parquet(root/"data/processed/test.parquet")
@@ -122,13 +122,13 @@ def test_onnx_export_is_byte_reproducible_across_processes(pipeline_project):
     for seed in ("1", "3"):
         env = project_env() | {"PYTHONHASHSEED": seed}
         subprocess.run(["healthml", "export"], cwd=root, env=env, check=True, capture_output=True)
-        from healthml.config import sha256_file
+        from healthml.core.io import sha256_file
         digests.add(sha256_file(root/"models/lightgbm.onnx"))
     assert len(digests) == 1
 
 
 def test_report_is_self_contained_html_filed_by_version(pipeline_project):
-    from healthml.config import sha256_file
+    from healthml.core.io import sha256_file
     root, _ = pipeline_project
     version = sha256_file(root/"models/lightgbm.onnx")[:12]
     out = root/"reports/support2-mortality"/version

@@ -12,7 +12,7 @@ from conftest import BIN, copy_project, project_env, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from healthml.audit import AuditLog, verify_log
+from healthml.governance.audit import AuditLog, verify_log
 
 
 def set_params(root, **changes):
@@ -33,8 +33,8 @@ def cli(root, *args, check=True, env=None):
 
 
 def registry_state(root):
-    from healthml.config import load_params
-    from healthml.registry import Registry
+    from healthml.core.params import load_params
+    from healthml.governance.registry import Registry
     reg = Registry(load_params(root/"params.yaml"), root)
     return reg
 
@@ -120,7 +120,7 @@ def test_killing_a_promotion_midway_leaves_a_consistent_registry(three_versions)
         reg = registry_state(root)
         champ = reg.alias("champion")
         assert champ in (1, 2)
-        from healthml.registry import verify_artifact
+        from healthml.governance.registry import verify_artifact
         verify_artifact(reg, champ)                                  # champion never points at a missing artifact
         cli(root, "model", "promote", "2", "--reason", "rerun completes")
         assert registry_state(root).alias("champion") == 2

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from conftest import open_page, run
 
-from healthml.config import sha256_file
+from healthml.core.io import sha256_file
 
 SECTIONS = ["0. Items a person must supply", "1. Data source", "2. Participant flow", "4. Discrimination", "5. Calibration",
             "6. Clinical utility", "7. Subgroups and fairness", "8. Comparison on the same patients", "9. Robustness",

@@ -61,8 +61,8 @@ class Server:
 
 
 def records_of(root: Path, n: int) -> tuple[list[dict], pd.DataFrame]:
-    from healthml.config import load_params
-    from healthml.train import model_frame
+    from healthml.core.params import load_params
+    from healthml.modelling.train import model_frame
     spec = load_params(root/"params.yaml").dataset
     test = pd.read_parquet(root/"data/processed/test.parquet").head(n)
     frame = model_frame(test, spec)
@@ -72,13 +72,13 @@ def records_of(root: Path, n: int) -> tuple[list[dict], pd.DataFrame]:
 
 
 def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_project, tmp_path):
-    from healthml.export import OnnxScorer
+    from healthml.modelling.export import OnnxScorer
     root, _ = pipeline_project
     server = Server(root, "--log", str(tmp_path/"predictions.jsonl"))
     try:
         status, info = server.get("/v1/model")
         assert status == 200 and info["version"] == filed_manifest(root).parent.name[:12]
-        from healthml.config import load_params
+        from healthml.core.params import load_params
         assert set(info["input_schema"]["properties"]) == set(load_params(root/"params.yaml").dataset.features)
         assert info["input_schema"]["additionalProperties"] is False
         assert info["input_schema"]["properties"]["hrt"]["anyOf"][0]["maximum"] == 300
@@ -176,7 +176,7 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
 
 def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
     root, _ = pipeline_project
-    code = ("import sys\nfrom healthml.serve import create_app, RecordScorer\n"
+    code = ("import sys\nfrom healthml.deploy.serve import create_app, RecordScorer\n"
             f"app = create_app({str(root/'models/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'lightgbm', 'mlflow', 'pandas', 'skl2onnx', "
             "'onnxmltools', 'matplotlib', 'scipy', 'dvc', 'papermill'}))")
@@ -189,7 +189,7 @@ def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
 @pytest.fixture(scope="module")
 def client(pipeline_project):
     from fastapi.testclient import TestClient
-    from healthml.serve import create_app
+    from healthml.deploy.serve import create_app
     root, _ = pipeline_project
     return TestClient(create_app(root/"models/lightgbm.onnx", filed_manifest(root), max_records=20, max_body_bytes=20_000))
 
