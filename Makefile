@@ -35,11 +35,12 @@ run: setup  ## run the pipeline (dvc repro) and show the metrics
 	dvc metrics show metrics/evaluate.json
 	@echo "Report index: reports/index.html"
 
-export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the source of truth)
+export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the source of truth) or dvc.yaml's code deps are not the import graph's
 	nbdev-export
 	@if [ -n "$$(git status --porcelain -- healthml)" ]; then \
 	  echo "nbdev-export changed healthml/: edit nbs/, export, and commit both:"; git status --porcelain -- healthml; exit 1; fi
 	@echo "nbdev-export: healthml/ matches nbs/"
+	healthml dvc deps
 
 test-notebooks: setup  ## the tests inside the notebooks
 	nbdev-test --n-workers 2

@@ -147,10 +147,11 @@ _CODE_DEP = re.compile(r"^\s+- (healthml/\S+\.py)\s*$")
 
 def _stage_blocks(lines: list[str]):
     "(stage, first line, end line) of each stage under `stages:`."
-    starts = [(m.group(1), i) for i, l in enumerate(lines) if (m := _STAGE.match(l))]
-    top = next((i for i, l in enumerate(lines) if i > 0 and re.match(r"^\S", l) and not l.startswith("stages:")), len(lines))
+    first = next((i for i, l in enumerate(lines) if l.startswith("stages:")), len(lines))
+    top = next((i for i, l in enumerate(lines) if i > first and re.match(r"^[^\s#]", l)), len(lines))
+    starts = [(m.group(1), i) for i, l in enumerate(lines[:top]) if i > first and (m := _STAGE.match(l))]
     ends = [s for _, s in starts[1:]] + [top]
-    return [(n, s, e) for (n, s), e in zip(starts, ends) if s < top]
+    return [(n, s, e) for (n, s), e in zip(starts, ends)]
 
 def declared_code_deps(dvc_yaml: str) -> dict[str, list[str]]:
     "Stage -> the `healthml/**.py` deps `dvc.yaml` declares."
