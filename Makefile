@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
-EXTRAS := dev,serve,monitor,dask,fairness
+EXTRAS := dev,serve,monitor
 
 # PHI-handling software phones home nowhere.
 export DO_NOT_TRACK := true
@@ -15,7 +15,7 @@ export ORT_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-notebooks test-integration export-check browser lab clean help
+.PHONY: setup run test test-fast architecture test-notebooks test-integration export-check browser lab clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -41,6 +41,9 @@ export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the sour
 	  echo "nbdev-export changed healthml/: edit nbs/, export, and commit both:"; git status --porcelain -- healthml; exit 1; fi
 	@echo "nbdev-export: healthml/ matches nbs/"
 	healthml dvc deps
+
+architecture: setup  ## redraw docs/architecture.md from the import graph
+	python -c "from healthml.core.imports import redraw; redraw('docs/architecture.md', 'healthml')"
 
 test-notebooks: setup  ## the tests inside the notebooks
 	nbdev-test --n-workers 2

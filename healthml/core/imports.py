@@ -13,7 +13,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['LAYERS', 'package_modules', 'imports_of', 'import_graph', 'layer_of', 'upward_imports', 'notebook_order',
-           'later_imports', 'mermaid', 'closure', 'function_imports', 'stage_commands', 'stage_code_deps',
+           'later_imports', 'mermaid', 'redraw', 'closure', 'function_imports', 'stage_commands', 'stage_code_deps',
            'declared_code_deps', 'code_dep_problems', 'with_code_deps']
 
 # %% ../../nbs/00_core/06_imports.ipynb #056608a3
@@ -89,6 +89,17 @@ def mermaid(graph: dict[str, set[str]]) -> str:
         for d in sorted(deps):
             if layer_of(m) and layer_of(d) and d.count(".") > 1: lines.append(f"  {m.replace('.', '_')} --> {d.replace('.', '_')}")
     return "\n".join(lines) + "\n"
+
+# %% ../../nbs/00_core/06_imports.ipynb #9dfd4e38
+_MERMAID = re.compile(r"```mermaid\n.*?```", re.S)
+
+def redraw(doc: str | Path, package: str | Path) -> bool:
+    "Replace the Mermaid block of `doc` with the current import graph; True if it changed."
+    doc = Path(doc)
+    old = doc.read_text()
+    new = _MERMAID.sub(lambda m: "```mermaid\n" + mermaid(import_graph(package)) + "```", old, count=1)
+    if new != old: doc.write_text(new)
+    return new != old
 
 # %% ../../nbs/00_core/06_imports.ipynb #58aaa3e1
 def closure(graph: dict[str, set[str]], roots) -> set[str]:
