@@ -42,7 +42,7 @@ def main():
     root = a.project.resolve()
     manifest = root/json.loads((root/"metrics/report.json").read_text())["report"]/"manifest.json"
     schema = json.loads(subprocess.run([sys.executable, "-c", "import json,sys; from healthml.deploy.serve import RecordScorer, "
-                                        f"expected_sha256; s = RecordScorer.from_file({str(root/'models/lightgbm.onnx')!r}, "
+                                        f"expected_sha256; s = RecordScorer.from_file({str(root/'models/onnx/lightgbm.onnx')!r}, "
                                         f"expected_sha256({str(manifest)!r}, 'lightgbm.onnx')); print(json.dumps(list(s.schema)))"],
                                        capture_output=True, text=True, check=True).stdout)
     port = free_port()

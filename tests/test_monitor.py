@@ -128,7 +128,7 @@ def test_a_prediction_log_window_runs_the_prediction_monitors_only(pipeline_proj
     root, _ = pipeline_project
     from healthml.modelling.export import OnnxScorer
     test = pd.read_parquet(root/"data/processed/test.parquet")
-    risks = OnnxScorer(root/"models/lightgbm.onnx").predict_proba(test) * 1.6     # the service now scores everyone higher
+    risks = OnnxScorer(root/"models/onnx/lightgbm.onnx").predict_proba(test) * 1.6     # the service now scores everyone higher
     log = tmp_path/"predictions.jsonl"
     log.write_text("".join(json.dumps({"time": f"2026-11-{1 + i % 28:02d}T10:00:00.000+00:00", "risk": float(min(p, 1.0))}) + "\n"
                            for i, p in enumerate(risks)))

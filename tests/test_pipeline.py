@@ -104,8 +104,8 @@ def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
     spec = load_params(root/"params.yaml").dataset
     test = pd.read_parquet(root/"data/processed/test.parquet")
     for model in ("lightgbm", "logistic"):
-        scorer = OnnxScorer(root/f"models/{model}.onnx")
-        native = load_model(root/f"models/{model}.skops").predict_proba(model_frame(test, spec))[:, 1]
+        scorer = OnnxScorer(root/f"models/onnx/{model}.onnx")
+        native = load_model(root/f"models/native/{model}.skops").predict_proba(model_frame(test, spec))[:, 1]
         assert abs(scorer.predict_proba(test) - native).max() < 1e-5
         assert scorer.metadata["model_name"] == f"support2-mortality-{model}"
     export = json.loads((root/"metrics/export.json").read_text())
@@ -123,14 +123,14 @@ def test_onnx_export_is_byte_reproducible_across_processes(pipeline_project):
         env = project_env() | {"PYTHONHASHSEED": seed}
         subprocess.run(["healthml", "export"], cwd=root, env=env, check=True, capture_output=True)
         from healthml.core.io import sha256_file
-        digests.add(sha256_file(root/"models/lightgbm.onnx"))
+        digests.add(sha256_file(root/"models/onnx/lightgbm.onnx"))
     assert len(digests) == 1
 
 
 def test_report_is_self_contained_html_filed_by_version(pipeline_project):
     from healthml.core.io import sha256_file
     root, _ = pipeline_project
-    version = sha256_file(root/"models/lightgbm.onnx")[:12]
+    version = sha256_file(root/"models/onnx/lightgbm.onnx")[:12]
     out = root/"reports/support2-mortality"/version
     page = (out/"validation.html").read_text()
     assert remote_references(page) == []

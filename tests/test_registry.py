@@ -186,7 +186,7 @@ def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
         first = json.loads((root/"metrics/registry.json").read_text())
         cli(root, "model", "register", env=env)                     # the FAIL model of the fixture: v1 here
         cli(root, "model", "promote", "1", "--override", "--reason", "pilot", env=env)
-        shutil.copy(three_versions/"models/lightgbm.onnx", root/"models/lightgbm.onnx")  # same files, so:
+        shutil.copy(three_versions/"models/onnx/lightgbm.onnx", root/"models/onnx/lightgbm.onnx")  # same files, so:
         again = cli(root, "model", "register", env=env)            # registering the same model is a no-op
         assert "version 1" in again.stderr
         gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]

@@ -84,7 +84,7 @@ def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(pipeli
     report = filed_report(root)
     rel = report.relative_to(root)
     assert run(["healthml", "report", "verify", str(rel)], root).returncode == 0
-    for victim in (report/"validation.html", report/"model_card.json", root/"models/lightgbm.onnx", report/"manifest.json"):
+    for victim in (report/"validation.html", report/"model_card.json", root/"models/onnx/lightgbm.onnx", report/"manifest.json"):
         original = victim.read_bytes()
         edited = bytearray(original)
         edited[len(edited) // 2] ^= 0x01                              # one bit of one byte

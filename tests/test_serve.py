@@ -86,7 +86,7 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
         records = [{k: v for k, v in r.items() if v is not None} for r in records]
         status, body = server.post("/v1/predict", {"records": records})
         assert status == 200, body
-        expected = OnnxScorer(root/"models/lightgbm.onnx").predict_proba(test)
+        expected = OnnxScorer(root/"models/onnx/lightgbm.onnx").predict_proba(test)
         assert np.abs(np.array([p["risk"] for p in body["predictions"]]) - expected).max() < 1e-6
         assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high"}
         assert all(p["alert"] == (p["risk"] >= body["threshold"]) for p in body["predictions"])
@@ -103,7 +103,7 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
 def test_a_tampered_onnx_file_is_refused_at_start(pipeline_project, tmp_path):
     root, _ = pipeline_project
     bad = tmp_path/"lightgbm.onnx"
-    data = bytearray((root/"models/lightgbm.onnx").read_bytes())
+    data = bytearray((root/"models/onnx/lightgbm.onnx").read_bytes())
     data[len(data) // 3] ^= 0x01
     bad.write_bytes(bytes(data))
     r = run(["healthml", "serve", "--model", str(bad), "--manifest", str(filed_manifest(root)), "--port", str(free_port())],
@@ -117,7 +117,7 @@ def test_reload_switches_model_under_load_without_dropping_a_request(pipeline_pr
     deploy = tmp_path/"deploy"
     deploy.mkdir()
     def install(kind):
-        data = (root/f"models/{kind}.onnx").read_bytes()
+        data = (root/f"models/onnx/{kind}.onnx").read_bytes()
         (deploy/".model.tmp").write_bytes(data); (deploy/".model.tmp").replace(deploy/"model.onnx")
         (deploy/".m.tmp").write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest()})); (deploy/".m.tmp").replace(deploy/"deploy.json")
         return hashlib.sha256(data).hexdigest()[:12]
@@ -177,7 +177,7 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
 def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
     root, _ = pipeline_project
     code = ("import sys\nfrom healthml.deploy.serve import create_app, RecordScorer\n"
-            f"app = create_app({str(root/'models/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})\n"
+            f"app = create_app({str(root/'models/onnx/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'lightgbm', 'mlflow', 'pandas', 'skl2onnx', "
             "'onnxmltools', 'matplotlib', 'scipy', 'dvc', 'papermill'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=project_env(), cwd=tmp_path)
@@ -191,7 +191,7 @@ def client(pipeline_project):
     from fastapi.testclient import TestClient
     from healthml.deploy.serve import create_app
     root, _ = pipeline_project
-    return TestClient(create_app(root/"models/lightgbm.onnx", filed_manifest(root), max_records=20, max_body_bytes=20_000))
+    return TestClient(create_app(root/"models/onnx/lightgbm.onnx", filed_manifest(root), max_records=20, max_body_bytes=20_000))
 
 
 FEATURES = ["age", "sex", "race", "hrt", "crea", "ca", "dzgroup", "meanbp", "aps"]

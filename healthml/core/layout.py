@@ -25,7 +25,9 @@ class Layout:
         self.phi_scan = r/"metrics/phi_scan.json"               # phi-scan: every output scanned, hits by place
         self.splits = r/"data/processed"                        # split: train/validation/test parquet
         self.split_metrics = r/"metrics/split.json"
-        self.models = r/"models"                                # train: native pipelines, ONNX
+        self.models = r/"models"                                # every model file, one per model in params.yaml `models`
+        self.native_models = r/"models/native"                  # train: the fitted sklearn pipelines (skops)
+        self.onnx_models = r/"models/onnx"                      # export: one ONNX graph per model
         self.train_metrics = r/"metrics/train.json"
         self.evaluation = r/"metrics/evaluate.json"
         self.test_scores = r/"data/processed/test_scores.parquet"  # evaluate: outcome + risks, no ids
@@ -45,5 +47,5 @@ class Layout:
         return self.splits/f"{split}.parquet"
 
     def model_file(self, model: str, suffix: str = "skops") -> Path:
-        "Saved model `model` (`lightgbm` or `logistic`) with the given suffix."
-        return self.models/f"{model}.{suffix}"
+        "File of model `model` (a key of params.yaml `models`): its native pipeline (`skops`) or ONNX graph (`onnx`)."
+        return (self.onnx_models if suffix == "onnx" else self.native_models)/f"{model}.{suffix}"

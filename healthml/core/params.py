@@ -6,20 +6,22 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 
 # %% auto #0
-__all__ = ['Rule', 'ThresholdRule', 'SubgroupRule', 'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule',
-           'GateConfig', 'SplitConfig', 'ValidateConfig', 'DeidentifyConfig', 'DatasetCardConfig', 'LightGBMConfig',
-           'LogisticConfig', 'ModelsConfig', 'RobustnessConfig', 'EvaluateConfig', 'ExportConfig', 'TrackingConfig',
-           'ReportConfig', 'MonitorConfig', 'Params', 'parse_params', 'load_params']
+__all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'ThresholdRule', 'SubgroupRule',
+           'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'GateConfig', 'LightGBMConfig',
+           'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig', 'DeidentifyConfig',
+           'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'ExportConfig', 'TrackingConfig', 'ReportConfig',
+           'MonitorConfig', 'Params', 'parse_params', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
@@ -48,7 +50,7 @@ class FairnessRule(_Rule):
 
 class NonInferiorityRule(_Rule):
     kind: Literal["non_inferiority"]
-    against: str  # `logistic` (baseline) or `champion`
+    against: str  # another model of `models` (e.g. the baseline), or `champion` (the model in service)
     metric: Literal["auroc", "auprc", "net_benefit"] = "auroc"
     margin: float = Field(ge=0)
 
@@ -65,8 +67,79 @@ Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiority
 class GateConfig(StrictModel):
     "The promotion rules: a pre-specified, versioned plan (see the gate notebook)."
     plan: str  # name and version of the change-control plan these rules implement
-    candidate: str = "lightgbm"
+    candidate: str | None = None  # the model the rules judge, a key of `models` (default: the first model listed)
     rules: list[Rule]
+
+# %% ../../nbs/00_core/04_params.ipynb #7c2d9e41
+class LightGBMConfig(StrictModel):
+    "Gradient-boosted trees (LightGBM): hyper-parameters."
+    kind: Literal["lightgbm"] = "lightgbm"
+    description: ClassVar[str] = "gradient-boosted trees (LightGBM)"
+    packages: ClassVar[tuple[str, ...]] = ("lightgbm",)  # libraries besides scikit-learn that fit and load it
+    n_estimators: int = Field(300, ge=1)
+    learning_rate: float = Field(0.05, gt=0, le=1)
+    num_leaves: int = Field(15, ge=2)
+    min_child_samples: int = Field(20, ge=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    subsample_freq: int = Field(1, ge=0)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    reg_lambda: float = Field(1.0, ge=0)
+    seed: int = 42
+
+class LogisticConfig(StrictModel):
+    "L2-penalised logistic regression on scaled, imputed, one-hot inputs (the usual transparent baseline)."
+    kind: Literal["logistic"] = "logistic"
+    description: ClassVar[str] = "L2-penalised logistic regression"
+    packages: ClassVar[tuple[str, ...]] = ()
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(2000, ge=10)
+
+ModelConfig = Annotated[Union[LightGBMConfig, LogisticConfig], Field(discriminator="kind")]
+MODEL_KINDS = {cls.model_fields["kind"].default: cls for cls in (LightGBMConfig, LogisticConfig)}  # kind -> its config
+MODEL_PACKAGES = tuple(dict.fromkeys(p for cls in MODEL_KINDS.values() for p in cls.packages))
+RESERVED_NAMES = ("settings", "champion", "outcome", "n_train", "n_validation")  # keys the outputs hold beside model names
+
+class Models(dict):
+    "params.yaml `models`: name -> config, in the order listed; `models.lightgbm` reads `models['lightgbm']`."
+    def __getattr__(self, name: str):
+        try: return self[name]
+        except KeyError: raise AttributeError(name) from None
+
+def default_models() -> Models:
+    "Without a `models:` section: one model of each kind, named after it."
+    return Models({kind: cls() for kind, cls in MODEL_KINDS.items()})
+
+# %% ../../nbs/00_core/04_params.ipynb #9a4f3b18
+def _with_kinds(raw):
+    "Fill in `kind` for models named after one; a section of such models only keeps its pre-kind meaning (see above)."
+    if not isinstance(raw, dict): return raw
+    raw = {n: {} if c is None else c for n, c in raw.items()}
+    if raw and all(n in MODEL_KINDS and isinstance(c, dict) and "kind" not in c for n, c in raw.items()):
+        raw = {kind: raw.get(kind, {}) for kind in MODEL_KINDS}
+    return {n: {"kind": n, **c} if n in MODEL_KINDS and isinstance(c, dict) and "kind" not in c else c for n, c in raw.items()}
+
+def _checked_names(models: dict) -> Models:
+    "Model names become file names and output keys: plain, and not one the outputs already use."
+    if not models: raise ValueError("list at least one model")
+    for name in models:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+            raise ValueError(f"model name `{name}`: letters, digits, `_` and `-` only, starting with a letter (it names files)")
+        if name in RESERVED_NAMES or name.endswith("_recalibrated"):
+            raise ValueError(f"model name `{name}` is used by the pipeline's outputs; choose another")
+    return Models(models)
+
+def _checked_gate(gate: GateConfig, models: dict) -> GateConfig:
+    "The candidate (default: the first model) and every model a rule compares with must be in `models`."
+    if gate.candidate is None: gate = gate.model_copy(update={"candidate": next(iter(models))})
+    if gate.candidate not in models:
+        raise ValueError(f"gate.candidate: `{gate.candidate}` is not a model in `models` ({', '.join(models)})")
+    for i, rule in enumerate(gate.rules):
+        if rule.kind != "non_inferiority" or rule.against == "champion": continue
+        if rule.against == gate.candidate:
+            raise ValueError(f"gate.rules.{i}.against: `{rule.against}` is the candidate itself; compare it with another model")
+        if rule.against not in models:
+            raise ValueError(f"gate.rules.{i}.against: `{rule.against}` is neither a model in `models` ({', '.join(models)}) nor `champion`")
+    return gate
 
 # %% ../../nbs/00_core/04_params.ipynb #35835165
 class SplitConfig(StrictModel):
@@ -105,27 +178,6 @@ class DatasetCardConfig(StrictModel):
     shrinkage: float = Field(0.9, gt=0, lt=1)  # target expected uniform shrinkage
     r2_optimism: float = Field(0.05, gt=0, lt=1)  # max apparent - adjusted Nagelkerke R^2
     risk_margin: float = Field(0.05, gt=0, lt=1)  # precision of the overall risk (+/-)
-
-class LightGBMConfig(StrictModel):
-    "Hyper-parameters of the gradient-boosted trees."
-    n_estimators: int = Field(300, ge=1)
-    learning_rate: float = Field(0.05, gt=0, le=1)
-    num_leaves: int = Field(15, ge=2)
-    min_child_samples: int = Field(20, ge=1)
-    subsample: float = Field(0.8, gt=0, le=1)
-    subsample_freq: int = Field(1, ge=0)
-    colsample_bytree: float = Field(0.8, gt=0, le=1)
-    reg_lambda: float = Field(1.0, ge=0)
-    seed: int = 42
-
-class LogisticConfig(StrictModel):
-    "The baseline: L2-penalised logistic regression on scaled, imputed, one-hot inputs."
-    C: float = Field(1.0, gt=0)
-    max_iter: int = Field(2000, ge=10)
-
-class ModelsConfig(StrictModel):
-    lightgbm: LightGBMConfig = LightGBMConfig()
-    logistic: LogisticConfig = LogisticConfig()
 
 class RobustnessConfig(StrictModel):
     "Stress tests of the candidate on the test split."
@@ -208,13 +260,37 @@ class Params(StrictModel):
     deidentify: DeidentifyConfig = DeidentifyConfig()
     dataset_card: DatasetCardConfig = DatasetCardConfig()
     split: SplitConfig = SplitConfig()
-    models: ModelsConfig = ModelsConfig()
+    models: dict[str, ModelConfig] = Field(default_factory=default_models)  # name -> config; `kind` picks the estimator
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig
     monitor: MonitorConfig = MonitorConfig()
     gate: GateConfig | None = None  # promotion rules; without them `healthml gate` refuses to pass a model
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _kinds(cls, raw): return _with_kinds(raw)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models): return _checked_names(models)
+
+    @field_validator("gate")
+    @classmethod
+    def _gate(cls, gate, info: ValidationInfo):
+        models = info.data.get("models")  # absent when `models` is itself invalid (reported on its own)
+        return gate if gate is None or models is None else _checked_gate(gate, models)
+
+    @property
+    def candidate(self) -> str:
+        "The model the report, gate and registry follow: `gate.candidate`, else the first model listed."
+        return self.gate.candidate if self.gate is not None else next(iter(self.models))
+
+    @property
+    def model_names(self) -> list[str]:
+        "Every model: the candidate first, then the others in the order `params.yaml` lists them."
+        return [self.candidate] + [m for m in self.models if m != self.candidate]
 
     @model_validator(mode="after")
     def _check(self):
@@ -228,13 +304,21 @@ class Params(StrictModel):
         return self
 
 # %% ../../nbs/00_core/04_params.ipynb #5add78a6
+def _key(loc) -> str:
+    "The dotted key of an error, without the tag pydantic inserts in a `kind` union (`models.x.lightgbm.n` -> `models.x.n`)."
+    loc = [str(p) for p in loc]
+    tag = 2 if loc[:1] == ["models"] else 3 if loc[:2] == ["gate", "rules"] else None
+    if tag is not None and len(loc) > tag: del loc[tag]
+    return ".".join(loc)
+
 def _describe(errors) -> str:
     lines = []
     for e in errors:
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        key, msg = _key(e["loc"]), e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden": msg = "unknown key (check its spelling)"
-        lines.append(f"{key}: {msg}")
+        if e["type"] == "union_tag_not_found":
+            msg = "`kind` missing" + (f": one of {', '.join(MODEL_KINDS)}" if key.startswith("models.") else "")
+        lines.append(msg if key and msg.startswith(f"{key}.") else f"{key or '(top level)'}: {msg}")  # the message names a finer key
     return "\n".join(lines)
 
 def parse_params(raw: dict) -> Params:

@@ -41,14 +41,14 @@ def caught(key: str, result: dict) -> bool:
 
 # %% ../../nbs/50_deploy/54_monitor_scenarios.ipynb #fbd95b90
 def synthetic_setup(params: Params, n_patients: int = 4000, seed: int = 0):
-    "A LightGBM model trained on a synthetic development sample, the scored reference summary, the threshold and a scorer."
+    "The candidate of `params` trained on a synthetic development sample, the scored reference summary, the threshold and a scorer."
     from healthml.data.phi import top_code_age
     from healthml.data.synthetic import synthetic_ehr
-    from healthml.modelling.train import lightgbm_pipeline, model_frame
+    from healthml.modelling.train import model_frame, model_pipeline
     spec = params.dataset
     dev = synthetic_ehr(n_patients, seed=seed)
     dev["age"] = top_code_age(dev["age"], params.deidentify.age_top_code)  # as the de-identification stage would
-    model = lightgbm_pipeline(spec, params.models.lightgbm).fit(model_frame(dev, spec), dev[spec.outcome])
+    model = model_pipeline(spec, params.models[params.candidate]).fit(model_frame(dev, spec), dev[spec.outcome])
     def scored(df: pd.DataFrame) -> pd.DataFrame:
         x = df.assign(age=top_code_age(df["age"], params.deidentify.age_top_code))
         return df.assign(risk=model.predict_proba(model_frame(x, spec))[:, 1])
@@ -129,13 +129,14 @@ def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", da
             cur = summarise(scored(raw), sp.dataset, sp.monitor, known_categories(ref), sp.deidentify.age_top_code)
             result, snap = compare_windows(ref, cur, threshold, sp.monitor, f"synthetic scenario {key}", today)
             result["model"] = {"file": "(trained in memory by the demo)", "sha256": "synthetic-demo", "threshold": threshold,
-                               "name": "synthetic-ehr demo LightGBM"}
+                               "name": f"synthetic-ehr demo {sp.candidate}, {sp.models[sp.candidate].description}"}
             result["windows"]["reference"]["name"] = "synthetic reference sample"
             file("synthetic", key, result, snap, PhiScanner(identifier_values(sp.dataset, raw)))
     if "support2" in datasets:
         test_file = layout.split_file("test")
         if not test_file.exists(): raise MonitorError(f"{test_file} not found", hint="run `dvc repro` first (the SUPPORT2 scenarios monitor the project's model)")
-        scorer, sha = model_scorer(layout)
+        model_file = layout.model_file(project.candidate, "onnx")
+        scorer, sha = model_scorer(layout, model_file)
         threshold = float(scorer.metadata.get("decision_threshold", "0.5"))
         test = pd.read_parquet(test_file)
         ref_df, windows = support2_windows(test, project, scorer.predict_proba(test), seed)
@@ -148,7 +149,7 @@ def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", da
             cur = summarise(df, spec, cfg, known_categories(ref), project.deidentify.age_top_code)
             cs = cur.sample(); cs = (score_sample(scorer, cs[0], spec), cs[1])
             result, snap = compare_windows(ref, cur, threshold, cfg, f"SUPPORT2 scenario {key}", today, samples=(rs, cs))
-            result["model"] = {"file": "lightgbm.onnx", "sha256": sha, "threshold": threshold,
+            result["model"] = {"file": model_file.name, "sha256": sha, "threshold": threshold,
                                "name": scorer.metadata.get("model_name", "model")}
             result["windows"]["reference"]["name"] = "SUPPORT2 test split, reference half (by patient)"
             file("support2", key, result, snap, scanner)

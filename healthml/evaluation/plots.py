@@ -13,15 +13,26 @@ import pandas as pd
 from .calibration import calibration_bins, calibration_curve, risk_histogram
 from ..core.io import atomic_write
 from ..core.layout import Layout
-from ..core.params import EvaluateConfig
+from ..core.params import EvaluateConfig, Params
 from .utility import decision_curve
 
 # %% auto #0
-__all__ = ['LABELS', 'roc_points', 'write_plots', 'roc_figure', 'calibration_figure', 'decision_curve_figure', 'subgroup_figure']
+__all__ = ['model_label', 'model_labels', 'roc_points', 'write_plots', 'roc_figure', 'calibration_figure',
+           'decision_curve_figure', 'subgroup_figure']
 
 # %% ../../nbs/30_evaluation/36_plots.ipynb #402a09d7
-LABELS = {"lightgbm": "LightGBM (candidate)", "logistic": "Logistic regression (baseline)",
-          "champion": "Champion", "lightgbm_recalibrated": "LightGBM, recalibrated"}
+def model_label(name: str, params: Params) -> str:
+    "How figures and tables name a model: its `params.yaml` name, then its kind (when the name does not say it) and role."
+    base = name if name in params.models else name.removesuffix("_recalibrated")
+    cfg = params.models.get(base)
+    if cfg is None: return name  # not one of this project's models, e.g. the champion in service
+    notes = ([cfg.kind] if cfg.kind != base else []) + ([f"{params.evaluate.recalibration} recalibrated"] if base != name else [])
+    if base == params.candidate: notes.append("candidate")
+    return f"{base} ({', '.join(notes)})" if notes else base
+
+def model_labels(params: Params, names) -> dict[str, str]:
+    "The label of each model name (see `model_label`)."
+    return {n: model_label(n, params) for n in names}
 
 def roc_points(y_true, y_score) -> pd.DataFrame:
     "False- and true-positive rates at each distinct threshold (collinear points dropped)."
@@ -33,43 +44,43 @@ def _csv(df: pd.DataFrame, path) -> None:
     atomic_write(path, df.to_csv(index=False))
 
 def write_plots(layout: Layout, y_true, scores: dict, subgroups: pd.DataFrame, cfg: EvaluateConfig) -> None:
-    "Write every plot file of the evaluation under `plots/`."
+    "Write every plot file of the evaluation under `plots/`: one file per model in each folder, and the subgroups."
     P = layout.plots
     for name, s in scores.items():
         _csv(roc_points(y_true, s), P/"roc"/f"{name}.csv")
         _csv(calibration_bins(y_true, s, cfg.calibration_bins), P/"calibration"/f"{name}.csv")
         _csv(calibration_curve(y_true, s, cfg.lowess_frac), P/"calibration_smooth"/f"{name}.csv")
         _csv(risk_histogram(s), P/"risk_histogram"/f"{name}.csv")
-    dc = decision_curve(y_true, scores["lightgbm"])[["threshold", "treat_all", "treat_none"]]
-    for name, s in scores.items(): dc[name] = decision_curve(y_true, s, dc.threshold).model
-    _csv(dc, P/"decision_curve.csv")
+        _csv(decision_curve(y_true, s).rename(columns={"model": "net_benefit"}), P/"decision_curve"/f"{name}.csv")
     cols = [c for c in ("attribute", "group", "n", "events", "status", "auroc", "auroc_ci_low", "auroc_ci_high",
                         "observed_expected", "calibration_slope", "sensitivity", "fpr") if c in subgroups]
     _csv(subgroups[cols].round(6), P/"subgroups.csv")
 
 # %% ../../nbs/30_evaluation/36_plots.ipynb #4eb70fcc
-def roc_figure(plots: Path, models: list[str], aurocs: dict):
+def roc_figure(plots: Path, models: list[str], aurocs: dict, labels: dict | None = None):
     "ROC curves of the models on the test split."
     import matplotlib.pyplot as plt
+    labels = labels or {}
     fig, ax = plt.subplots(figsize=(5.2, 5))
     for name in models:
         d = pd.read_csv(plots/"roc"/f"{name}.csv")
-        ax.plot(d.fpr, d.tpr, label=f"{LABELS.get(name, name)}, AUROC {aurocs[name]:.3f}")
+        ax.plot(d.fpr, d.tpr, label=f"{labels.get(name, name)}, AUROC {aurocs[name]:.3f}")
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="Sensitivity", title="ROC curve, test patients", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
-def calibration_figure(plots: Path, models: list[str]):
+def calibration_figure(plots: Path, models: list[str], labels: dict | None = None):
     "Reliability diagram (decile bins and LOWESS curve) above a histogram of predicted risk."
     import matplotlib.pyplot as plt
+    labels = labels or {}
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for i, name in enumerate(models):
         c = f"C{i}"
         b = pd.read_csv(plots/"calibration"/f"{name}.csv")
         s = pd.read_csv(plots/"calibration_smooth"/f"{name}.csv")
-        ax.plot(s.predicted, s.observed, c=c, label=f"{LABELS.get(name, name)} (LOWESS)")
+        ax.plot(s.predicted, s.observed, c=c, label=f"{labels.get(name, name)} (LOWESS)")
         ax.plot(b.mean_predicted, b.observed, "o", c=c, ms=4)
         h = pd.read_csv(plots/"risk_histogram"/f"{name}.csv")
         hx.bar(h.risk_from + (h.risk_to - h.risk_from) * (0.25 + 0.5 * i / max(len(models), 1)), h.patients,
@@ -81,15 +92,17 @@ def calibration_figure(plots: Path, models: list[str]):
     fig.tight_layout()
     return fig
 
-def decision_curve_figure(plots: Path, models: list[str]):
+def decision_curve_figure(plots: Path, models: list[str], labels: dict | None = None):
     "Net benefit of the models against treat-all and treat-none."
     import matplotlib.pyplot as plt
-    d = pd.read_csv(plots/"decision_curve.csv")
+    labels = labels or {}
+    curves = {name: pd.read_csv(plots/"decision_curve"/f"{name}.csv") for name in models}
+    d = curves[models[0]]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for name in models: ax.plot(d.threshold, d[name], label=LABELS.get(name, name))
+    for name, c in curves.items(): ax.plot(c.threshold, c.net_benefit, label=labels.get(name, name))
     ax.plot(d.threshold, d.treat_all, c="grey", ls="--", label="Treat all")
     ax.plot(d.threshold, d.treat_none, c="black", lw=1, label="Treat none")
-    top = max(d[models].max().max(), d.treat_all.max())
+    top = max(max(c.net_benefit.max() for c in curves.values()), d.treat_all.max())
     ax.set(xlabel="Threshold risk", ylabel="Net benefit", title="Decision curve, test patients", ylim=(-0.02, top * 1.1 + 0.01))
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -62,12 +62,12 @@ def _m(metrics: dict, key: str, digits: int = 3) -> str:
 def model_card(ctx, review: dict, version: str) -> dict:
     "The CHAI-style model card as data."
     p, spec, ev = ctx.params, ctx.params.dataset, ctx.evaluation
-    cand = ev["lightgbm"]
+    cand, cfg = ev[p.candidate], p.models[p.candidate]  # the card describes the candidate (`gate.candidate`)
     gaps = ctx.subgroups["fairness_gaps"]
     worst = lambda g: max((v[g] for v in gaps.values() if v.get(g) is not None), default=None)
     return {
         "basic_information": {"model_name": p.report.model_name, "model_version": version, "developer": "healthml pipeline",
-                              "model_type": "gradient-boosted trees (LightGBM) in one ONNX graph with its encoding",
+                              "model_type": f"{cfg.description} in one ONNX graph with its encoding",
                               "outcome": spec.outcome_description or spec.outcome, "prediction_time": spec.prediction_time},
         "release_information": {"stage": "candidate" if (ctx.gate or {}).get("passed") else "not releasable",
                                 "gate_verdict": (ctx.gate or {}).get("verdict", "no rules"), "gate_plan": (ctx.gate or {}).get("plan", ""),

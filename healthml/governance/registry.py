@@ -89,15 +89,22 @@ def _flat_metrics(evaluation: dict) -> dict:
             for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
 
 def dvc_hashes(layout: Layout, paths: dict) -> dict:
-    "DVC's recorded md5 of the given files (from dvc.lock), so MLflow and DVC name the same data."
-    import yaml
+    """DVC's md5 of the given files, so MLflow and DVC name the same data: as dvc.lock records it or, for a file
+    inside a folder DVC tracks (`models/onnx/`), its content md5, the address DVC's cache gives the file."""
+    import hashlib, yaml
     lock = layout.root/"dvc.lock"
     if not lock.exists(): return {}
     seen = {}
     for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
         for entry in stage.get("deps", []) + stage.get("outs", []):
             if "md5" in entry: seen[entry["path"]] = entry["md5"]
-    return {f"healthml.dvc_md5.{k}": seen[str(p)] for k, p in paths.items() if str(p) in seen}
+    out = {}
+    for k, p in paths.items():
+        p = str(p)
+        if p in seen: out[f"healthml.dvc_md5.{k}"] = seen[p]
+        elif any(p.startswith(f"{d}/") for d in seen) and (layout.root/p).is_file():
+            out[f"healthml.dvc_md5.{k}"] = hashlib.md5((layout.root/p).read_bytes()).hexdigest()
+    return out
 
 def _report_dir(layout: Layout, model_name: str, onnx_sha: str) -> Path:
     return layout.reports/model_name/onnx_sha[:12]
@@ -111,23 +118,25 @@ def register_version(reg: Registry, actor: str | None = None) -> dict:
     L, p, who = reg.layout, reg.params, actor_name(actor)
     gate = json.loads(L.gate.read_text()) if L.gate.exists() else {"verdict": "NOT RUN", "passed": False}
     evaluation = json.loads(L.evaluation.read_text())
-    onnx = L.model_file("lightgbm", "onnx")
+    cand = p.candidate                                       # the model the gate judged: params.yaml `gate.candidate`
+    onnx = L.model_file(cand, "onnx")
     onnx_sha = sha256_file(onnx)
     same = [v for v in (reg.versions() if reg._model() is not None else []) if v.get("onnx_sha256") == onnx_sha]
     if same: return same[0]                                  # this exact model is registered already: nothing to do
     report = Path(json.loads(L.report_record.read_text())["report"]) if L.report_record.exists() else _report_dir(L, reg.name, onnx_sha)
-    pipe = load_model(L.model_file("lightgbm"))
+    pipe = load_model(L.model_file(cand))
     example = model_frame(synthetic_example(p.dataset), p.dataset)
     tags = {"healthml.gate": gate["verdict"], "healthml.run_id": "", "healthml.gate_plan": gate.get("plan", ""), "healthml.onnx_sha256": onnx_sha,
             "healthml.git_commit": git_commit(L.root), "healthml.train_data_sha256": sha256_file(L.split_file("train")),
             "healthml.cohort_sha256": json.loads(L.ingest_record.read_text())["sha256"],
             "healthml.params_sha256": sha256_file(L.root/"params.yaml"), "healthml.report": str(report),
-            "healthml.registered_by": who,
-            **dvc_hashes(L, {"cohort": p.dataset.file, "train": "data/processed/train.parquet", "onnx": "models/lightgbm.onnx"})}
+            "healthml.registered_by": who, "healthml.model": cand,
+            **dvc_hashes(L, {"cohort": p.dataset.file, "train": "data/processed/train.parquet",
+                             "onnx": onnx.relative_to(L.root).as_posix()})}
     with mlflow.start_run(experiment_id=reg.experiment_id, run_name=f"{reg.name}-register") as run:
         tags["healthml.run_id"] = run.info.run_id
         mlflow.set_tags({**tags, "healthml.stage": "register"})
-        mlflow.log_params({k: v for k, v in p.models.lightgbm.model_dump().items()} | {"dataset": p.dataset.name})
+        mlflow.log_params(p.models[cand].model_dump() | {"dataset": p.dataset.name})
         mlflow.log_metrics(_flat_metrics(evaluation))
         _log_as(onnx, ONNX_ARTIFACT)
         for f in (L.gate, L.evaluation, L.comparison, L.subgroups):
@@ -135,7 +144,7 @@ def register_version(reg: Registry, actor: str | None = None) -> dict:
         if (L.root/report).exists(): mlflow.log_artifacts(str(L.root/report), "report")
         trusted = sio.get_untrusted_types(data=sio.dumps(pipe))
         info = mlflow.sklearn.log_model(pipe, name="model", serialization_format="skops", skops_trusted_types=trusted,
-                                        pip_requirements=["scikit-learn", "lightgbm", "skops", "pandas", "numpy"],
+                                        pip_requirements=["scikit-learn", *type(p.models[cand]).packages, "skops", "pandas", "numpy"],
                                         signature=infer_signature(example, pipe.predict_proba(example)[:, 1]),
                                         input_example=example, pyfunc_predict_fn="predict_proba")
     mv = _register(reg, info.model_uri, run.info.run_id, tags)

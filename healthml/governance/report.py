@@ -20,7 +20,7 @@ import pandas as pd
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.layout import Layout
-from ..core.params import Params, load_params
+from ..core.params import MODEL_PACKAGES, Params, load_params
 
 # %% auto #0
 __all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance_table', 'calibration_table', 'threshold_table',
@@ -38,6 +38,10 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         raise ReportError(f"{path} not found", hint="run the pipeline first: `dvc repro`")
     return json.loads(path.read_text())
+
+def _models_first(d: dict, order: list[str]) -> dict:
+    "The same entries, those named in `order` first and in that order."
+    return {**{k: d[k] for k in order if k in d}, **{k: v for k, v in d.items() if k not in order}}
 
 @dataclass
 class ReportContext:
@@ -65,10 +69,11 @@ class ReportContext:
         from healthml.governance.model_card import load_review
         verdict = evaluate_gate(params.gate, gate_evidence(layout)) if params.gate else None
         review_path = params.report.review if params.report.review.is_absolute() else layout.root/params.report.review
+        ordered = lambda path: _models_first(_read_json(path), params.model_names)
         return cls(params, layout, _read_json(layout.ingest_record), _read_json(layout.validation),
-                   _read_json(layout.split_metrics), _read_json(layout.train_metrics), _read_json(layout.evaluation),
-                   _read_json(layout.comparison), _read_json(layout.subgroups), _read_json(layout.robustness),
-                   _read_json(layout.export_metrics), verdict, load_review(review_path),
+                   _read_json(layout.split_metrics), _read_json(layout.train_metrics), ordered(layout.evaluation),
+                   ordered(layout.comparison), _read_json(layout.subgroups), _read_json(layout.robustness),
+                   ordered(layout.export_metrics), verdict, load_review(review_path),
                    _read_json(layout.dataset_card/"dataset_card.json"))
 
     @property
@@ -76,46 +81,51 @@ class ReportContext:
         "Models evaluated on the test split, candidate first."
         return [m for m in self.evaluation if m != "settings"]
 
+    @property
+    def labels(self) -> dict[str, str]:
+        "How tables and figures name each model: its `params.yaml` name, kind and role."
+        return model_labels(self.params, self.models)
+
 # %% ../../nbs/40_governance/45_report.ipynb #4d3c6b02
-from ..evaluation.plots import LABELS as MODEL_LABELS
+from ..evaluation.plots import model_labels
 
 def _ci(m: dict, k: str, digits=3) -> str:
     if m.get(k) is None: return "n/a"
     return f"{m[k]:.{digits}f} ({m[k + '_ci_low']:.{digits}f} to {m[k + '_ci_high']:.{digits}f})"
 
-def _label(name: str) -> str: return MODEL_LABELS.get(name, name)
+def _label(name: str, labels: dict | None) -> str: return (labels or {}).get(name, name)
 
-def performance_table(evaluation: dict) -> pd.DataFrame:
+def performance_table(evaluation: dict, labels: dict | None = None) -> pd.DataFrame:
     "Discrimination per model: AUROC (bootstrap and DeLong CIs) and AUPRC beside the prevalence."
-    return pd.DataFrame([{"Model": _label(n), "AUROC (95% CI, bootstrap)": _ci(m, "auroc"),
+    return pd.DataFrame([{"Model": _label(n, labels), "AUROC (95% CI, bootstrap)": _ci(m, "auroc"),
                           "AUROC 95% CI (DeLong)": f"{m['auroc_delong_ci_low']:.3f} to {m['auroc_delong_ci_high']:.3f}",
                           "AUPRC (95% CI)": _ci(m, "auprc"), "Prevalence": f"{m['prevalence']:.3f}"}
                          for n, m in evaluation.items() if n != "settings"])
 
-def calibration_table(evaluation: dict) -> pd.DataFrame:
+def calibration_table(evaluation: dict, labels: dict | None = None) -> pd.DataFrame:
     "Calibration per model, level by level (targets: O/E 1, intercept 0, slope 1, ICI 0)."
-    return pd.DataFrame([{"Model": _label(n), "O/E (95% CI)": _ci(m, "observed_expected"),
+    return pd.DataFrame([{"Model": _label(n, labels), "O/E (95% CI)": _ci(m, "observed_expected"),
                           "Intercept (CITL)": _ci(m, "calibration_intercept"), "Slope": _ci(m, "calibration_slope"),
                           "Brier": _ci(m, "brier"), "Scaled Brier": _ci(m, "scaled_brier"),
                           "ICI / E50 / E90": f"{m['ici']:.3f} / {m['e50']:.3f} / {m['e90']:.3f}", "ECE": f"{m['ece']:.3f}"}
                          for n, m in evaluation.items() if n != "settings"])
 
-def threshold_table(evaluation: dict) -> pd.DataFrame:
+def threshold_table(evaluation: dict, labels: dict | None = None) -> pd.DataFrame:
     "The operating point of each model, chosen on validation, reported on test."
-    return pd.DataFrame([{"Model": _label(n), "Alert if risk >=": f"{m['threshold']:.3f}", "Sensitivity": _ci(m, "sensitivity"),
+    return pd.DataFrame([{"Model": _label(n, labels), "Alert if risk >=": f"{m['threshold']:.3f}", "Sensitivity": _ci(m, "sensitivity"),
                           "Specificity": _ci(m, "specificity"), "PPV": _ci(m, "ppv"), "NPV": _ci(m, "npv"),
                           "Alerts per 100": _ci(m, "alerts_per_100", 1), "NNE": _ci(m, "nne", 2)}
                          for n, m in evaluation.items() if n != "settings"])
 
-def comparison_table(comparison: dict) -> pd.DataFrame:
+def comparison_table(comparison: dict, labels: dict | None = None) -> pd.DataFrame:
     "Candidate minus each other model on the same patients, with paired CIs."
     rows = []
     for other, c in comparison.items():
         a = c["auroc"]
-        rows.append({"Candidate vs": _label(other), "Metric": "AUROC (paired DeLong)", "Difference": f"{a['difference']:+.3f}",
+        rows.append({"Candidate vs": _label(other, labels), "Metric": "AUROC (paired DeLong)", "Difference": f"{a['difference']:+.3f}",
                      "95% CI": f"{a['ci_low']:+.3f} to {a['ci_high']:+.3f}", "p": f"{a['p_value']:.3g}"})
         for k in ("auprc", "brier", "calibration_slope", "net_benefit"):
-            rows.append({"Candidate vs": _label(other), "Metric": f"{k} (paired bootstrap)", "Difference": f"{c[k]['difference']:+.3f}",
+            rows.append({"Candidate vs": _label(other, labels), "Metric": f"{k} (paired bootstrap)", "Difference": f"{c[k]['difference']:+.3f}",
                          "95% CI": f"{c[k]['ci_low']:+.3f} to {c[k]['ci_high']:+.3f}", "p": ""})
     return pd.DataFrame(rows)
 
@@ -165,7 +175,7 @@ def review_table(review: dict) -> str:
 TRIPOD_AI = [("Data source and dates", "1. Data source"), ("Participants and setting", "1. Data source; 2. Participant flow"),
              ("Outcome definition", "header (Outcome); 3. Predictors"), ("Predictors", "3. Predictors (with excluded columns and why)"),
              ("Sample size", "2. Participant flow; Sample size (Riley et al. 2020 criteria)"),
-             ("Missing data handling", "2. Table 1 (missing counts); missing numerics kept for LightGBM, median-imputed for the baseline; missing categories as their own level"),
+             ("Missing data handling", "2. Table 1 (missing counts); missing numerics kept by LightGBM models, median-imputed by logistic ones; missing categories as their own level"),
              ("Data splitting", "2. Participant flow: patient-level (random, temporal or by site) train/validation/test; Leakage audit"),
              ("Data preparation and privacy", "2. De-identification (HIPAA Safe Harbor); 0. attestation"),
              ("Model specification and tuning", "params.yaml `models:` (in the manifest's params hash); 10. Deployment artefact"),
@@ -241,7 +251,7 @@ def predictor_table(ctx: ReportContext) -> pd.DataFrame:
 
 def parity_table(ctx: ReportContext) -> pd.DataFrame:
     "ONNX vs native agreement on the test split."
-    return pd.DataFrame([{"Model": _label(k), "Max |dp|": f"{v['max_abs_diff']:.2e}", "Rows": v["rows"],
+    return pd.DataFrame([{"Model": _label(k, ctx.labels), "Max |dp|": f"{v['max_abs_diff']:.2e}", "Rows": v["rows"],
                           "Passed": "yes" if v["passed"] else "NO", "ONNX SHA-256": v.get("sha256", "")[:16]}
                          for k, v in ctx.export.items()])
 
@@ -301,7 +311,7 @@ def notebook_to_html(nb_path: str | Path) -> str:
     return page
 
 # %% ../../nbs/40_governance/45_report.ipynb #be182d50
-PACKAGES = ("healthml", "numpy", "pandas", "scikit-learn", "lightgbm", "onnx", "onnxruntime", "skl2onnx", "mlflow", "papermill")
+PACKAGES = ("healthml", "numpy", "pandas", "scikit-learn", *MODEL_PACKAGES, "onnx", "onnxruntime", "skl2onnx", "mlflow", "papermill")
 
 def package_versions(names=PACKAGES) -> dict:
     "Installed versions of the packages that shape the numbers."
@@ -311,8 +321,8 @@ def package_versions(names=PACKAGES) -> dict:
         except metadata.PackageNotFoundError: out[n] = "not installed"
     return out
 
-def model_version(layout: Layout, model: str = "lightgbm") -> str:
-    "Content-addressed version of the candidate: 12 hex digits of its ONNX SHA-256."
+def model_version(layout: Layout, model: str) -> str:
+    "Content-addressed version of a model (the report's: the candidate): 12 hex digits of its ONNX SHA-256."
     path = layout.model_file(model, "onnx")
     if not path.exists(): raise ReportError(f"{path} not found", hint="run `dvc repro export`")
     return sha256_file(path)[:12]
@@ -323,11 +333,11 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
     L = ctx.layout
     inputs = {"params": params_path, "template": template, "cohort_file": L.root/ctx.params.dataset.file,
               "deidentified_cohort": L.deidentified, "dataset_card": L.dataset_card/"dataset_card.json", **{f"split_{s}": L.split_file(s) for s in ("train", "validation", "test")},
-              **{f"model_{m}_native": L.model_file(m) for m in ("lightgbm", "logistic")},
-              **{f"model_{m}_onnx": L.model_file(m, "onnx") for m in ("lightgbm", "logistic")},
+              **{f"model_{m}_native": L.model_file(m) for m in ctx.params.models},
+              **{f"model_{m}_onnx": L.model_file(m, "onnx") for m in ctx.params.models},
               "constraints": L.root/"requirements/constraints.txt"}
     outputs = sorted(p for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
-    return {"model_name": ctx.params.report.model_name, "version": out_dir.name, "git_commit": git_commit(L.root),
+    return {"model_name": ctx.params.report.model_name, "candidate": ctx.params.candidate, "version": out_dir.name, "git_commit": git_commit(L.root),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "packages": package_versions(),
             "inputs": {k: {"path": str(Path(p).relative_to(L.root.resolve()) if Path(p).is_absolute() else p),
                            "sha256": sha256_file(p)} for k, p in inputs.items() if Path(p).exists()},
@@ -343,7 +353,7 @@ def write_index(reports_dir: Path) -> Path:
     for mf in sorted(reports_dir.glob("*/*/manifest.json")):
         if mf.parts[-3] == "monitoring": continue
         m = json.loads(mf.read_text())
-        auc = m["metrics"]["lightgbm"]
+        auc = m["metrics"][m.get("candidate") or next(iter(m["metrics"]))]  # manifests list the candidate first
         verdict = (m.get("gate") or {}).get("verdict", "no rules")
         rows.append((m["created"], m["model_name"], m["version"], f"{auc['auroc']:.3f} ({auc['auroc_ci_low']:.3f} to {auc['auroc_ci_high']:.3f})",
                      f"{mf.parent.relative_to(reports_dir)}/validation.html", m["git_commit"][:12], verdict))
@@ -412,7 +422,7 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
     ctx = ReportContext.load(root, params_path)  # fails early, with a hint, if a stage has not run
     template = root/ctx.params.report.template
     if not template.exists(): raise ReportError(f"report template {template} not found", hint="check report.template in params.yaml")
-    version = model_version(ctx.layout)
+    version = model_version(ctx.layout, ctx.params.candidate)
     base = ctx.layout.reports/ctx.params.report.model_name
     revisions = [base/version] + sorted(base.glob(f"{version}.r*"), key=lambda p: int(p.name.rsplit(".r", 1)[1]))
     filed = [d for d in revisions if (d/"manifest.json").exists()]
@@ -423,8 +433,8 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
             same_numbers = _outputs_text(Path(d)/"validation.ipynb") == _outputs_text(out_dir/"validation.ipynb")
             old = json.loads((out_dir/"manifest.json").read_text())["inputs"]
             new = manifest(ctx, Path(d), root/params_path, template)["inputs"]
-        same_inputs = {k: v["sha256"] for k, v in old.items() if k != "model_lightgbm_native" and not k.startswith("model_logistic_native")} == \
-                      {k: v["sha256"] for k, v in new.items() if k != "model_lightgbm_native" and not k.startswith("model_logistic_native")}
+        onnx_and_data = lambda inputs: {k: v["sha256"] for k, v in inputs.items() if not (k.startswith("model_") and k.endswith("_native"))}
+        same_inputs = onnx_and_data(old) == onnx_and_data(new)
         if same_inputs and same_numbers:                            # reproduced exactly: the filed report stands
             _record(ctx, out_dir, reproduced=True)
             write_index(ctx.layout.reports)                         # the index is not a DVC output: keep it current

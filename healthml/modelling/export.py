@@ -99,14 +99,14 @@ def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetS
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
 
 def export_models(params: Params, layout: Layout, version: str) -> dict:
-    "Convert each trained pipeline to ONNX, check parity on the test split, then write it."
+    "Convert every model's trained pipeline to ONNX, check parity on the test split, then write it."
     spec, test = params.dataset, pd.read_parquet(layout.split_file("test"))
     data_sha = sha256_file(layout.split_file("train"))
     evaluation = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
     result = {}
-    for name in ("lightgbm", "logistic"):
+    for name, cfg in params.models.items():
         pipe = load_model(layout.model_file(name))
-        meta = {"model_name": f"{params.report.model_name}-{name}", "model_kind": name, "healthml_version": version,
+        meta = {"model_name": f"{params.report.model_name}-{name}", "model_kind": cfg.kind, "healthml_version": version,
                 "dataset": spec.name, "train_data_sha256": data_sha, "outcome": spec.outcome,
                 "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
                 "threshold_rule": (f"sensitivity {params.evaluate.target_sensitivity:g} on the validation split"
