@@ -15,7 +15,7 @@ export ORT_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast architecture test-notebooks test-integration export-check browser lab clean help
+.PHONY: setup run test test-fast architecture test-notebooks test-integration export-check docs browser lab clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -57,7 +57,11 @@ browser:  ## headless Chromium for the report tests (Debian package; needs root 
 test-integration: setup browser  ## pipeline, CLI, registry and browser tests (pytest)
 	python -m pytest
 
-test: export-check test-notebooks test-integration  ## everything CI runs
+docs: setup  ## the documentation site in _docs/: every notebook run as test-notebooks runs it and rendered, README as home page
+	python docs/site/build.py
+
+# `docs` runs every notebook's cells (its tests included) as nbdev-test does, so CI runs it in place of test-notebooks.
+test: export-check docs test-integration  ## everything CI runs
 
 lab: setup  ## open JupyterLab on nbs/
 	jupyter lab nbs/
