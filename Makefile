@@ -54,8 +54,11 @@ browser:  ## headless Chromium for the report tests (Debian package; needs root 
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test-integration: setup browser  ## pipeline, CLI, registry and browser tests (pytest)
-	python -m pytest
+test-integration: setup browser  ## pipeline, CLI, registry and browser tests (pytest, both cores, random order)
+	python -m pytest -n 2 --dist loadscope
+
+test-fast: export-check test-notebooks  ## the edit loop (<= 2 min): export drift, notebook tests, pytest without slow tests
+	python -m pytest -n 2 -m "not slow"
 
 docs: setup  ## the documentation site in _docs/: every notebook run as test-notebooks runs it and rendered, README as home page
 	python docs/site/build.py

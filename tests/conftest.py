@@ -1,14 +1,27 @@
 """Shared fixtures: a throwaway copy of the project in which the real pipeline runs."""
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+HEAVY_FIXTURES = {"pipeline_project", "project_clone", "three_versions", "registry_clone", "synthetic_project", "browser"}
+
+
+def pytest_collection_modifyitems(items):
+    "A test that needs a pipeline run or a browser is `slow` (`make test-fast` leaves it out)."
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())): item.add_marker(pytest.mark.slow)
 
 
 def project_env() -> dict:
@@ -46,12 +59,90 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    "A folder shared by every xdist worker of this run (the base temp folder of the run itself without xdist)."
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def pipeline_project(tmp_path_factory):
-    "A copy of the project on which `dvc repro` has run once, with its output."
-    root = copy_project(tmp_path_factory.mktemp("project"))
-    result = run(["dvc", "repro"], root)
-    return root, result
+    """A copy of the project on which `dvc repro` has run once, with its output. Built once per test run (xdist
+    workers share it through a file lock) and never changed by a test: a test that changes files works on
+    `clone_project(root, ...)` of it."""
+    shared = shared_dir(tmp_path_factory)
+    root, record = shared/"pipeline-project", shared/"pipeline-project.json"
+    with FileLock(str(shared/"pipeline-project.lock")):
+        if not record.exists():
+            root.mkdir()
+            r = run(["dvc", "repro"], copy_project(root))
+            record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}))
+    return root, SimpleNamespace(**json.loads(record.read_text()))
+
+
+def clone_project(src: Path, dest: Path) -> Path:
+    """A full copy of a project after a run (outputs, DVC cache, MLflow store, audit log), independent of `src`: the
+    embedded MLflow store records absolute artifact paths, which are rewritten to point into the copy."""
+    shutil.copytree(src, dest, symlinks=True)
+    db = dest/"mlflow.db"
+    if db.exists():
+        with sqlite3.connect(db) as con:
+            for (table,) in con.execute("select name from sqlite_master where type = 'table'").fetchall():
+                for col in con.execute(f"pragma table_info('{table}')").fetchall():
+                    if col[2].upper().startswith(("VARCHAR", "TEXT")):
+                        con.execute(f'update "{table}" set "{col[1]}" = replace("{col[1]}", ?, ?) where "{col[1]}" like ?',
+                                    (str(src), str(dest), f"%{src}%"))
+    return dest
+
+
+@pytest.fixture
+def project_clone(pipeline_project, tmp_path):
+    "A private copy of the shared pipeline project, for a test that changes it."
+    return clone_project(pipeline_project[0], tmp_path/"project")
+
+
+def set_params(root: Path, **changes) -> None:
+    "Change dotted keys of a project's params.yaml (`models.lightgbm.n_estimators=120`)."
+    import yaml
+    params = yaml.safe_load((root/"params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *path, last = dotted.split(".")
+        for k in path: node = node[k]
+        node[last] = value
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+SNAPSHOT = ("models", "metrics", "plots", "reports", "datacard", "dvc.lock", "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def three_versions(pipeline_project, tmp_path_factory):
+    """A project whose registry holds v1 (gate PASS), v2 (PASS, a smaller model) and v3 (FAIL under a stricter plan),
+    with the output of the v2 run (a hyperparameter change) and a copy of the v2 outputs. Built once per run and never
+    changed by a test (a test that promotes or deletes works on `clone_project` of it)."""
+    import yaml
+    shared = shared_dir(tmp_path_factory)
+    root, record = shared/"three-versions", shared/"three-versions.json"
+    with FileLock(str(shared/"three-versions.lock")):
+        if not record.exists():
+            clone_project(pipeline_project[0], root)                   # v1 was registered by the pipeline
+            set_params(root, **{"models.lightgbm.n_estimators": 120})
+            v2 = run(["dvc", "repro"], root)                            # v2
+            snapshot = shared/"v2-outputs"
+            snapshot.mkdir()
+            for f in SNAPSHOT:
+                if (root/f).is_dir(): shutil.copytree(root/f, snapshot/f, symlinks=True)
+                elif (root/f).exists(): shutil.copy(root/f, snapshot/f)
+            set_params(root, **{"models.lightgbm.n_estimators": 60})
+            gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]
+            gate["rules"][0]["min"] = 0.95                              # a plan no model here can meet
+            set_params(root, gate=gate)
+            v3 = run(["dvc", "repro"], root, check=False)
+            assert v3.returncode != 0 and "gate FAILED" in v3.stderr    # the pipeline stops at the gate...
+            run(["healthml", "model", "register"], root)                # ...and a person registers it anyway: v3, gate FAIL
+            record.write_text(json.dumps({"v2_stdout": v2.stdout}))
+    return SimpleNamespace(root=root, v2_outputs=shared/"v2-outputs", **json.loads(record.read_text()))
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package, for the report tests

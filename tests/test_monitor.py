@@ -29,6 +29,7 @@ def monitor_window(synthetic, key, seed):
     return compare_windows(ref, cur, threshold, params.monitor, key)[0]
 
 
+@pytest.mark.slow
 def test_no_change_raises_no_alert_in_at_least_19_of_20_seeds(synthetic):
     alarms = {seed: [a["message"] for a in monitor_window(synthetic, "a-no-change", 1000 + seed)["alerts"]] for seed in range(20)}
     false_alarms = [s for s, a in alarms.items() if a]
@@ -36,6 +37,7 @@ def test_no_change_raises_no_alert_in_at_least_19_of_20_seeds(synthetic):
     assert len(false_alarms) <= 1, {s: alarms[s] for s in false_alarms}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["b-covariate-shift", "c-prevalence-shift", "d-concept-shift", "e-pipeline-break"])
 def test_each_kind_of_shift_is_flagged_by_the_monitor_that_can_see_it(synthetic, key):
     for seed in (2000, 2001):
@@ -72,8 +74,8 @@ def all_output_text(folder: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file())
 
 
-def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(pipeline_project, tmp_path):
-    root, _ = pipeline_project
+def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(project_clone, tmp_path):
+    root = project_clone
     window = support2_window(root)
     window.to_csv(tmp_path/"ward_2026_11.csv", index=False)
     broken = window.copy()
@@ -106,8 +108,8 @@ def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(pipeline_p
     assert CANARY_KEY not in r.stderr + r.stdout and CANARY_NAME not in r.stderr + r.stdout
 
 
-def test_monitor_report_renders_offline_in_chromium(pipeline_project, browser, tmp_path):
-    root, _ = pipeline_project
+def test_monitor_report_renders_offline_in_chromium(project_clone, browser, tmp_path):
+    root = project_clone
     support2_window(root, 800).to_csv(tmp_path/"ward_render.csv", index=False)
     run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_render.csv"), "--out", str(tmp_path/"report")],
         root, check=False)
@@ -124,8 +126,8 @@ def test_monitor_report_renders_offline_in_chromium(pipeline_project, browser, t
     assert all(u.startswith(("file:", "data:")) for u in ev_requests), ev_requests[:3]
 
 
-def test_a_prediction_log_window_runs_the_prediction_monitors_only(pipeline_project, tmp_path):
-    root, _ = pipeline_project
+def test_a_prediction_log_window_runs_the_prediction_monitors_only(project_clone, tmp_path):
+    root = project_clone
     from healthml.modelling.export import OnnxScorer
     test = pd.read_parquet(root/"data/processed/test.parquet")
     risks = OnnxScorer(root/"models/onnx/lightgbm.onnx").predict_proba(test) * 1.6     # the service now scores everyone higher
@@ -142,8 +144,8 @@ def test_a_prediction_log_window_runs_the_prediction_monitors_only(pipeline_proj
     assert result["windows"]["current"]["rows"] == n_window and r.returncode == 3
 
 
-def test_bad_windows_get_a_clear_error_and_no_report(pipeline_project, tmp_path):
-    root, _ = pipeline_project
+def test_bad_windows_get_a_clear_error_and_no_report(project_clone, tmp_path):
+    root = project_clone
     r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"missing.csv")], root, check=False)
     assert r.returncode == 1 and "missing.csv not found" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path/"bad.jsonl"
@@ -152,8 +154,8 @@ def test_bad_windows_get_a_clear_error_and_no_report(pipeline_project, tmp_path)
     assert r.returncode == 1 and "line 2" in r.stderr and not (tmp_path/"never").exists()
 
 
-def test_monitor_demo_on_support2_flags_every_scenario_as_expected(pipeline_project):
-    root, _ = pipeline_project
+def test_monitor_demo_on_support2_flags_every_scenario_as_expected(project_clone):
+    root = project_clone
     r = run([str(BIN/"healthml"), "monitor", "demo", "--dataset", "support2"], root)
     assert "5 of 5 scenarios flagged as expected" in r.stderr
     today = datetime.now(timezone.utc).date().isoformat()

@@ -112,12 +112,12 @@ def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
     assert all(v["passed"] for v in export.values())
 
 
-def test_onnx_export_is_byte_reproducible_across_processes(pipeline_project):
+def test_onnx_export_is_byte_reproducible_across_processes(project_clone):
     # Report versions are named by the ONNX SHA-256, so the same model must give the same bytes in any
     # process (skl2onnx ordered opsets by string hash; PYTHONHASHSEED varies that per process).
     from conftest import project_env
     import subprocess
-    root, _ = pipeline_project
+    root = project_clone
     digests = set()
     for seed in ("1", "3"):
         env = project_env() | {"PYTHONHASHSEED": seed}
@@ -177,17 +177,13 @@ def test_second_repro_has_nothing_to_do(pipeline_project):
     assert "up to date" in again.stdout
 
 
-def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(pipeline_project):
-    root, _ = pipeline_project
-    params = yaml.safe_load((root/"params.yaml").read_text())
-    params["models"]["lightgbm"]["num_leaves"] = 7
-    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = json.loads((root/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
-    again = run(["dvc", "repro"], root)
-    assert ran_stages(again.stdout) == ["train", "evaluate", "export", "report", "gate", "register", "phi_scan"]
-    after = json.loads((root/"metrics/evaluate.json").read_text())
-    assert after["lightgbm"]["auroc"] != before
-    assert len(list((root/"reports/support2-mortality").iterdir())) == 2  # the first version is kept
+def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(pipeline_project, three_versions):
+    # three_versions' second version is `dvc repro` after models.lightgbm.n_estimators 300 -> 120 on this project
+    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "export", "report", "gate", "register", "phi_scan"]
+    before = json.loads((pipeline_project[0]/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
+    after = json.loads((three_versions.v2_outputs/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
+    assert after != before
+    assert len(list((three_versions.v2_outputs/"reports/support2-mortality").iterdir())) == 2  # the first version is kept
 
 
 def test_gate_passes_on_support2_with_every_rule_judged(pipeline_project):

@@ -8,21 +8,11 @@ import time
 
 import pytest
 import yaml
-from conftest import BIN, copy_project, project_env, run
+from conftest import BIN, SNAPSHOT, clone_project, project_env, run, set_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from healthml.governance.audit import AuditLog, verify_log
-
-
-def set_params(root, **changes):
-    params = yaml.safe_load((root/"params.yaml").read_text())
-    for dotted, value in changes.items():
-        node = params
-        *path, last = dotted.split(".")
-        for k in path: node = node[k]
-        node[last] = value
-    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def cli(root, *args, check=True, env=None):
@@ -39,37 +29,26 @@ def registry_state(root):
     return reg
 
 
-@pytest.fixture(scope="module")
-def three_versions(tmp_path_factory):
-    "A project whose registry holds v1 (gate PASS), v2 (PASS, a smaller model) and v3 (FAIL under a stricter plan)."
-    root = copy_project(tmp_path_factory.mktemp("registry"))
-    run(["dvc", "repro"], root)                                     # v1 registered by the pipeline
-    set_params(root, **{"models.lightgbm.n_estimators": 120})
-    run(["dvc", "repro"], root)                                     # v2
-    set_params(root, **{"models.lightgbm.n_estimators": 60})
-    gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]
-    gate["rules"][0]["min"] = 0.95                                  # a plan no model here can meet
-    set_params(root, gate=gate)
-    r = run(["dvc", "repro"], root, check=False)
-    assert r.returncode != 0 and "gate FAILED" in r.stderr        # the pipeline stops at the gate...
-    cli(root, "model", "register")                                  # ...and a person registers it anyway: v3, gate FAIL
-    return root
+@pytest.fixture
+def registry_clone(three_versions, tmp_path):
+    "A private copy of the three-version project, for a test that promotes, rolls back or deletes."
+    return clone_project(three_versions.root, tmp_path/"registry")
 
 
 def test_pipeline_registers_versions_with_their_evidence(three_versions):
-    reg = registry_state(three_versions)
+    reg = registry_state(three_versions.root)
     vs = {v["version"]: v for v in reg.versions()}
     assert sorted(vs) == [1, 2, 3]
     assert [vs[i]["gate"] for i in (1, 2, 3)] == ["PASS", "PASS", "FAIL"]
     assert reg.alias("candidate") == 2 and reg.alias("champion") is None   # nothing is promoted automatically
     for v in vs.values():
         assert len(v["onnx_sha256"]) == 64 and v["git_commit"] and v["report"].startswith("reports/support2-mortality/")
-    record = json.loads((three_versions/"metrics/registry.json").read_text())
+    record = json.loads((three_versions.root/"metrics/registry.json").read_text())
     assert record["version"] == 3 and record["gate"] == "FAIL"
 
 
-def test_promote_rollback_and_the_audit_trail(three_versions):
-    root = three_versions
+def test_promote_rollback_and_the_audit_trail(registry_clone):
+    root = registry_clone
     cli(root, "model", "promote", "1", "--reason", "first release", "--actor", "dr.ahmed")
     out = cli(root, "model", "promote", "2", "--reason", "better calibrated", "--actor", "dr.ahmed")
     assert "champion is now version 2" in out.stderr
@@ -96,16 +75,16 @@ def test_promote_rollback_and_the_audit_trail(three_versions):
 
 
 def test_lineage_walks_from_a_model_hash_to_data_params_and_code(three_versions):
-    reg = registry_state(three_versions)
+    reg = registry_state(three_versions.root)
     v1 = reg.version(1)
-    out = json.loads(cli(three_versions, "lineage", v1["onnx_sha256"][:12]).stdout)
+    out = json.loads(cli(three_versions.root, "lineage", v1["onnx_sha256"][:12]).stdout)
     assert out["version"] == 1 and out["mlflow_run"] == v1["run_id"]
     assert out["cohort_sha256"] == "4f7dfcfb0d702401adfd0fa47702ed18fdd4dfe37acd0bcf1055acb7df007a1b"
     assert len(out["git_commit"]) >= 40 and len(out["params_sha256"]) == 64 and out["report"]
 
 
-def test_killing_a_promotion_midway_leaves_a_consistent_registry(three_versions):
-    root = three_versions
+def test_killing_a_promotion_midway_leaves_a_consistent_registry(registry_clone):
+    root = registry_clone
     cli(root, "model", "promote", "1", "--reason", "start")
     t0 = time.perf_counter()
     cli(root, "model", "promote", "2", "--reason", "timing run")
@@ -131,7 +110,7 @@ def test_killing_a_promotion_midway_leaves_a_consistent_registry(three_versions)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_byte_level_tampering_of_the_audit_log_is_detected(three_versions, tmp_path, data):
-    log = AuditLog(three_versions/"audit/audit.jsonl")
+    log = AuditLog(three_versions.root/"audit/audit.jsonl")
     raw, anchor = log.path.read_bytes(), log.head()
     assert verify_log(log, anchor) == []
     kind = data.draw(st.sampled_from(["edit", "delete_byte", "insert", "drop_line", "swap_lines", "truncate"]))
@@ -168,7 +147,7 @@ def _free_port():
 def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
     "register, promote and roll back against `mlflow server` (SQLite backend) over loopback."
     root = tmp_path/"p"
-    shutil.copytree(three_versions, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "audit"))
+    shutil.copytree(three_versions.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "audit"))
     port = _free_port()
     server = subprocess.Popen([str(BIN/"mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
@@ -186,13 +165,14 @@ def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
         first = json.loads((root/"metrics/registry.json").read_text())
         cli(root, "model", "register", env=env)                     # the FAIL model of the fixture: v1 here
         cli(root, "model", "promote", "1", "--override", "--reason", "pilot", env=env)
-        shutil.copy(three_versions/"models/onnx/lightgbm.onnx", root/"models/onnx/lightgbm.onnx")  # same files, so:
-        again = cli(root, "model", "register", env=env)            # registering the same model is a no-op
+        again = cli(root, "model", "register", env=env)            # registering the same model again is a no-op
         assert "version 1" in again.stderr
-        gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]
-        gate["rules"][0]["min"] = 0.80                              # back to the shipped plan
-        set_params(root, gate=gate, **{"models.lightgbm.n_estimators": 200})
-        run(["dvc", "repro", "train", "evaluate", "export", "report", "gate"], root)
+        for f in SNAPSHOT:                                          # the passing v2 run's outputs, as `dvc repro` left them
+            target = root/f
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            src = three_versions.v2_outputs/f
+            if src.is_dir(): shutil.copytree(src, target, symlinks=True)
+            elif src.exists(): shutil.copy(src, target)
         cli(root, "model", "register", env=env)
         cli(root, "model", "promote", "2", "--reason", "passed", env=env)
         assert "champion is now version 1" in cli(root, "model", "rollback", "--reason", "drill", env=env).stderr
@@ -204,15 +184,13 @@ def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
         server.wait(timeout=30)
 
 
-def test_zz_rollback_to_a_missing_artifact_is_refused_and_champion_stays(three_versions):
-    # Runs last in this module: it deletes a stored model of the shared fixture (the embedded store
-    # records absolute artifact paths, so a copied project would still point at the original files).
+def test_rollback_to_a_missing_artifact_is_refused_and_champion_stays(registry_clone):
     import mlflow
-    root = three_versions
+    root = registry_clone
     cli(root, "model", "promote", "2", "--reason", "x")
     cli(root, "model", "promote", "1", "--reason", "y")             # champion 1; the previous champion is 2
     reg = registry_state(root)
-    uri = mlflow.get_run(reg.version(2)["run_id"]).info.artifact_uri
+    uri = reg.client.get_run(reg.version(2)["run_id"]).info.artifact_uri
     shutil.rmtree(uri.removeprefix("file://") + "/onnx")             # version 2's model is gone from the store
     r = cli(root, "model", "rollback", check=False)
     assert r.returncode == 1 and "cannot be read" in r.stderr and "champion unchanged" in r.stderr

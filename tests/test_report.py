@@ -79,8 +79,8 @@ def test_model_card_json_says_what_people_have_not_provided(pipeline_project):
     assert [m["subcategory"] for m in card["nist_ai_rmf"]][:2] == ["MAP 1.1", "MEASURE 2.1"]
 
 
-def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(pipeline_project, tmp_path):
-    root, _ = pipeline_project
+def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(project_clone):
+    root = project_clone
     report = filed_report(root)
     rel = report.relative_to(root)
     assert run(["healthml", "report", "verify", str(rel)], root).returncode == 0
@@ -97,8 +97,8 @@ def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(pipeli
     assert run(["healthml", "report", "verify", str(rel)], root).returncode == 0
 
 
-def test_forced_rerun_on_the_same_inputs_reproduces_the_filed_numbers(pipeline_project):
-    root, _ = pipeline_project
+def test_forced_rerun_on_the_same_inputs_reproduces_the_filed_numbers(project_clone):
+    root = project_clone
     before = filed_report(root)
     html_sha = sha256_file(before/"validation.html")
     r = run(["dvc", "repro", "--force", "report"], root)
