@@ -119,7 +119,7 @@ def phi_scan(paths: Annotated[list[Path] | None, typer.Argument(help="Files or f
         from healthml.data.phi import phi_scan as _scan
         need(*(paths or []))
         p = load_params(params)
-        uri = p.tracking.resolved_uri if mlflow else None
+        uri = p.tracking.store_uri(root) if mlflow else None
         r = _scan(p.dataset, Layout(root), uri, [Path(x) for x in paths] if paths else None)
         return (f"{r['files_scanned']} files{' + MLflow store' if mlflow else ''} scanned for {len(r['patterns'])} patterns and "
                 f"{r['identifier_values']} identifier values: no PHI found")

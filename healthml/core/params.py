@@ -226,6 +226,13 @@ class TrackingConfig(StrictModel):
         "The tracking URI in force: the environment's, else this config's."
         return os.environ.get("MLFLOW_TRACKING_URI") or self.uri
 
+    def store_uri(self, root: str | Path = ".") -> str:
+        "The MLflow store of the project at `root`: `resolved_uri`, a relative SQLite file resolved against `root`."
+        uri = self.resolved_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str((Path(root)/uri.removeprefix("sqlite:///")).resolve())
+        return uri
+
 class ReportConfig(StrictModel):
     "The audit report."
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .audit import AuditLog, actor_name, verify_log
 from ..core.errors import HealthmlError
+from ..core.faults import checkpoint
 from ..core.io import sha256_file
 from ..core.layout import Layout
 from ..core.params import Params
-from ..modelling.train import git_commit, mlflow_experiment
+from ..modelling.train import git_commit, mlflow_experiment, using_tracking
 
 # %% auto #0
 __all__ = ['CHAMPION', 'CANDIDATE', 'T_HISTORY', 'T_ROLLED_BACK', 'T_ANCHOR', 'ONNX_ARTIFACT', 'RegistryError',
@@ -48,8 +49,9 @@ class Registry:
         from mlflow import MlflowClient
         self.params, self.layout = params, Layout(root)
         self.name = params.report.model_name
-        self.experiment_id = mlflow_experiment(params.tracking, root)
-        self.client = MlflowClient()
+        self.uri = params.tracking.store_uri(root)                   # passed explicitly: no process-wide MLflow state
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.experiment_id = mlflow_experiment(self.client, params.tracking, root)
         log = params.tracking.audit_log
         self.audit = AuditLog(log if log.is_absolute() else Path(root)/log)
 
@@ -133,21 +135,22 @@ def register_version(reg: Registry, actor: str | None = None) -> dict:
             "healthml.registered_by": who, "healthml.model": cand,
             **dvc_hashes(L, {"cohort": p.dataset.file, "train": "data/processed/train.parquet",
                              "onnx": onnx.relative_to(L.root).as_posix()})}
-    with mlflow.start_run(experiment_id=reg.experiment_id, run_name=f"{reg.name}-register") as run:
-        tags["healthml.run_id"] = run.info.run_id
-        mlflow.set_tags({**tags, "healthml.stage": "register"})
-        mlflow.log_params(p.models[cand].model_dump() | {"dataset": p.dataset.name})
-        mlflow.log_metrics(_flat_metrics(evaluation))
-        _log_as(onnx, ONNX_ARTIFACT)
-        for f in (L.gate, L.evaluation, L.comparison, L.subgroups):
-            if f.exists(): mlflow.log_artifact(str(f), "evidence")
-        if (L.root/report).exists(): mlflow.log_artifacts(str(L.root/report), "report")
-        trusted = sio.get_untrusted_types(data=sio.dumps(pipe))
-        info = mlflow.sklearn.log_model(pipe, name="model", serialization_format="skops", skops_trusted_types=trusted,
-                                        pip_requirements=["scikit-learn", *type(p.models[cand]).packages, "skops", "pandas", "numpy"],
-                                        signature=infer_signature(example, pipe.predict_proba(example)[:, 1]),
-                                        input_example=example, pyfunc_predict_fn="predict_proba")
-    mv = _register(reg, info.model_uri, run.info.run_id, tags)
+    with using_tracking(reg.uri):
+        with mlflow.start_run(experiment_id=reg.experiment_id, run_name=f"{reg.name}-register") as run:
+            tags["healthml.run_id"] = run.info.run_id
+            mlflow.set_tags({**tags, "healthml.stage": "register"})
+            mlflow.log_params(p.models[cand].model_dump() | {"dataset": p.dataset.name})
+            mlflow.log_metrics(_flat_metrics(evaluation))
+            _log_as(onnx, ONNX_ARTIFACT)
+            for f in (L.gate, L.evaluation, L.comparison, L.subgroups):
+                if f.exists(): mlflow.log_artifact(str(f), "evidence")
+            if (L.root/report).exists(): mlflow.log_artifacts(str(L.root/report), "report")
+            trusted = sio.get_untrusted_types(data=sio.dumps(pipe))
+            info = mlflow.sklearn.log_model(pipe, name="model", serialization_format="skops", skops_trusted_types=trusted,
+                                            pip_requirements=["scikit-learn", *type(p.models[cand]).packages, "skops", "pandas", "numpy"],
+                                            signature=infer_signature(example, pipe.predict_proba(example)[:, 1]),
+                                            input_example=example, pyfunc_predict_fn="predict_proba")
+        mv = _register(reg, info.model_uri, run.info.run_id, tags)
     if gate.get("passed"): reg.client.set_registered_model_alias(reg.name, CANDIDATE, mv)
     _audit(reg, "register", who, f"gate {gate['verdict']}", version=int(mv), onnx_sha256=onnx_sha, run_id=run.info.run_id,
            gate=gate["verdict"], candidate=bool(gate.get("passed")))
@@ -169,6 +172,7 @@ def _register(reg: Registry, model_uri: str, run_id: str, tags: dict) -> str:
 def _audit(reg: Registry, action: str, actor: str, reason: str, **details) -> dict:
     "Append to the audit log and anchor its new head in the registry."
     entry = reg.audit.append(action, actor, reason, model=reg.name, **details)
+    checkpoint(f"registry.{action}.audit-appended")
     if reg._model() is not None: reg.client.set_registered_model_tag(reg.name, T_ANCHOR, reg.audit.head())
     return entry
 
@@ -179,7 +183,8 @@ def verify_artifact(reg: Registry, version: int) -> str:
     v = reg.version(version)
     try:
         with tempfile.TemporaryDirectory() as d:
-            path = mlflow.artifacts.download_artifacts(run_id=v["run_id"], artifact_path=ONNX_ARTIFACT, dst_path=d)
+            path = mlflow.artifacts.download_artifacts(run_id=v["run_id"], artifact_path=ONNX_ARTIFACT, dst_path=d,
+                                                      tracking_uri=reg.uri)
             digest = sha256_file(path)
     except Exception as e:
         raise RegistryError(f"version {version}'s ONNX artifact cannot be read ({type(e).__name__}); champion unchanged",
@@ -203,8 +208,10 @@ def promote(reg: Registry, version: int, actor: str | None = None, reason: str =
     previous = reg.alias(CHAMPION)
     if not history or history[-1] != version:
         reg.client.set_registered_model_tag(reg.name, T_HISTORY, json.dumps(history + [version]))
+    checkpoint("registry.promote.history-tagged")
     if version in rolled: reg.client.set_registered_model_tag(reg.name, T_ROLLED_BACK, json.dumps(sorted(rolled - {version})))
     reg.client.set_registered_model_alias(reg.name, CHAMPION, version)
+    checkpoint("registry.promote.alias-moved")
     _audit(reg, "override" if v.get("gate") != "PASS" else "promote", who, reason, version=version,
            previous_champion=previous, onnx_sha256=v.get("onnx_sha256"), gate=v.get("gate"))
     return reg.version(version)
@@ -228,7 +235,9 @@ def rollback(reg: Registry, actor: str | None = None, reason: str = "") -> dict:
     verify_artifact(reg, target)
     rolled = set(reg._tag(T_ROLLED_BACK, []))
     if current not in rolled: reg.client.set_registered_model_tag(reg.name, T_ROLLED_BACK, json.dumps(sorted(rolled | {current})))
+    checkpoint("registry.rollback.rolled-back-tagged")
     reg.client.set_registered_model_alias(reg.name, CHAMPION, target)
+    checkpoint("registry.rollback.alias-moved")
     _audit(reg, "rollback", who, reason, version=target, rolled_back=current)
     return reg.version(target)
 

@@ -5,7 +5,9 @@
 # %% ../../nbs/20_modelling/21_train.ipynb #0e7f6d86
 from __future__ import annotations
 
+import os
 import subprocess
+from contextlib import contextmanager
 import time
 from pathlib import Path
 
@@ -26,8 +28,8 @@ from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
 
 # %% auto #0
 __all__ = ['PIPELINES', 'TRUSTED_PREFIXES', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline', 'model_pipeline',
-           'model_pipelines', 'ModelFileError', 'save_model', 'load_model', 'git_commit', 'mlflow_experiment',
-           'flat_params', 'train_models']
+           'model_pipelines', 'ModelFileError', 'save_model', 'load_model', 'git_commit', 'using_tracking',
+           'mlflow_experiment', 'flat_params', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -123,18 +125,32 @@ def git_commit(root: str | Path = ".") -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError): return "unknown"
 
-def mlflow_experiment(cfg: TrackingConfig, root: str | Path = ".") -> str:
-    "Point MLflow at the configured store and return the experiment id (created on first use)."
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+@contextmanager
+def using_tracking(uri: str):
+    """Point MLflow's fluent API (`mlflow.start_run`, `log_model`...) at `uri` inside the block only.
+
+    MLflow keeps the URI in module globals and copies it into the environment; both are restored exactly on exit."""
     import mlflow
-    uri = cfg.resolved_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str((Path(root)/uri.removeprefix("sqlite:///")).resolve())
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+    saved = tracking_state._tracking_uri, registry_state._registry_uri, {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    try: yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_state._registry_uri = saved[1]
+        for k, v in saved[2].items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def mlflow_experiment(client, cfg: TrackingConfig, root: str | Path = ".") -> str:
+    "The id of the configured experiment in `client`'s store (created on first use, artifacts under the project)."
+    exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None: return exp.experiment_id
-    if uri.startswith(("http://", "https://")): return mlflow.create_experiment(cfg.experiment)  # the server stores artifacts
-    location = (Path(root)/cfg.artifact_location).resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    if client.tracking_uri.startswith(("http://", "https://")): return client.create_experiment(cfg.experiment)  # the server stores artifacts
+    return client.create_experiment(cfg.experiment, artifact_location=(Path(root)/cfg.artifact_location).resolve().as_uri())
 
 def flat_params(params: Params, model: str) -> dict:
     "The parameters of one model's run, flattened for MLflow (settings only, no data)."
@@ -163,15 +179,17 @@ def train_models(params: Params, layout: Layout, track: bool = True) -> dict:
 
 def _log_runs(params: Params, layout: Layout, record: dict) -> dict:
     import mlflow
-    exp = mlflow_experiment(params.tracking, layout.root)
+    uri = params.tracking.store_uri(layout.root)
+    exp = mlflow_experiment(mlflow.MlflowClient(tracking_uri=uri), params.tracking, layout.root)
     data_sha = sha256_file(layout.split_file("train"))
     runs = {}
-    for name in params.models:
-        with mlflow.start_run(experiment_id=exp, run_name=f"{params.report.model_name}-{name}") as run:
-            mlflow.set_tags({"healthml.stage": "train", "healthml.model": name, "git_commit": git_commit(layout.root),
-                             "data_sha256": data_sha, "dataset": params.dataset.name})
-            mlflow.log_params(flat_params(params, name))
-            mlflow.log_metrics({"validation_auroc": record[name]["validation_auroc"], "n_train": record["n_train"]})
-            mlflow.log_artifact(str(layout.model_file(name)), artifact_path="model")
-            runs[name] = run.info.run_id
+    with using_tracking(uri):
+        for name in params.models:
+            with mlflow.start_run(experiment_id=exp, run_name=f"{params.report.model_name}-{name}") as run:
+                mlflow.set_tags({"healthml.stage": "train", "healthml.model": name, "git_commit": git_commit(layout.root),
+                                 "data_sha256": data_sha, "dataset": params.dataset.name})
+                mlflow.log_params(flat_params(params, name))
+                mlflow.log_metrics({"validation_auroc": record[name]["validation_auroc"], "n_train": record["n_train"]})
+                mlflow.log_artifact(str(layout.model_file(name)), artifact_path="model")
+                runs[name] = run.info.run_id
     return runs
