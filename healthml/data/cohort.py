@@ -20,12 +20,13 @@ from ..core.errors import HealthmlError
 from ..core.io import sha256_file, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import ValidateConfig
+from ..core.rules import dataset_schema, is_positive
 from ..core.spec import DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['SOURCE_ROW', 'CohortError', 'canonical_name', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest',
-           'dataset_schema', 'Check', 'run_schema', 'CohortValidationError', 'is_positive', 'failure_table',
-           'clean_cohort', 'validate_cohort', 'validate', 'subgroup_frame']
+__all__ = ['SOURCE_ROW', 'CohortError', 'canonical_name', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check',
+           'run_schema', 'CohortValidationError', 'failure_table', 'clean_cohort', 'validate_cohort', 'validate',
+           'subgroup_frame']
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f2315825
 class CohortError(HealthmlError):
@@ -126,52 +127,6 @@ def ingest(spec: DatasetSpec, layout: Layout) -> dict:
     write_json(layout.ingest_record, record)
     return record
 
-# %% ../../nbs/10_data/11_cohort.ipynb #5165d441
-def _num(s: pd.Series) -> pd.Series: return pd.to_numeric(s, errors="coerce")
-
-def _rule(fn, name: str, **kw) -> pa.Check:
-    "A vectorised pandera check named by its rule, e.g. `<= 300 beats/min`."
-    return pa.Check(fn, name=name, error=name, **kw)
-
-def _unit(f) -> str: return f" {f.unit}" if f.unit else ""
-
-def _is_time(s: pd.Series) -> pd.Series:
-    if pd.api.types.is_datetime64_any_dtype(s): return pd.Series(True, index=s.index)
-    return pd.to_datetime(s, errors="coerce", format="mixed").notna() | s.isna()
-
-def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig(), soft: bool = False) -> pa.DataFrameSchema:
-    "Compile the spec's hard rules (or, with `soft`, its warnings) into a pandera schema."
-    cols: dict[str, list[pa.Check]] = {}
-    add = lambda col, check: cols.setdefault(col, []).append(check)
-    if not soft:
-        key = spec.row_id or spec.patient_id
-        add(spec.patient_id, _rule(lambda s: s.notna(), "not missing", ignore_na=False))
-        if spec.row_id: add(spec.row_id, _rule(lambda s: s.notna(), "not missing", ignore_na=False))
-        what = "one row per encounter" if spec.row_id else "one row per patient"
-        add(key, _rule(lambda s: ~(s.duplicated(keep="first") & s.notna()), f"unique ({what})", ignore_na=False))
-        add(spec.outcome, _rule(lambda s: s.notna(), "not missing", ignore_na=False))
-        add(spec.outcome, _rule(lambda s: s.dropna().nunique() == 2 and is_positive(s, spec.positive_value).any(),
-                                f"binary, positive = {spec.positive_value!r}", ignore_na=False))
-        for c in spec.time_columns:
-            add(c, _rule(_is_time, "a date-time", ignore_na=False))
-        if spec.index_time: add(spec.index_time, _rule(lambda s: s.notna(), "not missing", ignore_na=False))
-    for name, f in spec.features.items():
-        if soft:
-            add(name, _rule(lambda s: s.isna().mean() <= cfg.max_missing_fraction,
-                            f"missing in <= {cfg.max_missing_fraction:.0%} of rows", ignore_na=False))
-            if f.soft_min is not None: add(name, _rule(lambda s, v=f.soft_min: ~(_num(s) < v), f"usually >= {f.soft_min:g}{_unit(f)}"))
-            if f.soft_max is not None: add(name, _rule(lambda s, v=f.soft_max: ~(_num(s) > v), f"usually <= {f.soft_max:g}{_unit(f)}"))
-            continue
-        add(name, _rule(lambda s: s.notna().any(), "not entirely missing", ignore_na=False))
-        if f.kind == "numeric":
-            add(name, _rule(lambda s: _num(s).notna(), "numeric"))
-            if f.min is not None: add(name, _rule(lambda s, v=f.min: ~(_num(s) < v), f">= {f.min:g}{_unit(f)}"))
-            if f.max is not None: add(name, _rule(lambda s, v=f.max: ~(_num(s) > v), f"<= {f.max:g}{_unit(f)}"))
-        elif f.categories is not None:
-            add(name, _rule(lambda s, v=tuple(f.categories): s.astype(str).isin(v), "in declared categories"))
-    return pa.DataFrameSchema({c: pa.Column(checks=checks, nullable=True, required=True) for c, checks in cols.items()},
-                              name=f"{spec.name} ({'soft' if soft else 'hard'} rules)")
-
 # %% ../../nbs/10_data/11_cohort.ipynb #1707a21b
 @dataclass
 class Check:
@@ -212,12 +167,6 @@ def run_schema(schema: pa.DataFrameSchema, df: pd.DataFrame, severity: str = "ha
 class CohortValidationError(CohortError):
     "Rows break the dataset spec; the message is a table of failed checks."
 
-def is_positive(y: pd.Series, positive_value) -> pd.Series:
-    "Boolean: does each outcome value equal the spec's positive value (numerically when both are numbers)?"
-    if pd.api.types.is_numeric_dtype(y) and not isinstance(positive_value, str):
-        return (y == positive_value).fillna(False).astype(bool)
-    return y.astype("string").str.strip().eq(str(positive_value)).fillna(False).astype(bool)
-
 def failure_table(checks: list[Check]) -> str:
     "A plain-text table of failed checks: column, rule, count, example rows."
     failed = [c for c in checks if not c.passed]
@@ -231,7 +180,7 @@ def failure_table(checks: list[Check]) -> str:
 def clean_cohort(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     "Typed cohort: numeric features float64, categoricals str, times datetime64, outcome 0/1 int."
     out = df.copy()
-    for name in spec.numeric: out[name] = _num(out[name]).astype("float64")
+    for name in spec.numeric: out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
     for name in spec.categorical: out[name] = out[name].astype("string").astype(object).where(out[name].notna(), None)
     for name in spec.time_columns: out[name] = pd.to_datetime(out[name], errors="coerce", format="mixed")
     out[spec.outcome] = is_positive(out[spec.outcome], spec.positive_value).astype("int8")

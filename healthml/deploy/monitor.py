@@ -18,6 +18,7 @@ from ..core.errors import HealthmlError
 from ..core.io import atomic_write, write_json
 from ..core.layout import Layout
 from ..core.params import MonitorConfig, Params
+from ..core.rules import Column, InCategories, any_broken, compile_rules, is_positive, select
 from ..core.spec import DatasetSpec
 
 # %% auto #0
@@ -38,7 +39,6 @@ class MonitorError(HealthmlError):
 
 def window_frame(df: pd.DataFrame, spec: DatasetSpec, age_top_code: int = 90) -> pd.DataFrame:
     "The spec's features (numbers coerced), the outcome as 0/1 (NaN while unknown), the patient key and any supplied risk."
-    from healthml.data.cohort import is_positive
     from healthml.data.phi import top_code_age
     out = {}
     ages = {c for c, i in spec.identifiers.items() if i.kind == "age"}
@@ -59,7 +59,9 @@ class WindowSummary:
     def __init__(self, spec: DatasetSpec, max_rows: int = 20_000, seed: int = 42, known_categories: dict | None = None,
                  age_top_code: int = 90):
         self.spec, self.max_rows, self.age_top_code = spec, max_rows, age_top_code
-        self.known = known_categories  # None while summarising the reference itself
+        self.out_of_range = select(compile_rules(spec.features), "number", "range")  # not a number, or outside the range
+        self.unseen = None if known_categories is None else {  # None while summarising the reference itself
+            n: InCategories(n, tuple(known_categories.get(n, ()))) for n in spec.categorical}
         self.rng = np.random.default_rng(seed)
         self.rows = self.known_outcomes = self.events = 0
         self.absent = set(spec.features)
@@ -75,19 +77,13 @@ class WindowSummary:
             if name not in chunk:
                 self.counts[name]["missing"] += len(chunk); continue
             self.absent.discard(name)
-            raw = chunk[name]
-            c = self.counts[name]
-            c["missing"] += int(raw.isna().sum())
+            col, c = Column(chunk[name]), self.counts[name]
+            c["missing"] += int((~col.present).sum())
             if f.kind == "numeric":
-                v = pd.to_numeric(raw, errors="coerce")
-                bad = raw.notna() & v.isna()  # present but not a number
-                if f.min is not None: bad |= v < f.min
-                if f.max is not None: bad |= v > f.max
-                c["out_of_range"] += int(bad.sum())
+                c["out_of_range"] += int(any_broken(self.out_of_range[name], col).sum())
             else:
-                present = raw.dropna().astype(str)
-                self.categories[name].update(present.unique())
-                if self.known is not None: c["new_category"] += int((~present.isin(self.known.get(name, ()))).sum())
+                self.categories[name].update(pd.unique(col.text[col.present]))
+                if self.unseen is not None: c["new_category"] += int(self.unseen[name].mask(col).sum())
         frame = window_frame(chunk, self.spec, self.age_top_code)
         stratum = frame[OUTCOME].fillna(-1).astype(int).to_numpy() if OUTCOME in frame else np.full(len(frame), -1)
         if OUTCOME in frame:
@@ -430,15 +426,16 @@ def window_chunks(path: str | Path, chunk_rows: int = 100_000, since: str | None
         raise MonitorError(f"{path.name} could not be read ({type(e).__name__})", hint="re-export it as CSV or Parquet") from None
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #1ffe22b8
-def model_scorer(layout: Layout, model: str | Path | None = None):
-    "The ONNX scorer, verified against the SHA-256 the export stage recorded when scoring the project's own model."
+def model_scorer(layout: Layout, model: str | Path):
+    "The ONNX scorer of `model` and its SHA-256; a file the export stage wrote is verified against the hash it recorded."
     from healthml.modelling.export import OnnxScorer
     from healthml.deploy.serve import load_verified
-    path = Path(model) if model else layout.model_file("lightgbm", "onnx")
+    path = Path(model)
     if not path.exists(): raise MonitorError(f"model {path} not found", hint="run `dvc repro` (export stage) or pass --model")
-    if layout.export_metrics.exists() and path.resolve() == layout.model_file("lightgbm", "onnx").resolve():
-        sha = json.loads(layout.export_metrics.read_text())["lightgbm"]["sha256"]
-        return OnnxScorer(load_verified(path, sha)), sha
+    exported = json.loads(layout.export_metrics.read_text()) if layout.export_metrics.exists() else {}
+    for name, entry in exported.items():
+        if isinstance(entry, dict) and "sha256" in entry and path.resolve() == layout.model_file(name, "onnx").resolve():
+            return OnnxScorer(load_verified(path, entry["sha256"])), entry["sha256"]
     import hashlib
     data = path.read_bytes()
     return OnnxScorer(data), hashlib.sha256(data).hexdigest()
@@ -489,6 +486,7 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
     from healthml.data.phi import PhiScanner, identifier_values
     spec, cfg, top = params.dataset, params.monitor, params.deidentify.age_top_code
     say = progress or (lambda msg: None)
+    model = Path(model) if model else layout.model_file(params.candidate, "onnx")  # gate.candidate, else the first model
     scorer, sha = model_scorer(layout, model)
     threshold = float(scorer.metadata.get("decision_threshold", "0.5"))
     reference = Path(reference) if reference else layout.split_file("test")
@@ -509,7 +507,7 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
     say("comparing the windows (Evidently drift, data quality, outcomes)")
     result, snap = compare_windows(ref, cur, threshold, cfg, str(current), samples=((rs, r_how), (cs, c_how)),
                                    features_measured=not log_only)
-    result["model"] = {"file": Path(model).name if model else "lightgbm.onnx", "sha256": sha, "threshold": threshold,
+    result["model"] = {"file": model.name, "sha256": sha, "threshold": threshold,
                        "name": scorer.metadata.get("model_name", "model")}
     result["windows"]["reference"]["name"] = str(reference)
     if render:

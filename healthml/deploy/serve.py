@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -18,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import HealthmlError
+from ..core.rules import compile_rules, frame_problems, record_model, record_problems
 from ..core.spec import MISSING_CATEGORY
 
 # %% auto #0
 __all__ = ['ModelIntegrityError', 'expected_sha256', 'load_verified', 'risk_bands', 'risk_band', 'RecordScorer', 'file_chunks',
-           'file_rows', 'predict_file', 'ModelSlot', 'PredictionLog', 'input_hash', 'record_model', 'Guard',
-           'create_app']
+           'file_rows', 'predict_file', 'ModelSlot', 'PredictionLog', 'input_hash', 'Guard', 'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #99a96f95
 class ModelIntegrityError(HealthmlError):
@@ -73,7 +72,7 @@ class RecordScorer:
         self.threshold = float(self.metadata.get("decision_threshold", "0.5"))
         self.numeric = [n for n, f in self.schema.items() if f["kind"] == "numeric"]
         self.categorical = [n for n, f in self.schema.items() if f["kind"] == "categorical"]
-        self.allowed = {n: set(f["categories"]) for n, f in self.schema.items() if f.get("categories")}
+        self.rules = compile_rules(self.schema)
         self._out = ["probabilities"]
 
     @classmethod
@@ -82,23 +81,7 @@ class RecordScorer:
 
     def check(self, record: dict) -> list[dict]:
         "Field-level problems with one record (field and rule; never the value)."
-        if not isinstance(record, dict): return [{"field": "", "rule": "a record is a JSON object of features"}]
-        errors = [{"field": k, "rule": "unknown field"} for k in record if k not in self.schema]
-        for n in self.numeric:
-            v = record.get(n)
-            if v is None: continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                errors.append({"field": n, "rule": "must be a number"}); continue
-            if not math.isfinite(v): errors.append({"field": n, "rule": "must be finite (no NaN or infinity)"}); continue
-            f = self.schema[n]
-            if f.get("min") is not None and v < f["min"]: errors.append({"field": n, "rule": f">= {f['min']:g}"})
-            if f.get("max") is not None and v > f["max"]: errors.append({"field": n, "rule": f"<= {f['max']:g}"})
-        for n in self.categorical:
-            v = record.get(n)
-            if v is None: continue
-            if not isinstance(v, str): errors.append({"field": n, "rule": "must be a string"})
-            elif n in self.allowed and v not in self.allowed[n]: errors.append({"field": n, "rule": "not a declared category"})
-        return errors
+        return record_problems(self.rules, record)
 
     def feed(self, records: list[dict]) -> dict:
         "Named ONNX inputs for already-checked records."
@@ -136,28 +119,6 @@ def file_rows(path: Path) -> int | None:
         return pq.ParquetFile(path).metadata.num_rows
     return None
 
-def _frame_problems(scorer: RecordScorer, df):
-    "Per row, the failed rules ('' when the row is fine), vectorised over the chunk."
-    import pandas as pd
-    reasons = pd.Series("", index=df.index, dtype=object)
-    def add(mask, text):
-        nonlocal reasons
-        mask = mask.fillna(False).to_numpy(bool)
-        reasons[mask] = reasons[mask] + np.where(reasons[mask] == "", "", "; ") + text
-    for n in scorer.numeric:
-        if n not in df: continue
-        col = df[n]
-        num = pd.to_numeric(col, errors="coerce")
-        add(col.notna() & num.isna(), f"{n}: must be a number")
-        add(num.isin([np.inf, -np.inf]), f"{n}: must be finite (no NaN or infinity)")
-        f = scorer.schema[n]
-        if f.get("min") is not None: add(num < f["min"], f"{n}: >= {f['min']:g}")
-        if f.get("max") is not None: add(num > f["max"], f"{n}: <= {f['max']:g}")
-    for n in scorer.categorical:
-        if n in df and n in scorer.allowed:
-            add(df[n].notna() & ~df[n].astype(str).isin(scorer.allowed[n]), f"{n}: not a declared category")
-    return reasons
-
 def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects: str | Path | None = None,
                  keep: list[str] = (), chunk_rows: int = 100_000, progress=None) -> dict:
     "Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`."
@@ -186,7 +147,7 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             for c in unknown: df[c] = np.nan
             df.index = pd.RangeIndex(start + 1, start + 1 + len(df))          # 1-based source row numbers
             start += len(df)
-            why = _frame_problems(scorer, df)
+            why = frame_problems(scorer.rules, df)
             bad = why != ""
             good = df[~bad]
             if len(good):
@@ -244,21 +205,6 @@ def input_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #d4cbbeed
-def record_model(scorer: RecordScorer):
-    "A pydantic model of one record, from the feature schema (used for the OpenAPI schema)."
-    from typing import Literal, Optional
-    from pydantic import ConfigDict, Field, create_model
-    fields = {}
-    for n, f in scorer.schema.items():
-        desc = " ".join(x for x in (f.get("description", ""), f.get("unit") or "") if x) or None
-        if f["kind"] == "numeric":
-            fields[n] = (Optional[float], Field(None, ge=f.get("min"), le=f.get("max"), description=desc))
-        elif f.get("categories"):
-            fields[n] = (Optional[Literal[tuple(f["categories"])]], Field(None, description=desc))
-        else:
-            fields[n] = (Optional[str], Field(None, max_length=200, description=desc))
-    return create_model("PatientRecord", __config__=ConfigDict(extra="forbid", allow_inf_nan=False, strict=True), **fields)
-
 class _TooLarge(Exception): pass
 
 class Guard:
@@ -321,7 +267,7 @@ def create_app(model: str | Path, manifest: str | Path, log: str | Path | None =
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     slot, plog = ModelSlot(model, manifest, threads), PredictionLog(log)
-    Record = record_model(slot.current)
+    Record = record_model(slot.current.schema)
 
     class PredictRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
