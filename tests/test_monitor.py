@@ -128,7 +128,7 @@ def test_monitor_report_renders_offline_in_chromium(project_clone, browser, tmp_
 
 def test_a_prediction_log_window_runs_the_prediction_monitors_only(project_clone, tmp_path):
     root = project_clone
-    from healthml.modelling.export import OnnxScorer
+    from healthml.modelling.scoring import OnnxScorer
     test = pd.read_parquet(root/"data/processed/test.parquet")
     risks = OnnxScorer(root/"models/onnx/lightgbm.onnx").predict_proba(test) * 1.6     # the service now scores everyone higher
     log = tmp_path/"predictions.jsonl"

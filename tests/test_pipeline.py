@@ -4,7 +4,6 @@ import re
 import sqlite3
 
 import pandas as pd
-import yaml
 from conftest import run
 
 from healthml.governance.report import remote_references
@@ -98,7 +97,7 @@ def test_leaking_columns_never_reach_the_models(pipeline_project):
 
 def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
     from healthml.core.params import load_params
-    from healthml.modelling.export import OnnxScorer
+    from healthml.modelling.scoring import OnnxScorer
     from healthml.modelling.train import load_model, model_frame
     root, _ = pipeline_project
     spec = load_params(root/"params.yaml").dataset

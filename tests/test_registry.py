@@ -7,8 +7,7 @@ import subprocess
 import time
 
 import pytest
-import yaml
-from conftest import BIN, SNAPSHOT, clone_project, project_env, run, set_params
+from conftest import BIN, SNAPSHOT, clone_project, project_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -182,7 +181,6 @@ def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
 
 
 def test_rollback_to_a_missing_artifact_is_refused_and_champion_stays(registry_clone):
-    import mlflow
     root = registry_clone
     cli(root, "model", "promote", "2", "--reason", "x")
     cli(root, "model", "promote", "1", "--reason", "y")             # champion 1; the previous champion is 2

@@ -72,7 +72,7 @@ def records_of(root: Path, n: int) -> tuple[list[dict], pd.DataFrame]:
 
 
 def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_project, tmp_path):
-    from healthml.modelling.export import OnnxScorer
+    from healthml.modelling.scoring import OnnxScorer
     root, _ = pipeline_project
     server = Server(root, "--log", str(tmp_path/"predictions.jsonl"))
     try:

@@ -53,7 +53,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
     Example: healthml predict new_admissions.parquet -o scores.parquet --keep encounter_id"""
     def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from healthml.deploy.serve import RecordScorer, expected_sha256, file_rows, predict_file
+        from healthml.deploy.serve import RecordScorer, file_rows, predict_file
+        from healthml.modelling.scoring import expected_sha256
         need(input, hint="the file of records to score")
         m = model or default_model(params, root)
         need(m, hint="pass --model, or run `dvc repro` to export the models")

@@ -428,8 +428,7 @@ def window_chunks(path: str | Path, chunk_rows: int = 100_000, since: str | None
 # %% ../../nbs/50_deploy/53_monitor.ipynb #1ffe22b8
 def model_scorer(layout: Layout, model: str | Path):
     "The ONNX scorer of `model` and its SHA-256; a file the export stage wrote is verified against the hash it recorded."
-    from healthml.modelling.export import OnnxScorer
-    from healthml.deploy.serve import load_verified
+    from healthml.modelling.scoring import OnnxScorer, load_verified
     path = Path(model)
     if not path.exists(): raise MonitorError(f"model {path} not found", hint="run `dvc repro` (export stage) or pass --model")
     exported = json.loads(layout.export_metrics.read_text()) if layout.export_metrics.exists() else {}

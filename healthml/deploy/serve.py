@@ -18,55 +18,20 @@ import numpy as np
 
 from ..core.errors import HealthmlError
 from ..core.rules import compile_rules, frame_problems, record_model, record_problems
-from ..core.spec import MISSING_CATEGORY
+from ..modelling.scoring import (ModelIntegrityError, OnnxScorer, expected_sha256, load_verified, risk_band,
+                                        risk_bands)
 
 # %% auto #0
-__all__ = ['ModelIntegrityError', 'expected_sha256', 'load_verified', 'risk_bands', 'risk_band', 'RecordScorer', 'file_chunks',
-           'file_rows', 'predict_file', 'ModelSlot', 'PredictionLog', 'input_hash', 'Guard', 'create_app']
-
-# %% ../../nbs/50_deploy/51_serve.ipynb #99a96f95
-class ModelIntegrityError(HealthmlError):
-    "The model file does not match the hash its manifest records."
-
-def expected_sha256(manifest: str | Path, model: str | Path) -> str:
-    "The SHA-256 a manifest records for `model`."
-    m = json.loads(Path(manifest).read_text())
-    if "sha256" in m: return m["sha256"]
-    for key, entry in (m.get("inputs") or {}).items():
-        if key.endswith("_onnx") and Path(entry["path"]).name == Path(model).name: return entry["sha256"]
-    raise ModelIntegrityError(f"{Path(manifest).name} records no hash for {Path(model).name}",
-                              hint="use the report manifest of this model version, or a file with a `sha256` key")
-
-def load_verified(model: str | Path, sha256: str) -> bytes:
-    "The model's bytes, only if their SHA-256 equals `sha256`."
-    path = Path(model)
-    if not path.exists(): raise ModelIntegrityError(f"model file {path} not found")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ModelIntegrityError(f"{path.name} has SHA-256 {digest[:12]}..., but its manifest records {sha256[:12]}...: "
-                                  "refusing to load it", hint="the file was altered or is not the audited model; redeploy it")
-    return data
+__all__ = ['RecordScorer', 'file_chunks', 'file_rows', 'predict_file', 'ModelSlot', 'PredictionLog', 'input_hash', 'Guard',
+           'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
-def risk_bands(p: np.ndarray, threshold: float) -> np.ndarray:
-    "Per risk: `high` at or above the alert threshold, `medium` from half of it, else `low`."
-    return np.where(p >= threshold, "high", np.where(p >= threshold / 2, "medium", "low"))
-
-def risk_band(p: float, threshold: float) -> str:
-    "The band of one risk (see `risk_bands`)."
-    return str(risk_bands(np.asarray(p), threshold))
-
 class RecordScorer:
     "Check, encode and score feature records (dicts) with a verified ONNX model."
     def __init__(self, model: bytes, sha256: str, threads: int = 1):
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.schema = json.loads(self.metadata["feature_schema"])
-        self.missing = self.metadata.get("missing_category", MISSING_CATEGORY)
+        self.model = OnnxScorer(model, threads)          # the session, its metadata and the whole-frame encoding
+        self.session, self.metadata, self.schema, self.missing = (self.model.session, self.model.metadata,
+                                                                  self.model.schema, self.model.missing)
         self.sha256, self.version = sha256, sha256[:12]
         self.name = self.metadata.get("model_name", "model")
         self.threshold = float(self.metadata.get("decision_threshold", "0.5"))
@@ -125,12 +90,9 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from healthml.modelling.export import OnnxScorer
     src, out = Path(src), Path(out)
     rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects" + out.suffix)
     tmp_out, tmp_rej = out.with_name(f".{out.name}.tmp"), rejects.with_name(f".{rejects.name}.tmp")
-    frame_scorer = OnnxScorer.__new__(OnnxScorer)  # reuse the verified session for whole-frame encoding
-    frame_scorer.session, frame_scorer.schema, frame_scorer.missing = scorer.session, scorer.schema, scorer.missing
     writers, counts, start = {}, {"rows": 0, "scored": 0, "rejected": 0}, 0
     def write(kind, path, table):
         if out.suffix.lower() == ".csv":
@@ -151,7 +113,7 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             bad = why != ""
             good = df[~bad]
             if len(good):
-                p = frame_scorer.predict_proba(good)
+                p = scorer.model.predict_proba(good)
                 res = pd.DataFrame({**{c: good[c].to_numpy() for c in keep}, "risk": p,
                                     "band": risk_bands(p, scorer.threshold),
                                     "model_version": scorer.version})

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,12 +14,12 @@ from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.layout import Layout
 from ..core.params import Params
-from ..core.spec import DatasetSpec
-from ..core.spec import MISSING_CATEGORY
+from ..core.spec import MISSING_CATEGORY, DatasetSpec
+from .scoring import OnnxScorer
 from .train import load_model, model_frame
 
 # %% auto #0
-__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'OnnxScorer', 'parity', 'export_models']
+__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'parity', 'export_models']
 
 # %% ../../nbs/20_modelling/23_export.ipynb #eea4a70d
 class ParityError(HealthmlError):
@@ -63,34 +62,6 @@ def to_onnx(pipeline, spec: DatasetSpec, metadata: dict | None = None, opset: in
         p = onx.metadata_props.add()
         p.key, p.value = k, v
     return onx
-
-# %% ../../nbs/20_modelling/23_export.ipynb #f722c609
-class OnnxScorer:
-    "Score cohort rows with an exported ONNX model."
-    def __init__(self, model: str | Path | bytes, threads: int = 1):
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        src = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.schema = json.loads(self.metadata["feature_schema"])
-        self.missing = self.metadata.get("missing_category", MISSING_CATEGORY)
-
-    def feed(self, df: pd.DataFrame) -> dict:
-        "The ONNX input dict for the feature columns of `df`."
-        out = {}
-        for name, f in self.schema.items():
-            col = df[name]
-            if f["kind"] == "numeric":
-                out[name] = pd.to_numeric(col, errors="coerce").to_numpy(np.float32).reshape(-1, 1)
-            else:
-                out[name] = col.astype(object).where(col.notna(), self.missing).astype(str).to_numpy(object).reshape(-1, 1)
-        return out
-
-    def predict_proba(self, df: pd.DataFrame) -> np.ndarray:
-        "Risk of the outcome for each row."
-        return self.session.run(["probabilities"], self.feed(df))[0][:, 1].astype(np.float64)
 
 # %% ../../nbs/20_modelling/23_export.ipynb #681770b3
 def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec) -> dict:
