@@ -5,6 +5,7 @@
 # %% ../../nbs/20_modelling/23_export.ipynb #8d236799
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -25,18 +26,15 @@ __all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'parity', 'export_models']
 class ParityError(HealthmlError):
     "ONNX and native predictions disagree beyond the tolerance."
 
-_registered = False
-
-def _register_lightgbm():
-    global _registered
-    if _registered: return
+@functools.cache
+def _register_lightgbm() -> None:
+    "Teach skl2onnx the LightGBM converter from onnxmltools (once per process: skl2onnx keeps a registry)."
     from lightgbm import LGBMClassifier
     from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
     from skl2onnx import update_registered_converter
     from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes
     update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
                                 convert_lightgbm, options={"nocl": [True, False], "zipmap": [True, False, "columns"], "split": None})
-    _registered = True
 
 def onnx_inputs(spec: DatasetSpec) -> list:
     "One named ONNX input per feature: float for numeric, string for categorical."
