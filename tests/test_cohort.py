@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, copy_project, run
+from types import SimpleNamespace
+
+from conftest import ROOT, clone_project, copy_project, run, shared_dir
+from filelock import FileLock
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -22,19 +25,28 @@ CANARY = {"name": "Quintessa Canarywood", "mrn": "MRN90807060", "ssn": "987-65-4
 RESTRICTED = ("data/raw", "data/interim", ".dvc/cache", ".dvc/tmp", ".git")  # hold identifiers by design
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def synthetic_project(tmp_path_factory):
-    "The example synthetic-EHR project, with canaries planted, run end to end by `dvc repro`."
-    root = copy_project(tmp_path_factory.mktemp("synthetic"))
-    (root/"params.yaml").write_text((root/"examples/synthetic-ehr/params.yaml").read_text())
-    run(["healthml", "synthetic", "--patients", "4000", "--seed", "7", "-o", "data/raw/synthetic_ehr.csv"], root)
-    df = pd.read_csv(root/"data/raw/synthetic_ehr.csv", dtype=str, keep_default_na=False)
-    canary_rows = df.mrn == df.mrn.iloc[5]          # every encounter of one patient
-    for col, value in CANARY.items(): df.loc[canary_rows, col] = value
-    df.loc[canary_rows, "age"] = "95.5"             # and over 89
-    df.to_csv(root/"data/raw/synthetic_ehr.csv", index=False, quoting=csv.QUOTE_MINIMAL)
-    result = run(["dvc", "repro"], root, timeout=1500)
-    return root, result, df
+    """The example synthetic-EHR project, with canaries planted, run end to end by `dvc repro`. Built once per test run
+    (xdist workers share it through a file lock); tests only read it."""
+    shared = shared_dir(tmp_path_factory)
+    root, record = shared/"synthetic-project", shared/"synthetic-project.json"
+    with FileLock(str(shared/"synthetic-project.lock")):
+        if not record.exists():
+            root.mkdir()
+            copy_project(root)
+            (root/"params.yaml").write_text((root/"examples/synthetic-ehr/params.yaml").read_text())
+            run(["healthml", "synthetic", "--patients", "4000", "--seed", "7", "-o", "data/raw/synthetic_ehr.csv"], root)
+            df = pd.read_csv(root/"data/raw/synthetic_ehr.csv", dtype=str, keep_default_na=False)
+            canary_rows = df.mrn == df.mrn.iloc[5]          # every encounter of one patient
+            for col, value in CANARY.items(): df.loc[canary_rows, col] = value
+            df.loc[canary_rows, "age"] = "95.5"             # and over 89
+            df.to_csv(root/"data/raw/synthetic_ehr.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+            df.to_parquet(shared/"synthetic-planted.parquet")
+            r = run(["dvc", "repro"], root, timeout=1500)
+            record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}))
+    result = SimpleNamespace(**json.loads(record.read_text()))
+    return root, result, pd.read_parquet(shared/"synthetic-planted.parquet")
 
 
 def _outputs(root: Path) -> list[Path]:
@@ -85,20 +97,18 @@ def test_planted_canaries_and_every_raw_identifier_never_reach_any_output(synthe
     assert CANARY["name"].encode() in data and sum(m.group() in values for m in shapes.finditer(data)) > 10_000
 
 
-def test_phi_scan_names_the_file_and_place_of_a_leak_but_never_the_value(synthetic_project):
-    root, _, _ = synthetic_project
+def test_phi_scan_names_the_file_and_place_of_a_leak_but_never_the_value(synthetic_project, tmp_path):
+    root = clone_project(synthetic_project[0], tmp_path/"project")
     card = root/"datacard/dataset_card.md"
     original = card.read_bytes()
-    try:
-        card.write_bytes(original + f"\nReviewed with {CANARY['name']} (SSN on file).\n".encode())
-        r = run(["healthml", "phi", "scan", "--no-mlflow"], root, check=False)
-        assert r.returncode == 1
-        assert "datacard/dataset_card.md: line" in r.stderr and "(name)" in r.stderr
-        scan = (root/"metrics/phi_scan.json").read_text()
-        for leaked in (r.stdout + r.stderr, scan):
-            assert CANARY["name"] not in leaked and "Canarywood" not in leaked
-    finally:
-        card.write_bytes(original)
+    card.write_bytes(original + f"\nReviewed with {CANARY['name']} (SSN on file).\n".encode())
+    r = run(["healthml", "phi", "scan", "--no-mlflow"], root, check=False)
+    assert r.returncode == 1
+    assert "datacard/dataset_card.md: line" in r.stderr and "(name)" in r.stderr
+    scan = (root/"metrics/phi_scan.json").read_text()
+    for leaked in (r.stdout + r.stderr, scan):
+        assert CANARY["name"] not in leaked and "Canarywood" not in leaked
+    card.write_bytes(original)
     assert run(["healthml", "phi", "scan"], root).returncode == 0
 
 

@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import copy_project, run
+from conftest import clone_project, run
 
 MODELS = ["logistic", "lightgbm", "lightgbm_small"]  # the candidate first, then the others in params.yaml order
 
 
 @pytest.mark.slow
-def test_three_models_with_logistic_as_candidate_flow_through_every_stage(tmp_path):
-    root = copy_project(tmp_path/"project")
+def test_three_models_with_logistic_as_candidate_flow_through_every_stage(pipeline_project, tmp_path):
+    root = clone_project(pipeline_project[0], tmp_path/"project")                # data stages done; models change
     params = yaml.safe_load((root/"params.yaml").read_text())
     params["models"]["lightgbm_small"] = {"kind": "lightgbm", "n_estimators": 100, "learning_rate": 0.05,
                                           "num_leaves": 7, "seed": 7}            # a second LightGBM configuration

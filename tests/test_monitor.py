@@ -26,7 +26,7 @@ def synthetic():
 def monitor_window(synthetic, key, seed):
     params, ref, threshold, scored = synthetic
     cur = summarise(scored(synthetic_window(key, 4000, seed)), params.dataset, params.monitor, known_categories(ref))
-    return compare_windows(ref, cur, threshold, params.monitor, key)[0]
+    return compare_windows(ref, cur, threshold, params.monitor, key, report=False)[0]
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_concept_shift_is_invisible_without_outcomes(synthetic):
     "Same inputs, different outcome relationship: until outcomes arrive no input monitor can see it, and none pretends to."
     params, ref, threshold, scored = synthetic
     window = scored(synthetic_window("d-concept-shift", 4000, 2003)).drop(columns=params.dataset.outcome)
-    result = compare_windows(ref, summarise(window, params.dataset, params.monitor, known_categories(ref)), threshold, params.monitor)[0]
+    result = compare_windows(ref, summarise(window, params.dataset, params.monitor, known_categories(ref)), threshold, params.monitor, report=False)[0]
     assert result["status"] == "ok" and result["outcomes"]["status"].startswith("not enough outcomes")
 
 

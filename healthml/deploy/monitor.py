@@ -166,9 +166,12 @@ def _describe(s: pd.Series, kind: str) -> str:
     shares = s.astype(str).value_counts(normalize=True).head(3)
     return ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
 
-def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig):
-    "Per-column drift (Evidently): method, threshold, score, drifted, and each window's summary; and the Evidently snapshot."
+def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig, report: bool = True):
+    """Per-column drift (Evidently): method, threshold, score, drifted, and each window's summary; and the Evidently
+    snapshot. `report=False` runs Evidently's per-column drift metrics alone (the same numbers, no HTML snapshot):
+    the preset's report rendering costs more than the statistics."""
     from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
     usable = lambda c: c in ref and c in cur and ref[c].notna().any() and cur[c].notna().any()
     numeric = [n for n in spec.numeric if usable(n)]
@@ -179,10 +182,15 @@ def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: 
     for n in categorical: r[n], c[n] = r[n].astype(str).where(r[n].notna()), c[n].astype(str).where(c[n].notna())
     if not numeric + categorical: return {}, None
     dd = DataDefinition(numerical_columns=numeric, categorical_columns=categorical)
-    preset = DataDriftPreset(num_method=cfg.numeric_method, cat_method=cfg.categorical_method, num_threshold=cfg.drift_threshold,
-                             cat_threshold=cfg.drift_threshold, per_column_threshold={PREDICTED_RISK: cfg.prediction_drift_threshold})
-    snap = Report([preset], include_tests=True).run(reference_data=Dataset.from_pandas(r, data_definition=dd),
-                                                   current_data=Dataset.from_pandas(c, data_definition=dd))
+    if report:
+        metrics = [DataDriftPreset(num_method=cfg.numeric_method, cat_method=cfg.categorical_method, num_threshold=cfg.drift_threshold,
+                                   cat_threshold=cfg.drift_threshold, per_column_threshold={PREDICTED_RISK: cfg.prediction_drift_threshold})]
+    else:
+        threshold = lambda col: cfg.prediction_drift_threshold if col == PREDICTED_RISK else cfg.drift_threshold
+        metrics = [ValueDrift(column=col, method=cfg.numeric_method if col in numeric else cfg.categorical_method,
+                              threshold=threshold(col)) for col in numeric + categorical]
+    snap = Report(metrics, include_tests=True).run(reference_data=Dataset.from_pandas(r, data_definition=dd),
+                                                  current_data=Dataset.from_pandas(c, data_definition=dd))
     d = snap.dict()
     out = {}
     for m in d["metrics"]:
@@ -201,7 +209,7 @@ def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: 
         v["evidently_drifted"] = bool(v.get("drifted", v["score"] >= v["threshold"]))
         v["p_value"] = _drift_p_value(r[col], c[col], v["kind"])
         v["drifted"] = v["evidently_drifted"] and v["p_value"] < alpha
-    return out, snap
+    return out, (snap if report else None)
 
 def _drift_p_value(ref: pd.Series, cur: pd.Series, kind: str) -> float:
     "Two-sample Kolmogorov-Smirnov (numbers) or chi-square (category counts) p-value: is the difference more than noise?"
@@ -355,16 +363,17 @@ def overall_status(alerts: list[dict]) -> str:
 
 def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cfg: MonitorConfig,
                     current_name: str = "current window", today: str | None = None, samples=None,
-                    features_measured: bool = True):
+                    features_measured: bool = True, report: bool = True):
     """Every monitor on two summarised windows; (result, Evidently snapshot or None).
 
     `samples`: the two (sample, how) pairs when already drawn and scored; `features_measured=False` for a
-    window without features (a prediction log): no data-quality monitors, and the report says why."""
+    window without features (a prediction log): no data-quality monitors, and the report says why. `report=False`:
+    the numbers only, no Evidently snapshot (studies over many windows)."""
     today = today or datetime.now(timezone.utc).date().isoformat()
     spec = ref.spec
     (rs, r_how), (cs, c_how) = samples or (ref.sample(), cur.sample())
     alerts = data_quality_alerts(ref.quality, cur.quality, spec, cfg) if features_measured else []
-    drift, snap = feature_drift(rs, cs, spec, cfg)
+    drift, snap = feature_drift(rs, cs, spec, cfg, report)
     alerts += drift_alerts(drift)
     pred, a = prediction_monitors(rs, cs, threshold, cfg); alerts += a
     outcomes, a = outcome_monitors(rs, cs, (ref.events, ref.known_outcomes), (cur.events, cur.known_outcomes), cfg); alerts += a
