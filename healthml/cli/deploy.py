@@ -94,8 +94,10 @@ def serve(model: Annotated[Path | None, typer.Option(help="The ONNX model to ser
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f854f78a
 monitor_app = typer.Typer()
+
 app.add_typer(monitor_app, name="monitor", rich_help_panel="Production")
 
+# %% ../../nbs/60_cli/65_deploy.ipynb #6973e898
 @monitor_app.callback(invoke_without_command=True)
 def monitor(ctx: typer.Context,
             current: Annotated[Path | None, typer.Option(help="The current window: a CSV/Parquet extract (features, and the "

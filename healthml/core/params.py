@@ -186,6 +186,7 @@ class RobustnessConfig(StrictModel):
     unit_errors: dict[str, float] = {}  # feature -> factor, e.g. {crea: 88.4} for mg/dL sent as umol/L
     direction_tolerance: float = Field(0.005, ge=0)  # allowed drop in mean risk along a feature's known direction
 
+# %% ../../nbs/00_core/04_params.ipynb #b73b3cd2
 class EvaluateConfig(StrictModel):
     "How test-set performance is estimated."
     n_bootstrap: int = Field(200, ge=10)  # patient-level bootstrap replicates for CIs
@@ -214,6 +215,7 @@ class ExportConfig(StrictModel):
     parity_tolerance: float = Field(1e-5, gt=0)  # max |p_onnx - p_native| on the test set
     opset: int = Field(17, ge=13)
 
+# %% ../../nbs/00_core/04_params.ipynb #d509e364
 class TrackingConfig(StrictModel):
     "MLflow tracking; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."
     uri: str = "sqlite:///mlflow.db"
@@ -239,6 +241,7 @@ class ReportConfig(StrictModel):
     template: Path = Path("nbs/templates/validation.ipynb")
     review: Path = Path("governance/model_review.yaml")  # human-supplied items, reviewed like code
 
+# %% ../../nbs/00_core/04_params.ipynb #789c6f72
 class MonitorConfig(StrictModel):
     "Production monitoring: a current window against the reference the model was validated on."
     max_rows: int = Field(20_000, ge=1_000)  # larger windows: stratified random sample (by outcome) for drift and outcome statistics
@@ -260,6 +263,7 @@ class MonitorConfig(StrictModel):
     n_bootstrap: int = Field(200, ge=50)  # patient-level bootstrap replicates for the calibration CIs
     template: Path = Path("nbs/templates/monitoring.ipynb")  # Papermill template of the monitoring report
 
+# %% ../../nbs/00_core/04_params.ipynb #61a4ad02
 class Params(StrictModel):
     "Everything in `params.yaml`."
     dataset: DatasetSpec

@@ -77,6 +77,7 @@ class Identifier(StrictModel):
     kind: Literal[IDENTIFIER_KINDS]
     to: Literal["year", "days_from_index"] = "year"  # dates only: keep the year, or days relative to the index date
 
+# %% ../../nbs/00_core/03_spec.ipynb #9e3e0a33
 class DatasetSpec(StrictModel):
     "What the cohort file holds and how to read it."
     name: str

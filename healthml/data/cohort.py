@@ -65,6 +65,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise CohortError(f"{path.name} is malformed{detail}",
                           hint="check for a truncated file, unquoted delimiters or a stray line") from None
 
+# %% ../../nbs/10_data/11_cohort.ipynb #bf80ebcd
 def read_cohort(path: str | Path) -> pd.DataFrame:
     "Read a CSV/TSV/Parquet cohort file with canonical column names and a `source_row` column."
     path = Path(path)
@@ -214,6 +215,7 @@ def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = V
 def _checks(items: list[dict]) -> list[Check]:
     return [Check(**{k: v for k, v in c.items() if k != "passed"}) for c in items]
 
+# %% ../../nbs/10_data/11_cohort.ipynb #6964d094
 def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateConfig()) -> dict:
     "Validate the ingested cohort; write the result, and the typed cohort only if it passed."
     df = pd.read_parquet(layout.cohort)

@@ -75,6 +75,7 @@ _DROP = {"name", "address", "city", "phone", "fax", "email", "ssn", "mrn", "heal
 def _days(later: pd.Series, index: pd.Series) -> pd.Series:
     return ((pd.to_datetime(later) - pd.to_datetime(index)).dt.total_seconds() / 86400).round(3)
 
+# %% ../../nbs/10_data/13_phi.ipynb #974bafd2
 def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig = DeidentifyConfig()
                       ) -> tuple[pd.DataFrame, dict]:
     "Apply Safe Harbor to `df` as the spec declares; return the de-identified frame and a record of every action."
@@ -199,6 +200,7 @@ class PhiScanner:
 # %% ../../nbs/10_data/13_phi.ipynb #d714e6ab
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".md", ".html", ".htm", ".txt", ".log", ".yaml", ".yml",
                  ".ipynb", ".svg", ".xml", ".py", ".toml", ".ini", ".cfg"}
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".pdf"}
 
 def _text_hits(scanner, text, file, tabular=False):
@@ -237,6 +239,7 @@ def _onnx_hits(scanner, path, file):
     for where, t in texts:
         for _, kind in scanner.scan_text(t, tabular=True): yield PhiHit(file, where, kind)
 
+# %% ../../nbs/10_data/13_phi.ipynb #4f6fc675
 def _zip_hits(scanner, path, file):
     with zipfile.ZipFile(path) as z:
         for name in z.namelist():
@@ -360,6 +363,7 @@ def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str,
         raise PhiLeakError(message.format(n=len(scan["hits"])) + ":\n" + leak_message(scan["hits"]), hint=hint)
     return scan
 
+# %% ../../nbs/10_data/13_phi.ipynb #c709261d
 def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout) -> dict:
     "The de-identification stage: validated cohort -> Safe Harbor cohort + record, scanned before it is kept."
     df = pd.read_parquet(layout.validated)

@@ -95,6 +95,7 @@ def _feature(s: pd.Series) -> tuple[dict, list[str]]:
         return {"kind": "categorical"}, notes
     return {"kind": "categorical", "categories": cats}, notes
 
+# %% ../../nbs/10_data/14_spec_draft.ipynb #00ca8cdc
 def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> tuple[dict, list[str]]:
     "Draft the `dataset:` block of params.yaml for the cohort file at `path`; return it and the review notes."
     path = Path(path)
@@ -139,6 +140,7 @@ def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_00
     review += [f"time columns: {', '.join(times)} (index time: {index_time or 'none found'})"] if times else []
     return spec, review
 
+# %% ../../nbs/10_data/14_spec_draft.ipynb #7cc7f17d
 def _positive(y: pd.Series):
     vals = sorted(y.dropna().unique().tolist(), key=str)
     if set(map(str, vals)) <= {"0", "1", "0.0", "1.0"}: return 1

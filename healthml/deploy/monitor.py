@@ -116,6 +116,7 @@ class WindowSummary:
                    f"(event / non-event / not yet known), drawn in one pass (bottom-k of random keys)")
         return pd.concat(parts).sort_index().drop(columns="_key"), how
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #c032a4b6
 def summarise(df_or_chunks, spec: DatasetSpec, cfg: MonitorConfig, known_categories: dict | None = None,
               age_top_code: int = 90) -> WindowSummary:
     "A `WindowSummary` of a DataFrame or an iterable of chunks."
@@ -166,6 +167,7 @@ def _describe(s: pd.Series, kind: str) -> str:
     shares = s.astype(str).value_counts(normalize=True).head(3)
     return ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #f9c8c911
 def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig, report: bool = True):
     """Per-column drift (Evidently): method, threshold, score, drifted, and each window's summary; and the Evidently
     snapshot. `report=False` runs Evidently's per-column drift metrics alone (the same numbers, no HTML snapshot):
@@ -211,6 +213,7 @@ def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: 
         v["drifted"] = v["evidently_drifted"] and v["p_value"] < alpha
     return out, (snap if report else None)
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #bc05969b
 def _drift_p_value(ref: pd.Series, cur: pd.Series, kind: str) -> float:
     "Two-sample Kolmogorov-Smirnov (numbers) or chi-square (category counts) p-value: is the difference more than noise?"
     from scipy import stats
@@ -277,6 +280,7 @@ def _calibration_draws(y, p, patients, n_boot: int, seed: int) -> dict:
     reps = [calibration_replicates(y, p, W) for W in bootstrap_weights(patients, n_boot, seed)]
     return {k: (float(point[k][0]), np.concatenate([r[k] for r in reps])) for k in keys}
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #447debc3
 def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int, int], cur_counts: tuple[int, int],
                      cfg: MonitorConfig) -> tuple[dict, list[dict]]:
     "Outcome rate, AUROC, calibration-in-the-large and slope: reference vs current, with CIs of the change."
@@ -568,6 +572,7 @@ def alerts_table(result: dict) -> pd.DataFrame:
     cols = ["severity", "monitor", "feature", "statistic", "value", "threshold", "message"]
     return pd.DataFrame(result["alerts"], columns=cols).fillna("")
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #e29734dc
 def outcomes_table(result: dict) -> pd.DataFrame:
     "Reference vs current for each outcome monitor, with the 95% CI of the change."
     o = result["outcomes"]

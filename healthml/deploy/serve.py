@@ -84,6 +84,7 @@ def file_rows(path: Path) -> int | None:
         return pq.ParquetFile(path).metadata.num_rows
     return None
 
+# %% ../../nbs/50_deploy/51_serve.ipynb #38021e64
 def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects: str | Path | None = None,
                  keep: list[str] = (), chunk_rows: int = 100_000, progress=None) -> dict:
     "Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`."
@@ -218,6 +219,7 @@ def _clean_errors(errors) -> list[dict]:
         out.append({"field": ".".join(loc), "rule": e.get("msg", "invalid"), "type": e.get("type", "")})
     return out
 
+# %% ../../nbs/50_deploy/51_serve.ipynb #ce1c014d
 def create_app(model: str | Path, manifest: str | Path, log: str | Path | None = None, max_records: int = 1000,
                max_body_bytes: int = 1_000_000, threads: int = 1):
     "The FastAPI scoring service for the verified model at `model`."
