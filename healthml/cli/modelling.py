@@ -46,7 +46,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
         from healthml.evaluation.evaluate import evaluate_models
         r = evaluate_models(load_params(params), Layout(root))
         return "; ".join(f"{m} AUROC {v['auroc']:.3f} ({v['auroc_ci_low']:.3f}-{v['auroc_ci_high']:.3f}), "
-                         f"slope {v['calibration_slope']:.2f}" for m, v in r.items() if isinstance(v, dict) and "auroc" in v)
+                         f"slope {v['calibration_slope']:.2f}" for m, v in r.models.items())
     run_stage("evaluate", go)
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #1b95b815

@@ -5,7 +5,6 @@
 # %% ../../nbs/10_data/16_dataset_card.ipynb #154c5164
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 
 from ..core.io import atomic_write, write_json
 from ..core.layout import Layout
+from ..core.pages import cell_text, record_columns, render_page
 from ..core.params import Params
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
 from .cohort import subgroup_frame
@@ -22,7 +22,8 @@ from .split import SPLITS
 
 # %% auto #0
 __all__ = ['max_r2_cox_snell', 'riley_sample_size', 'predictor_parameters', 'table_one', 'missingness', 'subgroup_sizes',
-           'participant_flow', 'dataset_card', 'card_sections', 'card_markdown', 'card_html', 'write_dataset_card']
+           'participant_flow', 'dataset_card', 'card_sections', 'card_markdown', 'card_html', 'card_inputs',
+           'write_dataset_card']
 
 # %% ../../nbs/10_data/16_dataset_card.ipynb #4e3c3ee1
 def max_r2_cox_snell(prevalence: float) -> float:
@@ -92,9 +93,6 @@ def subgroup_sizes(splits: dict[str, pd.DataFrame], spec: DatasetSpec, slices: d
     return t.pivot_table(index=["attribute", "group"], columns="split", values=["n", "events"], aggfunc="sum", fill_value=0)
 
 # %% ../../nbs/10_data/16_dataset_card.ipynb #d829a4f1
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
 def participant_flow(ingest: dict, validation: dict, deid: dict, split: dict) -> list[dict]:
     "Rows (and patients, once split) at each step, raw file to each split."
     steps = [{"step": "rows in the source file", "rows": ingest.get("rows")},
@@ -105,24 +103,35 @@ def participant_flow(ingest: dict, validation: dict, deid: dict, split: dict) ->
               for s in SPLITS if s in split]
     return steps
 
-def dataset_card(params: Params, layout: Layout) -> dict:
-    "The dataset card as a JSON-ready dict (tables as records)."
-    spec, L = params.dataset, layout
-    splits = {s: pd.read_parquet(L.split_file(s)) for s in SPLITS}
-    ingest, validation, deid = _read(L.ingest_record), _read(L.validation), _read(L.deid_record)
-    split, leakage = _read(L.split_metrics), _read(L.leakage)
+def _records(df: pd.DataFrame) -> list[dict]:
+    d = df.reset_index()
+    d.columns = [" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c) for c in d.columns]
+    return json.loads(d.to_json(orient="records"))
+
+# %% ../../nbs/10_data/16_dataset_card.ipynb #b3173ea0
+def dataset_card(splits: dict[str, pd.DataFrame],  # the train, validation and test rows
+                 params: Params,
+                 ingest: dict | None = None,            # the ingest record: rows, SHA-256, excluded columns
+                 validation: dict | None = None,        # the validation record: rows kept or quarantined, soft warnings
+                 deidentification: dict | None = None,  # the de-identification record
+                 split: dict | None = None,             # patients, rows and events per split
+                 leakage: dict | None = None,           # the leakage audit
+                 review: dict | None = None,            # reviewed human items: the de-identification attestation
+                 ) -> dict:
+    "The dataset card as a JSON-ready dict (tables as records), from loaded inputs."
+    spec, c = params.dataset, params.dataset_card
+    ingest, validation, deid, split, leakage = (r or {} for r in (ingest, validation, deidentification, split, leakage))
     all_rows = pd.concat([d.assign(split=s) for s, d in splits.items()], ignore_index=True)
-    label = f"{spec.outcome} = {spec.positive_value}"
-    all_rows["outcome"] = np.where(all_rows[spec.outcome] == 1, label, "other")
+    all_rows["outcome"] = np.where(all_rows[spec.outcome] == 1, f"{spec.outcome} = {spec.positive_value}", "other")
     train = splits["train"]
-    prevalence = float(train[spec.outcome].mean())
-    c = params.dataset_card
-    riley = riley_sample_size(predictor_parameters(train, spec), prevalence, r2_nagelkerke=c.anticipated_r2_nagelkerke,
+    riley = riley_sample_size(predictor_parameters(train, spec), float(train[spec.outcome].mean()), r2_nagelkerke=c.anticipated_r2_nagelkerke,
                               shrinkage=c.shrinkage, r2_optimism=c.r2_optimism, risk_margin=c.risk_margin)
     riley |= {"n_train": len(train), "events_train": int(train[spec.outcome].sum()),
               "adequate": bool(len(train) >= riley["n_required"] and train[spec.outcome].sum() >= riley["events_required"])}
-    by_outcome, by_split = table_one(all_rows, spec, "outcome"), table_one(all_rows, spec, "split")
     sizes = subgroup_sizes(splits, spec, params.evaluate.slices)
+    deid_card = {k: deid.get(k) for k in ("method", "actions", "outside_safe_harbor", "restricted_zip3", "attestation")}
+    if review is not None and deid_card["attestation"]:
+        deid_card["attestation"] = review.get("deidentification_attestation", "NOT PROVIDED")
     return {
         "dataset": spec.name, "unit": "encounter" if spec.row_id else "patient",
         "provenance": {**spec.provenance.model_dump(), "file": str(spec.file), "sha256": ingest.get("sha256"),
@@ -134,26 +143,17 @@ def dataset_card(params: Params, layout: Layout) -> dict:
         "split": {"method": params.split.method, **({"test_site": params.split.test_site} if params.split.method == "site" else {})},
         "excluded_columns": ingest.get("excluded", {}),
         "validation_warnings": [w for w in validation.get("warnings", []) if not w["passed"]],
-        "table1_by_outcome": _records(by_outcome), "table1_by_split": _records(by_split),
+        "table1_by_outcome": _records(table_one(all_rows, spec, "outcome")), "table1_by_split": _records(table_one(all_rows, spec, "split")),
         "missingness_percent": _records(missingness(splits, spec)),
         "subgroup_sizes": _records(sizes.set_axis([f"{a} {b}" for a, b in sizes.columns], axis=1) if len(sizes) else sizes),
-        "sample_size": riley, "leakage": leakage,
-        "deidentification": {k: deid.get(k) for k in ("method", "actions", "outside_safe_harbor", "restricted_zip3", "attestation")},
+        "sample_size": riley, "leakage": leakage, "deidentification": deid_card,
     }
 
-def _records(df: pd.DataFrame) -> list[dict]:
-    d = df.reset_index()
-    d.columns = [" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c) for c in d.columns]
-    return json.loads(d.to_json(orient="records"))
-
 # %% ../../nbs/10_data/16_dataset_card.ipynb #62caf14d
-def _columns(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r))
-
 def _md_table(rows: list[dict]) -> str:
     if not rows: return "_none_\n"
-    cols = _columns(rows)
-    fmt = lambda v: "" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+    cols = record_columns(rows)
+    fmt = lambda v: cell_text(v).replace("|", "\\|")
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                      + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
 
@@ -196,35 +196,41 @@ def card_markdown(card: dict) -> str:
         out += [f"## {title}\n", f"{intro}\n", _md_table(body) if isinstance(body, list) else f"{body}\n"]
     return "\n".join(out)
 
-_CSS = """<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}.warn{color:#b00020;font-weight:bold}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}
-@media print{body{max-width:none}h2{page-break-after:avoid}table{page-break-inside:avoid}}</style>"""
 
-def _html_table(rows: list[dict]) -> str:
-    if not rows: return "<p><em>none</em></p>"
-    cols = _columns(rows)
-    cell = lambda v: "" if v is None else html.escape(f"{v:g}" if isinstance(v, float) else str(v))
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+# %% ../../nbs/10_data/16_dataset_card.ipynb #72558d12
+_CARD_PAGE = """{% extends "base.html" %}
+{% from "tables.html" import records_table %}
+{% block content %}
+<h1>Dataset card: {{ dataset }}</h1>
+{% for s in sections %}
+<h2>{{ s.title }}</h2>
+<p{% if s.alarm %} class="alarm"{% endif %}>{{ s.intro }}</p>
+{% if s.rows is none %}<p>{{ s.text }}</p>{% else %}{{ records_table(s.rows) }}{% endif %}
+
+{% endfor %}
+{% endblock %}"""
+_ALARMS = ("BELOW", "NOT PROVIDED", "suspected", "after the index", "duplicate")
 
 def card_html(card: dict) -> str:
-    "The dataset card as self-contained HTML; shortfalls and NOT PROVIDED in red."
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Dataset card: {html.escape(card['dataset'])}</title>{_CSS}</head><body>",
-             f"<h1>Dataset card: {html.escape(card['dataset'])}</h1>"]
-    for title, intro, body in card_sections(card):
-        alarm = any(w in intro for w in ("BELOW", "NOT PROVIDED", "suspected", "after the index", "duplicate"))
-        parts += [f"<h2>{html.escape(title)}</h2>", f"<p{' class=warn' if alarm else ''}>{html.escape(intro)}</p>",
-                  _html_table(body) if isinstance(body, list) else f"<p>{html.escape(str(body))}</p>"]
-    return "\n".join(parts + ["</body></html>"])
+    "The dataset card as self-contained HTML (the shared page layout); shortfalls and NOT PROVIDED in red."
+    sections = [{"title": title, "intro": intro, "alarm": any(w in intro for w in _ALARMS),
+                 "rows": body if isinstance(body, list) else None, "text": body} for title, intro, body in card_sections(card)]
+    return render_page(_CARD_PAGE, title=f"Dataset card: {card['dataset']}", dataset=card["dataset"], sections=sections)
 
 # %% ../../nbs/10_data/16_dataset_card.ipynb #c5e55f1c
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+def card_inputs(layout: Layout) -> dict:
+    "The dataset card's inputs, read from the files the earlier stages wrote (a missing record reads as empty)."
+    L = layout
+    return {"splits": {s: pd.read_parquet(L.split_file(s)) for s in SPLITS}, "ingest": _read(L.ingest_record),
+            "validation": _read(L.validation), "deidentification": _read(L.deid_record), "split": _read(L.split_metrics),
+            "leakage": _read(L.leakage)}
+
 def write_dataset_card(params: Params, layout: Layout, review: dict | None = None) -> dict:
-    "Build the card and write `datacard/dataset_card.{json,md,html}`."
-    card = dataset_card(params, layout)
-    if review is not None and card["deidentification"].get("attestation"):
-        card["deidentification"]["attestation"] = review.get("deidentification_attestation", "NOT PROVIDED")
+    "The dataset card stage: read its inputs, build the card, write `datacard/dataset_card.{json,md,html}`."
+    card = dataset_card(params=params, review=review, **card_inputs(layout))
     d = layout.dataset_card
     write_json(d/"dataset_card.json", card)
     atomic_write(d/"dataset_card.md", card_markdown(card))

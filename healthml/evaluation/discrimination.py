@@ -5,7 +5,7 @@
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #e98bfc52
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy import stats
@@ -13,7 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 # %% auto #0
 __all__ = ['delong', 'delong_ci', 'delong_test', 'bootstrap_weights', 'SortedScores', 'ranking_metrics', 'weighted_auroc',
-           'weighted_average_precision', 'percentile_ci', 'discrimination']
+           'weighted_average_precision', 'percentile_ci', 'discrimination', 'bootstrap', 'bootstrap_intervals']
 
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #499befb7
 def delong(y_true, *y_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +116,21 @@ def discrimination(y_true, y_score) -> dict:
     y_true = np.asarray(y_true)
     return {"n": int(len(y_true)), "events": int(y_true.sum()), "prevalence": float(y_true.mean()),
             "auroc": float(roc_auc_score(y_true, y_score)), "auprc": float(average_precision_score(y_true, y_score))}
+
+# %% ../../nbs/30_evaluation/31_discrimination.ipynb #e6ac36e0
+def bootstrap(statistics: Callable[[np.ndarray], dict], y_true, patients, n_boot: int, seed: int = 0,
+              both_outcomes: bool = True) -> dict[str, np.ndarray]:
+    "Each statistic on every patient-level bootstrap replicate (without a patient of each outcome: dropped)."
+    y = np.asarray(y_true, float)
+    reps: dict[str, list] = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for W in bootstrap_weights(patients, n_boot, seed):
+            if both_outcomes: W = W[((W @ y) > 0) & ((W @ (1 - y)) > 0)]
+            for k, v in statistics(W).items(): reps.setdefault(k, []).append(np.asarray(v, float))
+    return {k: np.concatenate(v) for k, v in reps.items()}
+
+def bootstrap_intervals(replicates: dict, level: float = 0.95) -> dict:
+    "`<statistic>_ci_low` and `<statistic>_ci_high`: the percentile interval of each statistic's replicates."
+    out = {}
+    for k, v in replicates.items(): out[f"{k}_ci_low"], out[f"{k}_ci_high"] = percentile_ci(v, level)
+    return out

@@ -12,18 +12,22 @@ from .calibration import Recalibrator, brier, calibration_metrics, calibration_r
 from ..core.io import write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, Params
-from .discrimination import (SortedScores, bootstrap_weights, delong_ci, delong_test, discrimination,
-                                     percentile_ci, ranking_metrics)
+from ..core.spec import DatasetSpec
+from .discrimination import (SortedScores, bootstrap, bootstrap_intervals, delong_ci, delong_test,
+                                                discrimination, percentile_ci, ranking_metrics)
+from .result import EvaluationResult
+from .robustness import Predict, direction_checks, robustness_checks
+from .subgroups import fairness_columns, fairness_gaps, subgroup_table
 from .utility import threshold_for_sensitivity, threshold_metrics, threshold_replicates
 
 # %% auto #0
-__all__ = ['COMPARED', 'CHAMPION', 'model_evaluation', 'compare', 'choose_threshold', 'evaluate_models']
+__all__ = ['COMPARED', 'CHAMPION', 'model_evaluation', 'compare', 'choose_threshold', 'evaluation_settings', 'evaluate',
+           'model_predictors', 'evaluate_models']
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #f5a56809
 def _replicates(y, p, threshold, W, st) -> dict:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auroc, auprc = ranking_metrics(st, W)
-        return {"auroc": auroc, "auprc": auprc, **calibration_replicates(y, p, W), **threshold_replicates(y, p, threshold, W)}
+    auroc, auprc = ranking_metrics(st, W)
+    return {"auroc": auroc, "auprc": auprc, **calibration_replicates(y, p, W), **threshold_replicates(y, p, threshold, W)}
 
 def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateConfig) -> dict:
     "Point estimates and patient-level bootstrap CIs of every metric; DeLong CI for AUROC."
@@ -33,12 +37,8 @@ def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateCo
     st = SortedScores(y, p)
     point = {**discrimination(y, p), **calibration_metrics(y, p, cfg.calibration_bins, cfg.lowess_frac),
              **threshold_metrics(y, p, threshold), "threshold": float(threshold)}
-    reps: dict[str, list] = {}
-    for W in bootstrap_weights(patients, cfg.n_bootstrap, cfg.seed):
-        W = W[((W @ y) > 0) & ((W @ (1 - y)) > 0)]
-        for k, v in _replicates(y, p, threshold, W, st).items(): reps.setdefault(k, []).append(v)
-    for k, v in reps.items():
-        point[f"{k}_ci_low"], point[f"{k}_ci_high"] = percentile_ci(np.concatenate(v), cfg.ci_level)
+    reps = bootstrap(lambda W: _replicates(y, p, threshold, W, st), y, patients, cfg.n_bootstrap, cfg.seed)
+    point |= bootstrap_intervals(reps, cfg.ci_level)
     _, point["auroc_delong_ci_low"], point["auroc_delong_ci_high"] = delong_ci(y, p, cfg.ci_level)
     return point
 
@@ -51,86 +51,90 @@ def compare(y_true, candidate, other, patients, thr_candidate: float, thr_other:
     a, b = np.asarray(candidate, float), np.asarray(other, float)
     out = {"auroc": delong_test(y, a, b, cfg.ci_level)}
     sa, sb = SortedScores(y, a), SortedScores(y, b)
-    diffs: dict[str, list] = {k: [] for k in COMPARED}
     def needed(p, thr, W, st):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return {"auprc": ranking_metrics(st, W)[1], "brier": brier(y, p, W), "calibration_slope": calibration_slope(y, p, W)[1],
-                    "net_benefit": threshold_replicates(y, p, thr, W)["net_benefit"]}
-    for W in bootstrap_weights(patients, cfg.n_bootstrap, cfg.seed):
-        W = W[((W @ y) > 0) & ((W @ (1 - y)) > 0)]
+        return {"auprc": ranking_metrics(st, W)[1], "brier": brier(y, p, W), "calibration_slope": calibration_slope(y, p, W)[1],
+                "net_benefit": threshold_replicates(y, p, thr, W)["net_benefit"]}
+    def difference(W):
         ra, rb = needed(a, thr_candidate, W, sa), needed(b, thr_other, W, sb)
-        for k in COMPARED: diffs[k].append(ra[k] - rb[k])
+        return {k: ra[k] - rb[k] for k in COMPARED}
+    diffs = bootstrap(difference, y, patients, cfg.n_bootstrap, cfg.seed)   # the same replicates for both models
     pa = {**calibration_metrics(y, a), **threshold_metrics(y, a, thr_candidate), **discrimination(y, a)}
     pb = {**calibration_metrics(y, b), **threshold_metrics(y, b, thr_other), **discrimination(y, b)}
-    for k, v in diffs.items():
-        lo, hi = percentile_ci(np.concatenate(v), cfg.ci_level)
+    for k in COMPARED:
+        lo, hi = percentile_ci(diffs[k], cfg.ci_level)
         out[k] = {"candidate": pa[k], "other": pb[k], "difference": pa[k] - pb[k], "ci_low": lo, "ci_high": hi}
     return out
 
-# %% ../../nbs/30_evaluation/37_evaluate.ipynb #db8ebe2d
+# %% ../../nbs/30_evaluation/37_evaluate.ipynb #92e02983
 CHAMPION = "champion"  # the model in service, scored from its ONNX file (`evaluate.champion`)
-
-def _scores(params: Params, layout: Layout, df: pd.DataFrame) -> dict:
-    "Each model's risks for the rows of `df`: the candidate, the other models of `params.yaml`, then the champion."
-    from healthml.modelling.train import load_model, model_frame
-    X = model_frame(df, params.dataset)
-    scores = {m: load_model(layout.model_file(m)).predict_proba(X)[:, 1] for m in params.model_names}
-    champ = params.evaluate.champion
-    if champ is not None:
-        from healthml.modelling.export import OnnxScorer
-        path = champ if champ.is_absolute() else layout.root/champ
-        if path.exists(): scores[CHAMPION] = OnnxScorer(path).predict_proba(df)
-    return scores
 
 def choose_threshold(y_val, p_val, cfg: EvaluateConfig) -> float:
     "The alert threshold, set on the validation split."
     if cfg.risk_threshold is not None: return float(cfg.risk_threshold)
     return threshold_for_sensitivity(y_val, p_val, cfg.target_sensitivity)
 
-def evaluate_models(params: Params, layout: Layout) -> dict:
-    "The full test-set evaluation: writes metrics/*.json and plots/ for DVC and the report."
-    from healthml.evaluation.plots import write_plots
-    from healthml.evaluation.robustness import direction_checks, robustness_checks
+def evaluation_settings(cfg: EvaluateConfig) -> dict:
+    "How the estimates are made, in words: the `settings` of the result."
+    return {"bootstrap_replicates": cfg.n_bootstrap, "ci_level": cfg.ci_level, "bootstrap_unit": "patient",
+            "ci_method": "percentile bootstrap; DeLong for AUROC", "threshold_rule":
+            f"sensitivity >= {cfg.target_sensitivity} on validation" if cfg.risk_threshold is None else f"risk >= {cfg.risk_threshold}",
+            "recalibration": cfg.recalibration, "calibration_smoother": f"LOWESS frac={cfg.lowess_frac}",
+            "ece_bins": f"{cfg.calibration_bins} equal-width"}
+
+# %% ../../nbs/30_evaluation/37_evaluate.ipynb #97e4e5e2
+def _subgroups(test: pd.DataFrame, y, risk, threshold: float, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
+    "The candidate in every subgroup, and the fairness gaps of the sensitive ones."
     from healthml.data.cohort import subgroup_frame
-    from healthml.evaluation.subgroups import fairness_columns, fairness_gaps, subgroup_table
-    from healthml.modelling.train import load_model, model_frame, outcome
-    spec, cfg, cand = params.dataset, params.evaluate, params.candidate
-    val, test = (pd.read_parquet(layout.split_file(s)) for s in ("validation", "test"))
-    yv, yt, patients = outcome(val, spec), outcome(test, spec), test[spec.patient_id].to_numpy()
-    sv, st = _scores(params, layout, val), _scores(params, layout, test)
+    groups, patients = subgroup_frame(test, spec, cfg.intersections, cfg.slices), test[spec.patient_id].to_numpy()
+    table = subgroup_table(y, risk, groups, patients, threshold, cfg.min_subgroup_n, cfg.min_subgroup_events,
+                           cfg.n_bootstrap, cfg.ci_level, cfg.seed)
+    fair = fairness_columns(groups, spec)
+    gaps = fairness_gaps(y, risk, groups[fair], threshold, table[table.attribute.isin(fair)])
+    return {"fairness_gaps": gaps, "groups": table.to_dict(orient="records"), "min_n": cfg.min_subgroup_n,
+            "min_events": cfg.min_subgroup_events}
+
+def _robustness(predict: Predict, test: pd.DataFrame, y, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
+    out = robustness_checks(predict, test, y, spec, cfg.robustness, cfg.seed)
+    return out | {"direction": direction_checks(predict, test, spec, cfg.robustness.direction_tolerance, cfg.seed)}
+
+def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str, Predict], spec: DatasetSpec,
+             cfg: EvaluateConfig) -> EvaluationResult:
+    "The test-set evaluation in memory; `predictors` maps each model name (the candidate first) to its risk function."
+    from healthml.modelling.train import outcome
+    cand = next(iter(predictors))
+    yv, yt, patients = outcome(validation, spec), outcome(test, spec), test[spec.patient_id].to_numpy()
+    sv, st = ({m: risk(d) for m, risk in predictors.items()} for d in (validation, test))
     if cfg.recalibration != "none":
         recal = Recalibrator(cfg.recalibration).fit(sv[cand], yv)
         sv[f"{cand}_recalibrated"], st[f"{cand}_recalibrated"] = recal.predict(sv[cand]), recal.predict(st[cand])
-    thresholds = {m: choose_threshold(yv, sv[m], cfg) if m in sv else choose_threshold(yt, st[m], cfg) for m in st}
-    result = {m: model_evaluation(yt, s, patients, thresholds[m], cfg) for m, s in st.items()}
-    result["settings"] = {"bootstrap_replicates": cfg.n_bootstrap, "ci_level": cfg.ci_level, "bootstrap_unit": "patient",
-                          "ci_method": "percentile bootstrap; DeLong for AUROC", "threshold_rule":
-                          f"sensitivity >= {cfg.target_sensitivity} on validation" if cfg.risk_threshold is None else f"risk >= {cfg.risk_threshold}",
-                          "recalibration": cfg.recalibration, "calibration_smoother": f"LOWESS frac={cfg.lowess_frac}",
-                          "ece_bins": f"{cfg.calibration_bins} equal-width"}
-    comparison = {m: compare(yt, st[cand], st[m], patients, thresholds[cand], thresholds[m], cfg) for m in st if m != cand}
-    groups = subgroup_frame(test, spec, cfg.intersections, cfg.slices)
-    table = subgroup_table(yt, st[cand], groups, patients, thresholds[cand], cfg.min_subgroup_n,
-                           cfg.min_subgroup_events, cfg.n_bootstrap, cfg.ci_level, cfg.seed)
-    fair = fairness_columns(groups, spec)
-    gaps = fairness_gaps(yt, st[cand], groups[fair], thresholds[cand], table[table.attribute.isin(fair)])
-    model = load_model(layout.model_file(cand))
-    predict = lambda d: model.predict_proba(model_frame(d, spec))[:, 1]
-    robustness = robustness_checks(predict, test, yt, spec, cfg.robustness, cfg.seed)
-    robustness["direction"] = direction_checks(predict, test, spec, cfg.robustness.direction_tolerance, cfg.seed)
-    write_json(layout.evaluation, _rounded(result))
-    write_json(layout.comparison, _rounded(comparison))
-    write_json(layout.subgroups, _rounded({"fairness_gaps": gaps, "groups": table.to_dict(orient="records"),
-                                           "min_n": cfg.min_subgroup_n, "min_events": cfg.min_subgroup_events}))
-    write_json(layout.robustness, _rounded(robustness))
-    write_plots(layout, yt, st, table, cfg)
-    write_parquet(layout.test_scores, pd.DataFrame({"outcome": yt, **st}))
-    return result
+    thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
+    models = {m: model_evaluation(yt, s, patients, thr[m], cfg) for m, s in st.items()}
+    comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg) for m in st if m != cand}
+    return EvaluationResult(models, evaluation_settings(cfg), comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
+                            _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))
 
-def _rounded(obj, digits: int = 6):
-    "Round floats for stable, readable JSON (NaN becomes null)."
-    if isinstance(obj, dict): return {str(k): _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [_rounded(v, digits) for v in obj]
-    if isinstance(obj, (float, np.floating)): return None if not np.isfinite(obj) else round(float(obj), digits)
-    if isinstance(obj, np.integer): return int(obj)
-    return obj
+# %% ../../nbs/30_evaluation/37_evaluate.ipynb #6d079c1e
+def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
+    "Each model's risk function, from its file: the candidate, the other models of `params.yaml`, then the champion."
+    from healthml.modelling.train import load_model, model_frame
+    spec = params.dataset
+    def risk_function(model): return lambda d: model.predict_proba(model_frame(d, spec))[:, 1]
+    out = {m: risk_function(load_model(layout.model_file(m))) for m in params.model_names}
+    champ = params.evaluate.champion
+    if champ is not None:
+        from healthml.modelling.scoring import OnnxScorer
+        path = champ if champ.is_absolute() else layout.root/champ
+        if path.exists(): out[CHAMPION] = OnnxScorer(path).predict_proba
+    return out
+
+def evaluate_models(params: Params, layout: Layout) -> EvaluationResult:
+    "The evaluate stage: `evaluate` on the stored splits and models; writes metrics/*.json, plots/ and the test scores."
+    from healthml.evaluation.plots import write_plots
+    val, test = (pd.read_parquet(layout.split_file(s)) for s in ("validation", "test"))
+    result = evaluate(val, test, model_predictors(params, layout), params.dataset, params.evaluate)
+    for path, content in result.outputs(layout).items(): write_json(path, content)
+    s = result.scores
+    write_plots(layout, s["outcome"].to_numpy(), {m: s[m].to_numpy() for m in s.columns if m != "outcome"},
+                pd.DataFrame(result.subgroups["groups"]), params.evaluate)
+    write_parquet(layout.test_scores, s)
+    return result

@@ -10,7 +10,8 @@ import pandas as pd
 
 from .calibration import calibration_in_the_large, calibration_replicates
 from ..core.spec import DatasetSpec
-from .discrimination import SortedScores, bootstrap_weights, percentile_ci, weighted_auroc
+from .discrimination import SortedScores, bootstrap, bootstrap_intervals, weighted_auroc
+from .result import group_gap
 from .utility import threshold_replicates
 
 # %% auto #0
@@ -27,23 +28,14 @@ _CI_METRICS = ("auroc", "observed_expected", "calibration_intercept", "calibrati
 
 def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, seed: int) -> dict:
     "Point estimates and bootstrap CIs of the subgroup metrics for one group."
-    ones = np.ones((1, len(y)))
     st = SortedScores(y, p)
     def stats(W):
         thr = threshold_replicates(y, p, threshold, W)
         cal = calibration_replicates(y, p, W)
         return {"auroc": weighted_auroc(st, W), **{k: cal[k] for k in ("observed_expected", "calibration_intercept", "calibration_slope", "brier")},
                 "sensitivity": thr["sensitivity"], "fpr": 1 - thr["specificity"], "ppv": thr["ppv"], "alerts_per_100": thr["alerts_per_100"]}
-    point = {k: float(v[0]) for k, v in stats(ones).items()}
-    reps = {k: [] for k in point}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for W in bootstrap_weights(patients, n_boot, seed):
-            ok = ((W @ y) > 0) & ((W @ (1 - y)) > 0)
-            for k, v in stats(W[ok]).items(): reps[k].append(v)
-    out = dict(point)
-    for k, v in reps.items():
-        out[f"{k}_ci_low"], out[f"{k}_ci_high"] = percentile_ci(np.concatenate(v), level)
-    return out
+    point = {k: float(v[0]) for k, v in stats(np.ones((1, len(y)))).items()}
+    return point | bootstrap_intervals(bootstrap(stats, y, patients, n_boot, seed), level)
 
 def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: float, min_n: int = 100,
                    min_events: int = 10, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
@@ -64,7 +56,7 @@ def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: fl
 
 # %% ../../nbs/30_evaluation/34_subgroups.ipynb #d54a8ceb
 def fairness_gaps(y_true, y_prob, groups: pd.DataFrame, threshold: float, table: pd.DataFrame) -> dict:
-    "Per attribute: TPR gap, FPR gap and the largest |calibration-in-the-large| difference over adequately sized groups."
+    "Per attribute: the TPR, FPR and calibration-in-the-large gaps (`group_gap`) over the adequately sized groups."
     from fairlearn.metrics import MetricFrame, false_positive_rate, true_positive_rate
     y, p = np.asarray(y_true, int), np.asarray(y_prob, float)
     flag = (p >= threshold).astype(int)
@@ -77,12 +69,9 @@ def fairness_gaps(y_true, y_prob, groups: pd.DataFrame, threshold: float, table:
         keep = groups[attribute].isin(ok).to_numpy()
         mf = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate}, y_true=y[keep],
                          y_pred=flag[keep], sensitive_features=groups[attribute].to_numpy()[keep])
-        gaps = mf.difference(method="between_groups")
-        citl = [float(calibration_in_the_large(y[keep & (groups[attribute] == g).to_numpy()],
-                                               p[keep & (groups[attribute] == g).to_numpy()])[0]) for g in ok]
-        out[attribute] = {"groups_compared": ok, "tpr_gap": float(gaps["tpr"]), "fpr_gap": float(gaps["fpr"]),
-                          "citl_gap": float(max(citl) - min(citl)),
-                          "tpr_by_group": {k: float(v) for k, v in mf.by_group["tpr"].items()},
-                          "fpr_by_group": {k: float(v) for k, v in mf.by_group["fpr"].items()},
-                          "citl_by_group": dict(zip(ok, citl))}
+        tpr, fpr = ({k: float(v) for k, v in mf.by_group[m].items()} for m in ("tpr", "fpr"))
+        citl = {g: float(calibration_in_the_large(y[keep & (groups[attribute] == g).to_numpy()],
+                                                  p[keep & (groups[attribute] == g).to_numpy()])[0]) for g in ok}
+        out[attribute] = {"groups_compared": ok, "tpr_gap": group_gap(tpr)["gap"], "fpr_gap": group_gap(fpr)["gap"],
+                          "citl_gap": group_gap(citl)["gap"], "tpr_by_group": tpr, "fpr_by_group": fpr, "citl_by_group": citl}
     return out

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import json
-import numpy as np
 
 from ..core.errors import HealthmlError
 from ..core.io import write_json
 from ..core.layout import Layout
 from ..core.params import DirectionRule, FairnessRule, GateConfig, NonInferiorityRule, ParityRule, SubgroupRule, ThresholdRule
+from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
 __all__ = ['GateFailed', 'evaluate_gate', 'gate_evidence', 'run_gate']
@@ -26,14 +26,36 @@ def _within(value, lo, hi) -> bool:
 def _bounds(lo, hi) -> str:
     return " and ".join(s for s in [f">= {lo:g}" if lo is not None else "", f"<= {hi:g}" if hi is not None else ""] if s)
 
-def _check(rule, ev: dict) -> tuple[bool | None, dict, str]:
-    cand = ev["evaluation"][ev["candidate"]]
+def _fairness(rule: FairnessRule, r: EvaluationResult) -> tuple[bool | None, dict, str]:
+    gaps = attribute_gaps(r.subgroups, rule.gap, rule.min_events, r.settings.get("ci_level", 0.95))
+    if not gaps: return None, {}, f"no attribute has two subgroups large enough to compare (min_events {rule.min_events})"
+    if rule.judge == "ci":
+        if any(v["gap_ci_low"] is None for v in gaps.values()):
+            return None, {"gaps": gaps}, "group confidence intervals missing: cannot judge gaps by their lower bound"
+        bad = {a: v for a, v in gaps.items() if v["gap_ci_low"] > rule.max}
+        above = {a: v for a, v in gaps.items() if v["gap"] > rule.max and a not in bad}
+        why = (f"{rule.gap} lower 95% bound above {rule.max:g} for " + "; ".join(
+                   f"{a} ({v['gap']:.3f}, lower bound {v['gap_ci_low']:.3f}: {v['low']} vs {v['high']})" for a, v in bad.items())
+               if bad else f"no {rule.gap} is shown to exceed {rule.max:g} (largest lower bound "
+                           f"{max(v['gap_ci_low'] for v in gaps.values()):.3f})")
+        if above and not bad:
+            why += "; point estimate above it, not confirmed: " + "; ".join(
+                f"{a} ({v['gap']:.3f}, lower bound {v['gap_ci_low']:.3f})" for a, v in above.items())
+    else:
+        bad = {a: v for a, v in gaps.items() if v["gap"] > rule.max}
+        why = (f"{rule.gap} above {rule.max:g} for " + "; ".join(f"{a} ({v['gap']:.3f}: {v['low']} vs {v['high']})" for a, v in bad.items())
+               if bad else f"{rule.gap} <= {rule.max:g} for every attribute (largest {max(v['gap'] for v in gaps.values()):.3f})")
+    return not bad, {"gaps": gaps, "min_events": rule.min_events, "judge": rule.judge}, why
+
+# %% ../../nbs/40_governance/41_gate.ipynb #92c1dc04
+def _check(rule, r: EvaluationResult, export: dict, candidate: str) -> tuple[bool | None, dict, str]:
+    cand = r.models[candidate]
     if isinstance(rule, ThresholdRule):
         v = cand.get(rule.metric)
         ok = _within(v, rule.min, rule.max)
         return ok, {"metric": rule.metric, "value": v}, f"{rule.metric} = {v} (must be {_bounds(rule.min, rule.max)})"
     if isinstance(rule, SubgroupRule):
-        groups = [g for g in ev["subgroups"]["groups"] if g["status"] == "ok" and g["n"] >= rule.min_n]
+        groups = [g for g in r.subgroups["groups"] if g["status"] == "ok" and g["n"] >= rule.min_n]
         bad = [{"attribute": g["attribute"], "group": g["group"], "n": g["n"], rule.metric: g.get(rule.metric)}
                for g in groups if not _within(g.get(rule.metric), rule.min, rule.max)]
         if not groups: return None, {"groups_checked": 0}, f"no subgroup has n >= {rule.min_n}"
@@ -41,28 +63,9 @@ def _check(rule, ev: dict) -> tuple[bool | None, dict, str]:
                "; ".join(f"{b['attribute']} = {b['group']} (n={b['n']}, {rule.metric}={b[rule.metric]:.3f})" for b in bad)
                if bad else f"all {len(groups)} subgroups with n >= {rule.min_n} have {rule.metric} {_bounds(rule.min, rule.max)}")
         return not bad, {"groups_checked": len(groups), "failing": bad}, why
-    if isinstance(rule, FairnessRule):
-        gaps = _fairness_gaps(rule, ev["subgroups"])
-        if not gaps: return None, {}, f"no attribute has two subgroups large enough to compare (min_events {rule.min_events})"
-        if rule.judge == "ci":
-            if any(v["gap_ci_low"] is None for v in gaps.values()):
-                return None, {"gaps": gaps}, "group confidence intervals missing: cannot judge gaps by their lower bound"
-            bad = {a: v for a, v in gaps.items() if v["gap_ci_low"] > rule.max}
-            above = {a: v for a, v in gaps.items() if v["gap"] > rule.max and a not in bad}
-            why = (f"{rule.gap} lower 95% bound above {rule.max:g} for " + "; ".join(
-                       f"{a} ({v['gap']:.3f}, lower bound {v['gap_ci_low']:.3f}: {v['low']} vs {v['high']})" for a, v in bad.items())
-                   if bad else f"no {rule.gap} is shown to exceed {rule.max:g} (largest lower bound "
-                               f"{max(v['gap_ci_low'] for v in gaps.values()):.3f})")
-            if above and not bad:
-                why += "; point estimate above it, not confirmed: " + "; ".join(
-                    f"{a} ({v['gap']:.3f}, lower bound {v['gap_ci_low']:.3f})" for a, v in above.items())
-        else:
-            bad = {a: v for a, v in gaps.items() if v["gap"] > rule.max}
-            why = (f"{rule.gap} above {rule.max:g} for " + "; ".join(f"{a} ({v['gap']:.3f}: {v['low']} vs {v['high']})" for a, v in bad.items())
-                   if bad else f"{rule.gap} <= {rule.max:g} for every attribute (largest {max(v['gap'] for v in gaps.values()):.3f})")
-        return not bad, {"gaps": gaps, "min_events": rule.min_events, "judge": rule.judge}, why
+    if isinstance(rule, FairnessRule): return _fairness(rule, r)
     if isinstance(rule, NonInferiorityRule):
-        comp = ev["comparison"].get(rule.against)
+        comp = r.comparison.get(rule.against)
         if comp is None: return None, {}, f"no {rule.against} model to compare with"
         c = comp[rule.metric]
         lo = c["ci_low"]
@@ -70,11 +73,11 @@ def _check(rule, ev: dict) -> tuple[bool | None, dict, str]:
         return ok, {"difference": c["difference"], "ci_low": lo, "ci_high": c["ci_high"], "margin": rule.margin}, \
             f"{rule.metric} difference vs {rule.against} {c['difference']:+.3f}, lower CI bound {lo:+.3f} (must be > {-rule.margin:+.3f})"
     if isinstance(rule, ParityRule):
-        d = ev["export"].get(ev["candidate"], {}).get("max_abs_diff")
+        d = export.get(candidate, {}).get("max_abs_diff")
         if d is None: return False, {}, "no ONNX parity result for the candidate"
         return d <= rule.max, {"max_abs_diff": d}, f"ONNX max |dp| {d:.1e} (must be <= {rule.max:.0e})"
     if isinstance(rule, DirectionRule):
-        checks = ev["robustness"].get("direction", {})
+        checks = r.robustness.get("direction", {})
         if not checks: return None, {}, "no feature declares a direction of risk"
         bad = {f: c["largest_wrong_way_drop"] for f, c in checks.items() if not c["passed"]}
         why = ("risk falls the wrong way for " + ", ".join(f"{f} (by {v:.3f})" for f, v in bad.items())
@@ -82,36 +85,19 @@ def _check(rule, ev: dict) -> tuple[bool | None, dict, str]:
         return not bad, {"features": {f: c["largest_wrong_way_drop"] for f, c in checks.items()}}, why
     raise TypeError(f"unknown rule {rule!r}")
 
-_RATE = {"tpr_gap": "sensitivity", "fpr_gap": "fpr", "citl_gap": "calibration_intercept"}
-
-def _fairness_gaps(rule: FairnessRule, subgroups: dict) -> dict:
-    """Per attribute, the gap between the extreme groups that have enough events (TPR) or non-events (FPR),
-    with its lower 95% bound (normal approximation from each group's bootstrap interval)."""
-    by = {"tpr_gap": "tpr_by_group", "fpr_gap": "fpr_by_group", "citl_gap": "citl_by_group"}[rule.gap]
-    rows = {(g["attribute"], g["group"]): g for g in subgroups["groups"]}
-    out = {}
-    for attribute, g in subgroups["fairness_gaps"].items():
-        rates = {k: v for k, v in (g.get(by) or {}).items()
-                 if (rows[(attribute, k)]["events"] if rule.gap != "fpr_gap"
-                     else rows[(attribute, k)]["n"] - rows[(attribute, k)]["events"]) >= rule.min_events}
-        if len(rates) < 2: continue
-        low, high = min(rates, key=rates.get), max(rates, key=rates.get)
-        gap = rates[high] - rates[low]
-        def se(group):
-            r = rows[(attribute, group)]
-            lo, hi = r.get(f"{_RATE[rule.gap]}_ci_low"), r.get(f"{_RATE[rule.gap]}_ci_high")
-            return None if lo is None or hi is None else (hi - lo) / (2 * 1.959964)
-        ses = [se(low), se(high)]
-        gap_low = None if None in ses else gap - 1.959964 * float(np.hypot(*ses))
-        out[attribute] = {"gap": gap, "gap_ci_low": gap_low, "low": low, "high": high, "groups": len(rates)}
-    return out
+# %% ../../nbs/40_governance/41_gate.ipynb #a53a2232
+def _result(evidence: dict, candidate: str) -> EvaluationResult:
+    "The evaluation the rules read: an `EvaluationResult`, or the stage's metrics files' contents (`gate_evidence`)."
+    ev = evidence["evaluation"]
+    if isinstance(ev, EvaluationResult): return ev
+    return EvaluationResult.from_json(ev, [candidate], **{k: evidence.get(k, {}) for k in ("comparison", "subgroups", "robustness")})
 
 def evaluate_gate(cfg: GateConfig, evidence: dict) -> dict:
     "Apply every rule to the evidence; the verdict passes when no applicable rule fails."
-    ev = {**evidence, "candidate": cfg.candidate}
+    r = _result(evidence, cfg.candidate)
     results = []
     for rule in cfg.rules:
-        passed, detail, reason = _check(rule, ev)
+        passed, detail, reason = _check(rule, r, evidence.get("export", {}), cfg.candidate)
         results.append({"name": rule.name, "kind": rule.kind, "passed": passed,
                         "status": {True: "pass", False: "FAIL", None: "not applicable"}[passed],
                         "reason": reason, "why": rule.why, "evidence": detail})

@@ -5,12 +5,12 @@
 # %% ../../nbs/40_governance/44_model_card.ipynb #ba3d5aa1
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import yaml
 
 from ..core.errors import HealthmlError
+from ..core.pages import render_page, trusted_html
 
 # %% auto #0
 __all__ = ['NOT_PROVIDED', 'REVIEW_ITEMS', 'NIST_MAP', 'load_review', 'missing_items', 'model_card', 'card_markdown', 'card_html']
@@ -62,7 +62,7 @@ def _m(metrics: dict, key: str, digits: int = 3) -> str:
 def model_card(ctx, review: dict, version: str) -> dict:
     "The CHAI-style model card as data."
     p, spec, ev = ctx.params, ctx.params.dataset, ctx.evaluation
-    cand, cfg = ev[p.candidate], p.models[p.candidate]  # the card describes the candidate (`gate.candidate`)
+    cand, cfg = ev.models[p.candidate], p.models[p.candidate]  # the card describes the candidate (`gate.candidate`)
     gaps = ctx.subgroups["fairness_gaps"]
     worst = lambda g: max((v[g] for v in gaps.values() if v.get(g) is not None), default=None)
     return {
@@ -77,13 +77,13 @@ def model_card(ctx, review: dict, version: str) -> dict:
                    f"({ctx.ingest['rows']} patients).",
         "uses_and_directions": {"intended_use": review["intended_use"], "clinical_workflow": review["clinical_workflow"],
                                 "out_of_scope": review["out_of_scope"],
-                                "alert_threshold": f"risk >= {cand['threshold']:.3f} ({ev['settings']['threshold_rule']})"},
+                                "alert_threshold": f"risk >= {cand['threshold']:.3f} ({ev.settings['threshold_rule']})"},
         "warnings": {"limitations": review["limitations"],
                      "known_risks": [f"{f} missing lowers AUROC by {-v['auroc_change']:.3f}" for f, v in ctx.robustness["missing"].items()],
                      "subgroups_not_evaluable": [f"{g['attribute']} = {g['group']} (n={g['n']})" for g in ctx.subgroups["groups"] if g["status"] != "ok"]},
         "trust_ingredients": {"training_data": spec.provenance.source, "data_licence": spec.provenance.licence,
                               "predictors": list(spec.features), "excluded_columns": ctx.ingest["excluded"],
-                              "evaluation": f"{ctx.split['test']['patients']} held-out test patients; {ev['settings']['ci_method']}",
+                              "evaluation": f"{ctx.split['test']['patients']} held-out test patients; {ev.settings['ci_method']}",
                               "ethics_approval": review["ethics_approval"],
                               "deidentification_attestation": review["deidentification_attestation"]},
         "key_metrics": {
@@ -123,13 +123,14 @@ def card_markdown(card: dict) -> str:
     lines += [f"| {m['subcategory']} | {m['asks']} | {m['evidence']} |" for m in card["nist_ai_rmf"]]
     return "\n".join(lines) + "\n"
 
-_CARD_CSS = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;line-height:1.45}
-table{border-collapse:collapse;width:100%;margin-bottom:1em}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-.np{color:#cf222e;font-weight:bold}@media print{h2{break-before:auto}tr{break-inside:avoid}}"""
+_CARD_PAGE = """{% extends "base.html" %}
+{% block content %}
+{{ body }}
+{% endblock %}"""
 
 def card_html(card: dict) -> str:
-    "Self-contained HTML of the model card; NOT PROVIDED shown in red."
+    "Self-contained HTML of the model card (the shared page layout); NOT PROVIDED shown in red."
     import mistune
-    body = mistune.html(card_markdown(card)).replace(NOT_PROVIDED, f'<span class="np">{NOT_PROVIDED}</span>')
-    title = html.escape(f"Model card: {card['basic_information']['model_name']}")
-    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_CARD_CSS}</style></head><body>\n{body}</body></html>\n'
+    markdown = mistune.create_markdown(escape=True, plugins=["strikethrough", "footnotes", "table"])  # HTML in a value is text
+    body = markdown(card_markdown(card)).replace(NOT_PROVIDED, f'<span class="np">{NOT_PROVIDED}</span>')
+    return render_page(_CARD_PAGE, title=f"Model card: {card['basic_information']['model_name']}", body=trusted_html(body))

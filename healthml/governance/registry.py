@@ -87,7 +87,9 @@ class Registry:
 
 # %% ../../nbs/40_governance/43_registry.ipynb #28c0fe18
 def _flat_metrics(evaluation: dict) -> dict:
-    return {f"{m}.{k}": float(v) for m, d in evaluation.items() if m != "settings"
+    "Every model's numeric metrics in `metrics/evaluate.json`, as MLflow metrics `<model>.<metric>`."
+    from healthml.evaluation.result import EvaluationResult
+    return {f"{m}.{k}": float(v) for m, d in EvaluationResult.from_json(evaluation).models.items()
             for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
 
 def dvc_hashes(layout: Layout, paths: dict) -> dict:

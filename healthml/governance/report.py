@@ -20,7 +20,9 @@ import pandas as pd
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.layout import Layout
+from ..core.pages import render_page
 from ..core.params import MODEL_PACKAGES, Params, load_params
+from ..evaluation.result import EvaluationResult
 
 # %% auto #0
 __all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance_table', 'calibration_table', 'threshold_table',
@@ -28,7 +30,8 @@ __all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance
            'tripod_table', 'gate_table', 'participant_flow', 'table_one', 'sample_size_table', 'leakage_table',
            'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
            'html_table', 'verdict_banner', 'remote_references', 'add_toc', 'notebook_to_html', 'package_versions',
-           'model_version', 'manifest', 'write_index', 'monitoring_index', 'build_report', 'verify_report']
+           'model_version', 'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report',
+           'verify_report']
 
 # %% ../../nbs/40_governance/45_report.ipynb #cc2d9574
 class ReportError(HealthmlError):
@@ -52,10 +55,7 @@ class ReportContext:
     validation: dict
     split: dict
     train: dict
-    evaluation: dict
-    comparison: dict
-    subgroups: dict
-    robustness: dict
+    evaluation: EvaluationResult  # models (candidate first), settings, comparison, subgroups, robustness
     export: dict
     gate: dict | None
     review: dict
@@ -63,23 +63,29 @@ class ReportContext:
 
     @classmethod
     def load(cls, root: str | Path = ".", params_path: str | Path = "params.yaml") -> "ReportContext":
-        from healthml.governance.gate import evaluate_gate, gate_evidence
+        from healthml.governance.gate import evaluate_gate
+        from healthml.governance.model_card import load_review
         layout = Layout(root)
         params = load_params(Path(root)/params_path)
-        from healthml.governance.model_card import load_review
-        verdict = evaluate_gate(params.gate, gate_evidence(layout)) if params.gate else None
+        evaluation = EvaluationResult.read(layout, params.model_names)
+        export = _models_first(_read_json(layout.export_metrics), params.model_names)
+        verdict = evaluate_gate(params.gate, {"evaluation": evaluation, "export": export}) if params.gate else None
         review_path = params.report.review if params.report.review.is_absolute() else layout.root/params.report.review
-        ordered = lambda path: _models_first(_read_json(path), params.model_names)
         return cls(params, layout, _read_json(layout.ingest_record), _read_json(layout.validation),
-                   _read_json(layout.split_metrics), _read_json(layout.train_metrics), ordered(layout.evaluation),
-                   ordered(layout.comparison), _read_json(layout.subgroups), _read_json(layout.robustness),
-                   ordered(layout.export_metrics), verdict, load_review(review_path),
-                   _read_json(layout.dataset_card/"dataset_card.json"))
+                   _read_json(layout.split_metrics), _read_json(layout.train_metrics), evaluation, export, verdict,
+                   load_review(review_path), _read_json(layout.dataset_card/"dataset_card.json"))
 
     @property
     def models(self) -> list[str]:
         "Models evaluated on the test split, candidate first."
-        return [m for m in self.evaluation if m != "settings"]
+        return list(self.evaluation.models)
+
+    @property
+    def comparison(self) -> dict: return self.evaluation.comparison
+    @property
+    def subgroups(self) -> dict: return self.evaluation.subgroups
+    @property
+    def robustness(self) -> dict: return self.evaluation.robustness
 
     @property
     def labels(self) -> dict[str, str]:
@@ -95,27 +101,27 @@ def _ci(m: dict, k: str, digits=3) -> str:
 
 def _label(name: str, labels: dict | None) -> str: return (labels or {}).get(name, name)
 
-def performance_table(evaluation: dict, labels: dict | None = None) -> pd.DataFrame:
+def performance_table(evaluation: EvaluationResult, labels: dict | None = None) -> pd.DataFrame:
     "Discrimination per model: AUROC (bootstrap and DeLong CIs) and AUPRC beside the prevalence."
     return pd.DataFrame([{"Model": _label(n, labels), "AUROC (95% CI, bootstrap)": _ci(m, "auroc"),
                           "AUROC 95% CI (DeLong)": f"{m['auroc_delong_ci_low']:.3f} to {m['auroc_delong_ci_high']:.3f}",
                           "AUPRC (95% CI)": _ci(m, "auprc"), "Prevalence": f"{m['prevalence']:.3f}"}
-                         for n, m in evaluation.items() if n != "settings"])
+                         for n, m in evaluation.models.items()])
 
-def calibration_table(evaluation: dict, labels: dict | None = None) -> pd.DataFrame:
+def calibration_table(evaluation: EvaluationResult, labels: dict | None = None) -> pd.DataFrame:
     "Calibration per model, level by level (targets: O/E 1, intercept 0, slope 1, ICI 0)."
     return pd.DataFrame([{"Model": _label(n, labels), "O/E (95% CI)": _ci(m, "observed_expected"),
                           "Intercept (CITL)": _ci(m, "calibration_intercept"), "Slope": _ci(m, "calibration_slope"),
                           "Brier": _ci(m, "brier"), "Scaled Brier": _ci(m, "scaled_brier"),
                           "ICI / E50 / E90": f"{m['ici']:.3f} / {m['e50']:.3f} / {m['e90']:.3f}", "ECE": f"{m['ece']:.3f}"}
-                         for n, m in evaluation.items() if n != "settings"])
+                         for n, m in evaluation.models.items()])
 
-def threshold_table(evaluation: dict, labels: dict | None = None) -> pd.DataFrame:
+def threshold_table(evaluation: EvaluationResult, labels: dict | None = None) -> pd.DataFrame:
     "The operating point of each model, chosen on validation, reported on test."
     return pd.DataFrame([{"Model": _label(n, labels), "Alert if risk >=": f"{m['threshold']:.3f}", "Sensitivity": _ci(m, "sensitivity"),
                           "Specificity": _ci(m, "specificity"), "PPV": _ci(m, "ppv"), "NPV": _ci(m, "npv"),
                           "Alerts per 100": _ci(m, "alerts_per_100", 1), "NNE": _ci(m, "nne", 2)}
-                         for n, m in evaluation.items() if n != "settings"])
+                         for n, m in evaluation.models.items()])
 
 def comparison_table(comparison: dict, labels: dict | None = None) -> pd.DataFrame:
     "Candidate minus each other model on the same patients, with paired CIs."
@@ -342,57 +348,62 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
             "inputs": {k: {"path": str(Path(p).relative_to(L.root.resolve()) if Path(p).is_absolute() else p),
                            "sha256": sha256_file(p)} for k, p in inputs.items() if Path(p).exists()},
             "outputs": {p.name: sha256_file(p) for p in outputs},
-            "metrics": {m: {k: ctx.evaluation[m][k] for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "brier", "calibration_slope")}
+            "metrics": {m: {k: ctx.evaluation.models[m][k] for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "brier", "calibration_slope")}
                         for m in ctx.models},
             "gate": None if ctx.gate is None else {"plan": ctx.gate["plan"], "verdict": ctx.gate["verdict"], "failed_rules": ctx.gate["failed_rules"]}}
 
 # %% ../../nbs/40_governance/45_report.ipynb #faf7a2f3
-def write_index(reports_dir: Path) -> Path:
-    "Write `reports/index.html` listing every filed report version."
+def report_index(reports_dir: Path) -> list[dict]:
+    "Every filed validation report version, newest first, with its gate verdict and the candidate's test AUROC."
     rows = []
     for mf in sorted(reports_dir.glob("*/*/manifest.json")):
         if mf.parts[-3] == "monitoring": continue
         m = json.loads(mf.read_text())
         auc = m["metrics"][m.get("candidate") or next(iter(m["metrics"]))]  # manifests list the candidate first
-        verdict = (m.get("gate") or {}).get("verdict", "no rules")
-        rows.append((m["created"], m["model_name"], m["version"], f"{auc['auroc']:.3f} ({auc['auroc_ci_low']:.3f} to {auc['auroc_ci_high']:.3f})",
-                     f"{mf.parent.relative_to(reports_dir)}/validation.html", m["git_commit"][:12], verdict))
-    rows.sort(reverse=True)
-    body = "\n".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(n)}</td><td><a href=\"{html.escape(link)}\">{html.escape(v)}</a></td>"
-                     f"<td class=\"{'pass' if vd == 'PASS' else 'fail'}\">{html.escape(vd)}</td>"
-                     f"<td>{html.escape(a)}</td><td><code>{html.escape(g)}</code></td></tr>" for c, n, v, a, link, g, vd in rows)
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>healthml reports</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse;width:100%}}
-td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}.pass{{color:#1a7f37;font-weight:bold}}.fail{{color:#cf222e;font-weight:bold}}</style></head><body>
-<h1>Validation reports</h1><p>{len(rows)} report version(s). Each version is named by its model's ONNX SHA-256.</p>
-<table><thead><tr><th>Created (UTC)</th><th>Model</th><th>Version</th><th>Gate</th><th>Test AUROC, candidate (95% CI)</th><th>Git commit</th></tr></thead>
-<tbody>
-{body}
-</tbody></table>
-{monitoring_index(reports_dir)}</body></html>
-"""
-    return atomic_write(reports_dir/"index.html", page)
+        rows.append({"created": m["created"], "model": m["model_name"], "version": m["version"],
+                     "auroc": f"{auc['auroc']:.3f} ({auc['auroc_ci_low']:.3f} to {auc['auroc_ci_high']:.3f})",
+                     "link": f"{mf.parent.relative_to(reports_dir)}/validation.html", "commit": m["git_commit"][:12],
+                     "verdict": (m.get("gate") or {}).get("verdict", "no rules")})
+    order = ("created", "model", "version", "auroc", "link", "commit", "verdict")
+    return sorted(rows, key=lambda r: tuple(r[k] for k in order), reverse=True)
 
-def monitoring_index(reports_dir: Path) -> str:
-    "The index's section listing every filed monitoring report (newest first), with its status and recommendation."
+def monitoring_index(reports_dir: Path) -> list[dict]:
+    "Every filed monitoring report (newest first), with its status and recommendation."
     rows = []
     for mf in reports_dir.glob("monitoring/*/*/monitor.json"):
         m = json.loads(mf.read_text())
-        rows.append((m["date"], m["windows"]["current"]["name"], m["status"], len(m["alerts"]), m["recommendation"]["action"],
-                     f"{mf.parent.relative_to(reports_dir)}/monitoring.html"))
-    if not rows: return ""
-    rows.sort(key=lambda r: (r[0], r[5]), reverse=True)
-    css = {"ok": "pass", "warning": "warn", "critical": "fail"}
-    body = "\n".join(f"<tr><td>{html.escape(d)}</td><td><a href=\"{html.escape(link)}\">{html.escape(w)}</a></td>"
-                     f"<td class=\"{css[st]}\">{html.escape(st)}</td><td>{n}</td><td>{html.escape(act)}</td></tr>"
-                     for d, w, st, n, act, link in rows)
-    return f"""<h1>Monitoring reports</h1><p>{len(rows)} monitored window(s) (<code>healthml monitor</code>).</p>
-<style>.warn{{color:#9a6700;font-weight:bold}}</style>
+        rows.append({"date": m["date"], "window": m["windows"]["current"]["name"], "status": m["status"], "alerts": len(m["alerts"]),
+                     "action": m["recommendation"]["action"], "link": f"{mf.parent.relative_to(reports_dir)}/monitoring.html"})
+    return sorted(rows, key=lambda r: (r["date"], r["link"]), reverse=True)
+
+# %% ../../nbs/40_governance/45_report.ipynb #0d4ec44d
+_INDEX_PAGE = """{% extends "base.html" %}
+{% block content %}
+<h1>Validation reports</h1>
+<p>{{ reports | length }} report version(s). Each version is named by its model's ONNX SHA-256.</p>
+<table><thead><tr><th>Created (UTC)</th><th>Model</th><th>Version</th><th>Gate</th><th>Test AUROC, candidate (95% CI)</th><th>Git commit</th></tr></thead>
+<tbody>
+{% for r in reports %}
+<tr><td>{{ r.created }}</td><td>{{ r.model }}</td><td><a href="{{ r.link }}">{{ r.version }}</a></td><td class="{{ 'pass' if r.verdict == 'PASS' else 'fail' }}">{{ r.verdict }}</td><td>{{ r.auroc }}</td><td><code>{{ r.commit }}</code></td></tr>
+{% endfor %}
+</tbody></table>
+{% if monitoring %}
+<h1>Monitoring reports</h1>
+<p>{{ monitoring | length }} monitored window(s) (<code>healthml monitor</code>).</p>
 <table><thead><tr><th>Date</th><th>Window</th><th>Status</th><th>Alerts</th><th>Recommendation</th></tr></thead>
 <tbody>
-{body}
+{% for m in monitoring %}
+<tr><td>{{ m.date }}</td><td><a href="{{ m.link }}">{{ m.window }}</a></td><td class="{{ status_class[m.status] }}">{{ m.status }}</td><td>{{ m.alerts }}</td><td>{{ m.action }}</td></tr>
+{% endfor %}
 </tbody></table>
-"""
+{% endif %}
+{% endblock %}"""
+
+def write_index(reports_dir: Path) -> Path:
+    "Write `reports/index.html` listing every filed report version and monitoring report."
+    page = render_page(_INDEX_PAGE, title="healthml reports", reports=report_index(reports_dir),
+                       monitoring=monitoring_index(reports_dir), status_class={"ok": "pass", "warning": "warn", "critical": "fail"})
+    return atomic_write(reports_dir/"index.html", page)
 
 # %% ../../nbs/40_governance/45_report.ipynb #36544317
 def _outputs_text(nb_path: Path) -> list[str]:
