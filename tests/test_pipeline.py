@@ -4,7 +4,8 @@ import re
 import sqlite3
 
 import pandas as pd
-from conftest import run
+import pytest
+from conftest import ROOT, run
 
 from healthml.governance.report import remote_references
 
@@ -193,3 +194,11 @@ def test_gate_passes_on_support2_with_every_rule_judged(pipeline_project):
     assert status["non_inferior_to_champion"] == "not applicable"  # no champion in service yet
     assert all(s == "pass" for n, s in status.items() if n != "non_inferior_to_champion")
     assert "gate: PASS" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["export", "evaluate", "comparison", "subgroups", "robustness", "gate", "split", "validation"])
+def test_a_fresh_run_reproduces_the_committed_model_and_metrics(pipeline_project, name):
+    # The committed metrics/*.json are the reference: a change that moves a number (or an ONNX hash) must
+    # come with the refreshed metrics in the same commit (`dvc repro` and commit metrics/ and dvc.lock).
+    root, _ = pipeline_project
+    assert json.loads((root/"metrics"/f"{name}.json").read_text()) == json.loads((ROOT/"metrics"/f"{name}.json").read_text())

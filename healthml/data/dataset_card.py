@@ -189,13 +189,13 @@ def card_sections(card: dict) -> list[tuple[str, str, list[dict] | str]]:
          [{"column": w["column"], "rule": w["rule"], "rows": w["failed"]} for w in card["validation_warnings"]]),
     ]
 
+# %% ../../nbs/10_data/16_dataset_card.ipynb #1c105549
 def card_markdown(card: dict) -> str:
     "The dataset card as Markdown."
     out = [f"# Dataset card: {card['dataset']}\n"]
     for title, intro, body in card_sections(card):
         out += [f"## {title}\n", f"{intro}\n", _md_table(body) if isinstance(body, list) else f"{body}\n"]
     return "\n".join(out)
-
 
 # %% ../../nbs/10_data/16_dataset_card.ipynb #72558d12
 _CARD_PAGE = """{% extends "base.html" %}

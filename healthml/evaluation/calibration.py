@@ -57,6 +57,7 @@ def calibration_in_the_large(y_true, y_prob, W=None) -> np.ndarray:
     y = np.asarray(y_true, float)
     return weighted_logistic(np.ones((len(y), 1)), y, W, offset=logit(y_prob))[:, 0]
 
+# %% ../../nbs/30_evaluation/32_calibration.ipynb #e24117a4
 def calibration_slope(y_true, y_prob, W=None) -> tuple[np.ndarray, np.ndarray]:
     "Intercept and slope of the outcome's log-odds on the model's log-odds (slope 1 is ideal)."
     lp = logit(y_prob)

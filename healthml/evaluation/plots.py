@@ -92,6 +92,7 @@ def calibration_figure(plots: Path, models: list[str], labels: dict | None = Non
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/30_evaluation/36_plots.ipynb #8628c8a9
 def decision_curve_figure(plots: Path, models: list[str], labels: dict | None = None):
     "Net benefit of the models against treat-all and treat-none."
     import matplotlib.pyplot as plt

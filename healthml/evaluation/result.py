@@ -66,6 +66,7 @@ def _first(d: dict, order) -> dict:
     first = [k for k in order if k in d]
     return {**{k: d[k] for k in first}, **{k: v for k, v in d.items() if k not in first}}
 
+# %% ../../nbs/30_evaluation/30_result.ipynb #461b67bb
 @dataclass
 class EvaluationResult:
     "What the evaluate stage found: per-model test metrics (candidate first), their settings, and the candidate's analyses."

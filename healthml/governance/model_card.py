@@ -59,6 +59,7 @@ def _m(metrics: dict, key: str, digits: int = 3) -> str:
     lo, hi = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     return f"{v:.{digits}f}" + (f" (95% CI {lo:.{digits}f}-{hi:.{digits}f})" if lo is not None and hi is not None else "")
 
+# %% ../../nbs/40_governance/44_model_card.ipynb #883ecdef
 def model_card(ctx, review: dict, version: str) -> dict:
     "The CHAI-style model card as data."
     p, spec, ev = ctx.params, ctx.params.dataset, ctx.evaluation

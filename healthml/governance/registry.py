@@ -113,6 +113,7 @@ def dvc_hashes(layout: Layout, paths: dict) -> dict:
 def _report_dir(layout: Layout, model_name: str, onnx_sha: str) -> Path:
     return layout.reports/model_name/onnx_sha[:12]
 
+# %% ../../nbs/40_governance/43_registry.ipynb #e53a2322
 def register_version(reg: Registry, actor: str | None = None) -> dict:
     "Log this pipeline run to MLflow and register it as a new version (alias `candidate` if its gate passed)."
     import mlflow
@@ -158,6 +159,7 @@ def register_version(reg: Registry, actor: str | None = None) -> dict:
            gate=gate["verdict"], candidate=bool(gate.get("passed")))
     return reg.version(int(mv))
 
+# %% ../../nbs/40_governance/43_registry.ipynb #b54f23ad
 def _log_as(path: Path, artifact: str) -> None:
     "Log a file under a fixed artifact name (so every version's ONNX is at the same path)."
     import mlflow, shutil
@@ -227,6 +229,7 @@ def previous_champion(reg: Registry) -> int | None:
         if v != current and v not in rolled: return v
     return None
 
+# %% ../../nbs/40_governance/43_registry.ipynb #c9d7cdd7
 def rollback(reg: Registry, actor: str | None = None, reason: str = "") -> dict:
     "Move `champion` back to the previous champion, after verifying its artifact."
     who, current = actor_name(actor), reg.alias(CHAMPION)

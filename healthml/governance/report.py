@@ -46,6 +46,7 @@ def _models_first(d: dict, order: list[str]) -> dict:
     "The same entries, those named in `order` first and in that order."
     return {**{k: d[k] for k in order if k in d}, **{k: v for k, v in d.items() if k not in order}}
 
+# %% ../../nbs/40_governance/45_report.ipynb #5551645f
 @dataclass
 class ReportContext:
     "Everything one validation report shows, read from the pipeline's outputs."
@@ -135,6 +136,7 @@ def comparison_table(comparison: dict, labels: dict | None = None) -> pd.DataFra
                          "95% CI": f"{c[k]['ci_low']:+.3f} to {c[k]['ci_high']:+.3f}", "p": ""})
     return pd.DataFrame(rows)
 
+# %% ../../nbs/40_governance/45_report.ipynb #29480039
 def subgroup_report_table(subgroups: dict) -> pd.DataFrame:
     "Candidate metrics per subgroup; small groups say 'insufficient n' instead of a number."
     rows = []
@@ -178,6 +180,7 @@ def review_table(review: dict) -> str:
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(v)}</td></tr>" for k, v in rows)
     return f'<table class="dataframe"><thead><tr><th>Item</th><th>Provided by a person</th></tr></thead><tbody>{body}</tbody></table>'
 
+# %% ../../nbs/40_governance/45_report.ipynb #64e72e8a
 TRIPOD_AI = [("Data source and dates", "1. Data source"), ("Participants and setting", "1. Data source; 2. Participant flow"),
              ("Outcome definition", "header (Outcome); 3. Predictors"), ("Predictors", "3. Predictors (with excluded columns and why)"),
              ("Sample size", "2. Participant flow; Sample size (Riley et al. 2020 criteria)"),
@@ -219,6 +222,7 @@ def sample_size_table(ctx: ReportContext) -> pd.DataFrame:
                          ("Training split", r["n_train"])], columns=["Criterion", "Rows needed / available"]).assign(
         Events=["", "", "", r["events_required"], r["events_train"]])
 
+# %% ../../nbs/40_governance/45_report.ipynb #3609de73
 def leakage_table(ctx: ReportContext) -> pd.DataFrame:
     "The leakage audit: each check and what it found."
     lk = ctx.dataset_card["leakage"]
@@ -423,6 +427,7 @@ def _execute(template: Path, dest: Path, root: Path, params_path, version: str, 
                         kernel_name=kernel, progress_bar=False, cwd=str(root), log_output=False)
     tmp.replace(dest)
 
+# %% ../../nbs/40_governance/45_report.ipynb #a3b5429c
 def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml", kernel: str = "python3") -> Path:
     """Execute the validation template with Papermill and file notebook, HTML, model card and manifest.
 
@@ -469,6 +474,7 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
     _record(ctx, out_dir, reproduced=False)
     return out_dir
 
+# %% ../../nbs/40_governance/45_report.ipynb #2e3fc28e
 def _scan_for_phi(ctx: ReportContext, out_dir: Path) -> None:
     "Scan every file of a new report for identifiers; on any hit the report is removed, not filed."
     from healthml.data.phi import keep_only_if_clean, scanner_for
