@@ -235,20 +235,18 @@ def drift_alerts(drift: dict) -> list[dict]:
     return alerts
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #a470dc21
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    "Wilson score interval for k events in n."
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    "Wilson score interval for k events in n (statsmodels)."
+    from statsmodels.stats.proportion import proportion_confint
     if n == 0: return (float("nan"), float("nan"))
-    p, d = k / n, 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (float(c - h), float(c + h))
+    lo, hi = proportion_confint(k, n, alpha=1 - level, method="wilson")
+    return (float(lo), float(hi))
 
-def newcombe_difference(k1: int, n1: int, k0: int, n0: int) -> tuple[float, float, float]:
-    "p1 - p0 and its 95% Newcombe hybrid-score interval."
-    p1, p0 = k1 / n1, k0 / n0
-    (l1, u1), (l0, u0) = wilson(k1, n1), wilson(k0, n0)
-    d = p1 - p0
-    return float(d), float(d - np.sqrt((p1 - l1) ** 2 + (u0 - p0) ** 2)), float(d + np.sqrt((u1 - p1) ** 2 + (p0 - l0) ** 2))
+def newcombe_difference(k1: int, n1: int, k0: int, n0: int, level: float = 0.95) -> tuple[float, float, float]:
+    "p1 - p0 and its Newcombe hybrid-score interval (statsmodels' `confint_proportions_2indep`, method `newcomb`)."
+    from statsmodels.stats.proportion import confint_proportions_2indep
+    lo, hi = confint_proportions_2indep(k1, n1, k0, n0, method="newcomb", compare="diff", alpha=1 - level)
+    return float(k1 / n1 - k0 / n0), float(lo), float(hi)
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #5fa12ebb
 def _change(cur, ref, ci, threshold, material: bool) -> dict:
