@@ -272,11 +272,12 @@ def prediction_monitors(ref: pd.DataFrame, cur: pd.DataFrame, threshold: float, 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #a2a434c9
 def _calibration_draws(y, p, patients, n_boot: int, seed: int) -> dict:
     from healthml.evaluation.calibration import calibration_replicates
-    from healthml.evaluation.discrimination import bootstrap_weights
+    from healthml.evaluation.discrimination import bootstrap
     keys = ("calibration_intercept", "calibration_slope")
     point = calibration_replicates(y, p, np.ones((1, len(y))))
-    reps = [calibration_replicates(y, p, W) for W in bootstrap_weights(patients, n_boot, seed)]
-    return {k: (float(point[k][0]), np.concatenate([r[k] for r in reps])) for k in keys}
+    reps = bootstrap(lambda W: {k: v for k, v in calibration_replicates(y, p, W).items() if k in keys}, y, patients,
+                     n_boot, seed, both_outcomes=False)  # the evaluation's one bootstrap loop; every replicate kept, as before
+    return {k: (float(point[k][0]), reps[k]) for k in keys}
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #447debc3
 def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int, int], cur_counts: tuple[int, int],
