@@ -9,12 +9,11 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
 from . import data, deploy, dvc, governance, modelling
 from .common import SETTINGS, flags_without_placeholder, telemetry_off
 
 # %% auto #0
-__all__ = ['app', 'version', 'main']
+__all__ = ['app', 'main']
 
 # %% ../../nbs/60_cli/67_app.ipynb #937fe33c
 app = typer.Typer(name="healthml", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
@@ -33,10 +32,6 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show fu
 
 for group in (data, modelling, governance, deploy, dvc): app.add_typer(group.app)
 
-@app.command(rich_help_panel="Project")
-def version():
-    "Print the healthml version."
-    typer.echo(__version__)
 
 # %% ../../nbs/60_cli/67_app.ipynb #f0782bbf
 def main() -> None:

@@ -76,8 +76,10 @@ def serve(model: Annotated[Path | None, typer.Option(help="The ONNX model to ser
           log: Annotated[Path, typer.Option(help="Prediction log (JSONL, no identifiers).")] = Path("logs/predictions.jsonl"),
           max_records: Annotated[int, typer.Option(min=1, help="Most records per request.")] = 1000,
           params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Serve the verified ONNX model over HTTP (FastAPI + uvicorn): POST /v1/predict, GET /v1/model, /healthz,
-    /readyz, /metrics; POST /v1/admin/reload switches to the model now at --model after verifying it.
+    """Serve the verified ONNX model over HTTP (FastAPI + uvicorn).
+
+    Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload switches to the
+    model now at --model after verifying it.
 
     Example: healthml serve --port 8000   (then: curl -s localhost:8000/v1/model)"""
     try:
@@ -110,9 +112,10 @@ def monitor(ctx: typer.Context,
             until: Annotated[str | None, typer.Option(help="Prediction log only: end of the window, exclusive (UTC, ISO).")] = None,
             out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/monitoring/<date>/<window>).")] = None,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Compare a production window with the reference: data quality, feature and prediction drift (Evidently),
-    alert rate, and, when outcomes have arrived, outcome rate, AUROC and calibration, each with a 95% CI.
-    Thresholds are in params.yaml (section `monitor`). Files monitor.json, Evidently's HTML and a monitoring report
+    """Compare a production window with the reference the model was validated on.
+
+    Data quality, feature and prediction drift (Evidently), alert rate, and, when outcomes have arrived, outcome
+    rate, AUROC and calibration, each with a 95% CI. Thresholds are in params.yaml (section `monitor`). Files monitor.json, Evidently's HTML and a monitoring report
     under reports/monitoring/<date>/<window>/, linked from reports/index.html.
 
     Exit status, for a scheduler: 0 no alert, 3 warning (drift; look soon), 4 critical (broken inputs or performance

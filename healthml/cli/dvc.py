@@ -15,10 +15,17 @@ from ..core.errors import HealthmlError
 from ..core.imports import code_dep_problems, stage_code_deps, with_code_deps
 
 # %% auto #0
-__all__ = ['app', 'dvc_app', 'command_function', 'dvc_deps']
+__all__ = ['app', 'dvc_app', 'version', 'command_function', 'dvc_deps']
 
 # %% ../../nbs/60_cli/66_dvc.ipynb #d93beccf
 app = typer.Typer()
+
+@app.command(rich_help_panel="Project")
+def version():
+    "Print the healthml version."
+    import healthml
+    typer.echo(healthml.__version__)
+
 dvc_app = typer.Typer(help="Keep dvc.yaml true to the code.", no_args_is_help=True)
 app.add_typer(dvc_app, name="dvc", rich_help_panel="Project")
 
