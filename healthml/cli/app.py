@@ -20,8 +20,10 @@ app = typer.Typer(name="healthml", no_args_is_help=True, rich_markup_mode="rich"
                   help="""Clinical prediction models from cohort file to audited ONNX model.
 
 Each pipeline stage is one subcommand; `dvc repro` runs them in order:
-ingest -> validate -> deidentify -> split -> datacard -> train -> evaluate -> export -> report -> gate
--> model register -> phi scan. In production: predict, serve, monitor.
+
+ingest, validate, deidentify, split, datacard, train, evaluate, export, report, gate, model register, phi scan.
+
+In production: predict, serve, monitor.
 
 Example: [bold]healthml validate --params params.yaml[/bold]""")
 

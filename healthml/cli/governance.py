@@ -41,11 +41,11 @@ def report(ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), root: Ro
 
 # %% ../../nbs/60_cli/64_governance.ipynb #bff35d4b
 @report_app.command("verify")
-def report_verify(report_dir: Annotated[Path, typer.Argument(help="A filed report, e.g. reports/support2-mortality/889e14c32db5")],
+def report_verify(report_dir: Annotated[Path, typer.Argument(help="A filed report, e.g. reports/support2-mortality/6e544310fc28")],
                   params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Recompute every hash in the report's manifest (and the manifest's own, from the audit log); exit 1 on any change.
 
-    Example: healthml report verify reports/support2-mortality/889e14c32db5"""
+    Example: healthml report verify reports/support2-mortality/6e544310fc28"""
     def go():
         from healthml.governance.report import ReportError, verify_report
         p = load_params(params)
@@ -172,7 +172,7 @@ def lineage_cmd(key: Annotated[str, typer.Argument(help="A model hash (prefix) f
                 params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Walk from a model hash or version to its registry version, report, data, params and code.
 
-    Example: healthml lineage cf4db3daf69a"""
+    Example: healthml lineage 6e544310fc28"""
     def go():
         from healthml.governance.registry import lineage
         info = lineage(registry(params, root), key)

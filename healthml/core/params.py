@@ -25,16 +25,19 @@ __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAM
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
+    "What every gate rule has: a name and the clinical reason for it."
     name: str
     why: str = ""  # the clinical reason for the rule, shown in the report
 
 class ThresholdRule(_Rule):
+    "The candidate's metric must lie within [min, max] (e.g. the lower 95% bound of AUROC >= 0.80)."
     kind: Literal["threshold"]
     metric: str  # a key of the candidate's entry in metrics/evaluate.json
     min: float | None = None
     max: float | None = None
 
 class SubgroupRule(_Rule):
+    "Every adequately sized subgroup's metric must lie within [min, max]."
     kind: Literal["subgroups"]
     metric: str = "auroc"
     min: float | None = None
@@ -42,6 +45,7 @@ class SubgroupRule(_Rule):
     min_n: int = 100
 
 class FairnessRule(_Rule):
+    "The gap between groups in a rate (sensitivity, false-positive rate, calibration-in-the-large) must not exceed `max`."
     kind: Literal["fairness"]
     gap: Literal["tpr_gap", "fpr_gap", "citl_gap"]
     max: float
@@ -49,16 +53,19 @@ class FairnessRule(_Rule):
     judge: Literal["point", "ci"] = "point"  # ci: fail only when the gap's lower 95% bound exceeds `max`
 
 class NonInferiorityRule(_Rule):
+    "The candidate may be worse than another model (or the champion) by at most `margin`."
     kind: Literal["non_inferiority"]
     against: str  # another model of `models` (e.g. the baseline), or `champion` (the model in service)
     metric: Literal["auroc", "auprc", "net_benefit"] = "auroc"
     margin: float = Field(ge=0)
 
 class ParityRule(_Rule):
+    "ONNX and native risks must agree within `max`."
     kind: Literal["parity"]
     max: float = 1e-5
 
 class DirectionRule(_Rule):
+    "Risk must move in each feature's clinically known `direction`."
     kind: Literal["direction"]
 
 Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule],

@@ -14,6 +14,7 @@ __all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'StrictModel', 'Feature', 'Se
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
 class StrictModel(BaseModel):
+    "A settings model that refuses unknown keys (a misspelt key is an error, not silently ignored) and cannot change."
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 class Feature(StrictModel):
