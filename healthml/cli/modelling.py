@@ -30,9 +30,10 @@ def train(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
     Example: healthml train --no-track   (fit without logging to MLflow)"""
     def go():
         from healthml.modelling.train import train_models
-        r = train_models(load_params(params), Layout(root), track=track)
-        return ("validation AUROC " + ", ".join(f"{m} {v['validation_auroc']:.3f}" for m, v in r.items() if isinstance(v, dict)
-                                                 and "validation_auroc" in v) + ("; logged to MLflow" if track else ""))
+        p = load_params(params)
+        r = train_models(p, Layout(root), track=track)
+        return ("validation AUROC " + ", ".join(f"{m} {r[m]['validation_auroc']:.3f}" for m in p.model_names)
+                + ("; logged to MLflow" if track else ""))
     run_stage("train", go)
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #6889ccfa
