@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .audit import AuditLog, actor_name, verify_log
@@ -19,8 +20,9 @@ from ..modelling.train import git_commit, mlflow_experiment, using_tracking
 
 # %% auto #0
 __all__ = ['CHAMPION', 'CANDIDATE', 'T_HISTORY', 'T_ROLLED_BACK', 'T_ANCHOR', 'ONNX_ARTIFACT', 'RegistryError',
-           'synthetic_example', 'Registry', 'dvc_hashes', 'register_version', 'verify_artifact', 'promote',
-           'previous_champion', 'rollback', 'lineage', 'verify_audit']
+           'synthetic_example', 'Registry', 'dvc_hashes', 'register_version', 'verify_artifact', 'ServedModel',
+           'parse_model_ref', 'registered_entry', 'resolve_model', 'promote', 'previous_champion', 'rollback',
+           'lineage', 'verify_audit']
 
 # %% ../../nbs/40_governance/43_registry.ipynb #a356611f
 class RegistryError(HealthmlError):
@@ -197,6 +199,73 @@ def verify_artifact(reg: Registry, version: int) -> str:
         raise RegistryError(f"version {version}'s ONNX artifact has SHA-256 {digest[:12]}..., not the registered "
                             f"{v.get('onnx_sha256', '?')[:12]}...; champion unchanged", hint="the artifact was altered: investigate before serving it")
     return digest
+
+# %% ../../nbs/40_governance/43_registry.ipynb #a233ebbd
+@dataclass(frozen=True)
+class ServedModel:
+    "A registry version resolved for scoring: its ONNX file (verified on fetch), hash and where it came from."
+    name: str
+    version: int
+    sha256: str
+    path: Path
+    alias: str | None = None
+
+    @property
+    def label(self) -> str:
+        "`name vN (alias)`: how logs and `/v1/model` name it."
+        return f"{self.name} v{self.version}" + (f" ({self.alias})" if self.alias else "")
+
+def parse_model_ref(ref: str | int, name: str) -> tuple[str | None, int | None]:
+    "`(alias, version)` of a model reference: `champion`, `candidate`, `3`, `models:/<name>@<alias>`, `models:/<name>/<version>`."
+    ref = str(ref).strip()
+    if ref.startswith("models:/"):
+        body = ref.removeprefix("models:/")
+        model, sep, rest = (body.partition("@") if "@" in body else body.partition("/"))
+        if model != name or not rest:
+            raise RegistryError(f"model URI {ref!r} does not name a version or alias of {name}",
+                                hint=f"use models:/{name}@champion or models:/{name}/<version>")
+        ref = rest
+    if ref.isdigit(): return None, int(ref)
+    if ref.isidentifier(): return ref, None
+    raise RegistryError(f"{ref!r} is not a registry reference", hint="use champion, candidate, a version number or a models:/ URI")
+
+def registered_entry(reg: Registry, version: int) -> dict | None:
+    "The audit log's `register` entry for a version (the hashes recorded when it was registered)."
+    for e in reg.audit.entries():
+        if e["action"] == "register" and e["details"].get("model") == reg.name and e["details"].get("version") == version: return e
+    return None
+
+def resolve_model(reg: Registry, ref: str | int = CHAMPION, cache: str | Path | None = None) -> ServedModel:
+    """Fetch a registry version's ONNX artifact into a local cache, verified against the SHA-256 recorded at its
+    registration in the chain-verified audit log (never a tag or a user-supplied manifest)."""
+    import mlflow, shutil
+    problems = verify_audit(reg)
+    if problems: raise RegistryError(f"the audit log failed verification ({problems[0]}); refusing to serve from the registry",
+                                     hint="run `healthml audit verify` and investigate")
+    alias, version = parse_model_ref(ref, reg.name)
+    if alias is not None:
+        version = reg.alias(alias)
+        if version is None: raise RegistryError(f"{reg.name} has no `{alias}` version",
+                                                hint="register and promote a model first (`healthml model list`)")
+    entry = registered_entry(reg, version)
+    if entry is None: raise RegistryError(f"version {version} of {reg.name} has no registration in the audit log",
+                                          hint="only versions registered with `healthml model register` can be served")
+    sha = entry["details"]["onnx_sha256"]
+    target = Path(cache) if cache else reg.layout.root/".healthml/models"
+    target = target/f"{sha}.onnx"
+    if not (target.exists() and sha256_file(target) == sha):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as d:
+            try: path = mlflow.artifacts.download_artifacts(run_id=reg.version(version)["run_id"], artifact_path=ONNX_ARTIFACT,
+                                                           dst_path=d, tracking_uri=reg.uri)
+            except Exception as e: raise RegistryError(f"version {version}'s ONNX artifact cannot be read ({type(e).__name__})",
+                                                       hint="restore the artifact store") from None
+            if sha256_file(path) != sha:
+                raise RegistryError(f"version {version}'s ONNX artifact differs from the one registered (SHA-256 "
+                                    f"{sha256_file(path)[:12]}... vs {sha[:12]}...): refusing it", hint="the artifact was altered: investigate")
+            shutil.move(path, target)
+    return ServedModel(reg.name, version, sha, target, alias)
+
 
 # %% ../../nbs/40_governance/43_registry.ipynb #9d72227f
 def promote(reg: Registry, version: int, actor: str | None = None, reason: str = "", override: bool = False) -> dict:
