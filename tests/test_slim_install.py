@@ -1,5 +1,5 @@
 """`healthml predict` and the service run in the slim scoring install: numpy, onnxruntime, pandas, pyarrow, pydantic,
-PyYAML, typer, rich and the `serve` extra, with nothing from the training stack. The environment is built from the
+PyYAML, ruamel.yaml, typer, rich and the `serve` extra, with nothing from the training stack. The environment is built from the
 installed distributions (each with its own requirements, as pip would resolve them), offline."""
 import re
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, project_env
 from packaging.requirements import Requirement
 
-SLIM = ["numpy", "onnxruntime", "pandas", "pyarrow", "pydantic", "PyYAML", "typer", "rich",
+SLIM = ["numpy", "onnxruntime", "pandas", "pyarrow", "pydantic", "PyYAML", "ruamel.yaml", "typer", "rich",
         "fastapi", "starlette", "uvicorn", "prometheus-client"]                        # the serve extra
 TRAINING = ["sklearn", "lightgbm", "mlflow", "scipy", "matplotlib", "skl2onnx", "onnxmltools", "skops", "pandera",
             "papermill", "evidently", "dvc", "statsmodels", "fairlearn"]

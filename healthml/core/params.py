@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
-import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
@@ -21,7 +20,7 @@ __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAM
            'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'GateConfig', 'LightGBMConfig',
            'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig', 'DeidentifyConfig',
            'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'ExportConfig', 'TrackingConfig', 'ReportConfig',
-           'MonitorConfig', 'Params', 'parse_params', 'load_params']
+           'MonitorConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
@@ -334,6 +333,8 @@ def _describe(errors) -> str:
     for e in errors:
         key, msg = _key(e["loc"]), e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden": msg = "unknown key (check its spelling)"
+        if e["type"] == "string_type" and isinstance(e.get("input"), bool):
+            msg = f"yes/no value {str(e['input']).lower()} where text is expected: quote it (\"no\", \"yes\")"
         if e["type"] == "union_tag_not_found":
             msg = "`kind` missing" + (f": one of {', '.join(MODEL_KINDS)}" if key.startswith("models.") else "")
         lines.append(msg if key and msg.startswith(f"{key}.") else f"{key or '(top level)'}: {msg}")  # the message names a finer key
@@ -346,13 +347,22 @@ def parse_params(raw: dict) -> Params:
         raise ConfigError(f"params.yaml has {e.error_count()} problem(s):\n{_describe(e.errors())}",
                           hint="fix the keys named above; see README 'Bring your own cohort'") from None
 
+def read_yaml(text: str):
+    """Parse YAML 1.2, as DVC writes it: `no`, `yes`, `on`, `off` are text, never booleans.
+
+    `dvc exp run -S key=value` re-dumps the whole params file with YAML 1.2 quoting, so a category
+    written `"no"` comes back as a bare `no`; a YAML 1.1 reader (PyYAML) would turn it into `False`."""
+    from ruamel.yaml import YAML
+    return YAML(typ="safe", pure=True).load(text)
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     "Read and validate `params.yaml`."
+    from ruamel.yaml.error import YAMLError
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found", hint="run from the project root or pass --params")
-    try: raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    try: raw = read_yaml(path.read_text())
+    except YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}", hint="check indentation and quoting") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections (dataset, split, models, ...)")
