@@ -78,6 +78,8 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
     try:
         status, info = server.get("/v1/model")
         assert status == 200 and info["version"] == filed_manifest(root).parent.name[:12]
+        assert (info["registry"]["registered"], info["registry"]["version"], info["registry"]["sha256"]) == (False, None, info["sha256"])
+        assert "not a registered version" in info["registry"]["warning"]
         from healthml.core.params import load_params
         assert set(info["input_schema"]["properties"]) == set(load_params(root/"params.yaml").dataset.features)
         assert info["input_schema"]["additionalProperties"] is False
@@ -94,9 +96,11 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
         assert 'healthml_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
         assert "healthml_request_latency_seconds_bucket" in metrics and "healthml_predictions_total 50.0" in metrics
     finally:
-        server.stop()
+        _, err = server.stop()
+    assert "WARNING: models/onnx/lightgbm.onnx is not a registered version; used because" in err
     log = [json.loads(x) for x in (tmp_path/"predictions.jsonl").read_text().splitlines()]
     assert len(log) == 50 and {"request_id", "time", "model_version", "model_sha256", "input_sha256", "risk", "latency_ms"} <= set(log[0])
+    assert log[0]["registry_version"] is None and log[0]["model_alias"] is None          # a file: no registry version to name
     assert not set(records[0]) & set(log[0])                              # no feature values, no identifiers
 
 
@@ -139,7 +143,8 @@ def test_reload_switches_model_under_load_without_dropping_a_request(pipeline_pr
         time.sleep(1.0)
         v_log = install("logistic")
         status, body = server.post("/v1/admin/reload")
-        assert status == 200 and body == {"previous_version": v_lgbm, "model_version": v_log}
+        assert status == 200 and (body["previous_version"], body["model_version"]) == (v_lgbm, v_log)
+        assert body["model"]["registered"] is False and body["model"]["sha256"].startswith(v_log)
         time.sleep(1.0)
         stop.set()
         for t in threads: t.join()
@@ -164,6 +169,7 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
     r = run(["healthml", "predict", str(tmp_path/"in.parquet"), "-o", str(tmp_path/"scores.parquet"), "--keep", "sno",
              "--chunk-rows", "500"], root)
     assert f"{len(test)} of {len(data)} rows scored" in r.stderr and "2 rejected" in r.stderr
+    assert "WARNING: models/onnx/lightgbm.onnx is not a registered version" in r.stderr    # no champion yet: the working tree's file
     scores = pd.read_parquet(tmp_path/"scores.parquet")
     assert list(scores.columns) == ["sno", "risk", "band", "model_version"] and len(scores) == len(test)
     reference = pd.read_parquet(root/"data/processed/test_scores.parquet").lightgbm.to_numpy()
@@ -176,8 +182,8 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
 
 def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
     root, _ = pipeline_project
-    code = ("import sys\nfrom healthml.deploy.serve import create_app, RecordScorer\n"
-            f"app = create_app({str(root/'models/onnx/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})\n"
+    code = ("import sys\nfrom healthml.deploy.serve import ModelSlot, create_app, file_source\n"
+            f"app = create_app(ModelSlot(file_source({str(root/'models/onnx/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})))\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'lightgbm', 'mlflow', 'pandas', 'skl2onnx', "
             "'onnxmltools', 'matplotlib', 'scipy', 'dvc', 'papermill'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=project_env(), cwd=tmp_path)
@@ -189,9 +195,10 @@ def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
 @pytest.fixture(scope="module")
 def client(pipeline_project):
     from fastapi.testclient import TestClient
-    from healthml.deploy.serve import create_app
+    from healthml.deploy.serve import ModelSlot, create_app, file_source
     root, _ = pipeline_project
-    return TestClient(create_app(root/"models/onnx/lightgbm.onnx", filed_manifest(root), max_records=20, max_body_bytes=20_000))
+    slot = ModelSlot(file_source(root/"models/onnx/lightgbm.onnx", filed_manifest(root)))
+    return TestClient(create_app(slot, max_records=20, max_body_bytes=20_000))
 
 
 FEATURES = ["age", "sex", "race", "hrt", "crea", "ca", "dzgroup", "meanbp", "aps"]

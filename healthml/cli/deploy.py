@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 from rich.markup import escape
@@ -15,10 +16,14 @@ from rich.markup import escape
 from .common import ParamsOpt, RootOpt, console, fail, need, run_stage
 from ..core.errors import HealthmlError
 from ..core.layout import Layout
-from ..core.params import load_params
+from ..core.params import Params, load_params
+
+if TYPE_CHECKING: from healthml.deploy.serve import ModelSource
 
 # %% auto #0
-__all__ = ['app', 'monitor_app', 'default_model', 'filed_manifest', 'predict', 'serve', 'monitor', 'monitor_demo']
+__all__ = ['app', 'ModelOpt', 'ManifestOpt', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref', 'open_registry',
+           'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning', 'say_model', 'predict',
+           'serve', 'monitored_model', 'monitor', 'monitor_demo']
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f11cb317
 app = typer.Typer()
@@ -36,78 +41,182 @@ def filed_manifest(root: Path) -> Path:
     if not rec.exists(): raise HealthmlError("no filed report found for this run", hint="pass --manifest, or run `dvc repro` first")
     return Path(root)/json.loads(rec.read_text())["report"]/"manifest.json"
 
-# %% ../../nbs/60_cli/65_deploy.ipynb #027cb30c
+# %% ../../nbs/60_cli/65_deploy.ipynb #2b2b125e
+def is_registry_ref(ref: str) -> bool:
+    "Whether `--model` names a registry version (`champion`, `candidate`, `3`, `models:/...`) rather than an ONNX file."
+    return ref.startswith("models:/") or ref.isdigit() or ref.isidentifier()
+
+def open_registry(params: Params, root: Path):
+    "The project's model registry, or None and why there is none here (MLflow not installed, no store yet)."
+    import importlib.util
+    if importlib.util.find_spec("mlflow") is None: return None, "MLflow is not installed (the slim scoring install)"
+    uri = params.tracking.store_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None, "there is no model registry here yet"
+    from healthml.governance.registry import Registry
+    return Registry(params, root), ""
+
+@dataclass(frozen=True)
+class ModelChoice:
+    "What `--model` resolved to: how to get the model now, how to see its alias move, and why a file stands in."
+    resolve: Callable[[], ModelSource]            # fetched and verified (a registry version), or a file and its hash
+    peek: Callable[[], int | None] | None = None  # the version the alias names now (a registry alias only)
+    file: Path | None = None                      # the ONNX file, when a file is used rather than a registry version
+    note: str | None = None                       # why the working tree's file is used when no --model was given
+
+# %% ../../nbs/60_cli/65_deploy.ipynb #f1de63d3
+def registry_choice(reg, ref: str) -> ModelChoice:
+    "A registry version by alias, number or `models:/` URI; resolved (fetched and verified) at every call."
+    from healthml.deploy.serve import ModelSource
+    from healthml.governance.registry import parse_model_ref, registered_entry, resolve_model
+    alias, _ = parse_model_ref(ref, reg.name)        # a malformed reference fails here, before anything is loaded
+    def resolve():
+        m = resolve_model(reg, ref)
+        gate = ((registered_entry(reg, m.version) or {}).get("details") or {}).get("gate")
+        return ModelSource(m.path, m.sha256, str(ref), m.name, m.version, m.alias, gate)
+    return ModelChoice(resolve, (lambda: reg.alias(alias)) if alias else None)
+
+def file_choice(model: Path, manifest: Path | None, root: Path, note: str | None = None) -> ModelChoice:
+    "An ONNX file, checked against `manifest` (default: this run's filed report) when it is loaded."
+    from healthml.deploy.serve import file_source
+    need(model, hint="run `dvc repro` to export the models, or pass --model champion")
+    return ModelChoice(lambda: file_source(model, manifest or filed_manifest(Path(root)))(), file=Path(model), note=note)
+
+def choose_model(ref: str | None, manifest: Path | None, params: Path, root: Path) -> ModelChoice:
+    """`--model`: a registry version (the champion when none is named and the registry has one), or a file; with no
+    registry or no champion, the working tree's candidate file stands in (and `note` says why)."""
+    if ref is None and manifest is not None: ref = str(default_model(params, root))  # the old form: candidate file + manifest
+    if ref is not None and not is_registry_ref(ref): return file_choice(Path(ref), manifest, root)
+    if manifest is not None:
+        raise HealthmlError("--manifest applies to a model file, not to a registry version",
+                            hint="drop --manifest: a registry version is checked against the hash recorded at its registration")
+    p = load_params(params)
+    reg, why = open_registry(p, Path(root))
+    if ref is None:
+        if reg is not None and reg.alias("champion") is not None: return registry_choice(reg, "champion")
+        return file_choice(default_model(params, root), None, root, why or f"{p.report.model_name} has no champion yet")
+    if reg is None: raise HealthmlError(f"--model {ref} names a registry version, but {why}",
+                                        hint="pass an ONNX file (and --manifest) for offline use")
+    return registry_choice(reg, ref)
+
+# %% ../../nbs/60_cli/65_deploy.ipynb #577a5ff4
+def model_warning(source: ModelSource, note: str | None = None) -> str | None:
+    "The WARNING line for a model that is not a registered, gate-passing version (None when it is one)."
+    w = source.warning()
+    if w is None: return None
+    if source.registered: return f"WARNING: {w}"
+    why = f"used because {note}; promote a version (`healthml model promote <N> --reason ...`) to score with the champion" \
+          if note else "offline use; `--model champion` scores with the registry's champion"
+    return f"WARNING: {Path(source.path)} is not a registered version; {why}"
+
+def say_model(source: ModelSource, note: str | None = None) -> None:
+    "Print the WARNING line, if any, for the model about to score."
+    if (w := model_warning(source, note)): console.print(f"[yellow]{escape(w)}[/yellow]")
+
+# %% ../../nbs/60_cli/65_deploy.ipynb #75e5c2db
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=(
+    "Which model: champion (the default once the registry has one), candidate, a version number, models:/<name>@<alias> "
+    "or models:/<name>/<N>, fetched from the registry and checked against the hash recorded at its registration; or an "
+    "ONNX file for offline use (checked against --manifest; not a registered version)."), show_default=False)]
+ManifestOpt = Annotated[Path | None, typer.Option(help="With a model file only: the manifest recording its SHA-256 (a report's "
+                                                  "manifest.json); default: this run's filed report.")]
+
 @app.command(rich_help_panel="Production")
 def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of records to score.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (.parquet or .csv).")],
-            model: Annotated[Path | None, typer.Option(help="The ONNX model (default: the gate candidate's).")] = None,
-            manifest: Annotated[Path | None, typer.Option(help="Manifest recording the model's SHA-256 (a report's "
-                                                          "manifest.json); default: this run's filed report.")] = None,
+            model: ModelOpt = None, manifest: ManifestOpt = None,
             keep: Annotated[list[str] | None, typer.Option(help="Input columns to copy to the output (e.g. an encounter id).")] = None,
             chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per chunk (bounds memory).")] = 100_000,
             rejects: Annotated[Path | None, typer.Option(help="Rejected rows with reasons (default: <out>.rejects.<ext>).")] = None,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Score a file in chunks with the verified ONNX model: risk, band and model version per row.
+    """Score a file in chunks with a verified model version: risk, band and model version per row.
 
     Rows that break the dataset spec go to the rejects file with row numbers and reasons (never values).
-    Example: healthml predict new_admissions.parquet -o scores.parquet --keep encounter_id"""
+
+    Examples: healthml predict new_admissions.parquet -o scores.parquet --keep encounter_id   (the champion)
+              healthml predict new_admissions.parquet -o scores.parquet --model models:/support2-mortality/3"""
     def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from healthml.deploy.serve import RecordScorer, file_rows, predict_file
-        from healthml.modelling.scoring import expected_sha256
         need(input, hint="the file of records to score")
-        m = model or default_model(params, root)
-        need(m, hint="pass --model, or run `dvc repro` to export the models")
-        scorer = RecordScorer.from_file(m, expected_sha256(manifest or filed_manifest(Path(root)), m))
+        choice = choose_model(model, manifest, params, root)
+        source = choice.resolve()
+        say_model(source, choice.note)
+        scorer = RecordScorer.from_file(source.path, source.sha256, source=source)      # hashed again as it is read
         with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                       transient=True) as bar:
             task = bar.add_task("rows", total=file_rows(input))
             r = predict_file(scorer, input, out, rejects, keep or [], chunk_rows, progress=lambda n: bar.advance(task, n))
         rej = f"; {r['rejected']} rejected -> {r['rejects']}" if r["rejected"] else ""
-        return f"{r['scored']} of {r['rows']} rows scored with model {r['model_version']} -> {out}{rej}"
+        return f"{r['scored']} of {r['rows']} rows scored with {source.label}, model {r['model_version']} -> {out}{rej}"
     run_stage("predict", go)
 
-# %% ../../nbs/60_cli/65_deploy.ipynb #0d93e658
+# %% ../../nbs/60_cli/65_deploy.ipynb #57557039
 @app.command(rich_help_panel="Production")
-def serve(model: Annotated[Path | None, typer.Option(help="The ONNX model to serve (default: the gate candidate's).")] = None,
-          manifest: Annotated[Path | None, typer.Option(help="Manifest recording the model's SHA-256; default: this run's filed report.")] = None,
+def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
+          poll_seconds: Annotated[float, typer.Option(min=0, help="How often to look at the alias served (champion, candidate) "
+                                                      "and hot-swap, verified, to the version it moved to; 0: never.")] = 5,
           host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
           log: Annotated[Path, typer.Option(help="Prediction log (JSONL, no identifiers).")] = Path("logs/predictions.jsonl"),
           max_records: Annotated[int, typer.Option(min=1, help="Most records per request.")] = 1000,
           params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Serve the verified ONNX model over HTTP (FastAPI + uvicorn).
+    """Serve a verified model version over HTTP (FastAPI + uvicorn), following its alias.
 
-    Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload switches to the
-    model now at --model after verifying it.
+    Serves the champion (by default) and swaps to a new champion within --poll-seconds of a promote or rollback,
+    after verifying it; a version that fails verification is refused and the old one keeps serving.
+    Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload resolves the model
+    again now.
 
-    Example: healthml serve --port 8000   (then: curl -s localhost:8000/v1/model)"""
+    Examples: healthml serve --port 8000   (then: curl -s localhost:8000/v1/model)
+              healthml serve --model candidate --poll-seconds 30"""
     try:
         import uvicorn
-        from healthml.deploy.serve import create_app
-        m = model or default_model(params, root)
-        need(m, hint="pass --model, or run `dvc repro` to export the models")
-        app_ = create_app(m, manifest or filed_manifest(Path(root)), log=log, max_records=max_records)
+        from healthml.deploy.serve import ModelSlot, create_app
+        choice = choose_model(model, manifest, params, root)
+        slot = ModelSlot(choice.resolve, peek=choice.peek)
+        say_model(slot.current.source, choice.note)
+        app_ = create_app(slot, log=log, max_records=max_records, poll_seconds=poll_seconds, say=_say_swap)
     except HealthmlError as e:
         fail("serve", e)
         raise typer.Exit(1)
-    console.print(f"[green]✓[/green] serving {escape(str(m))} on http://{host}:{port} (log: {log})")
+    src = slot.current.source
+    watching = f"; following `{src.alias}` every {poll_seconds:g} s" if choice.peek and poll_seconds else ""
+    console.print(f"[green]✓[/green] serving {escape(src.label)}, model {slot.current.version}, on http://{host}:{port} "
+                  f"(log: {log}{watching})")
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+def _say_swap(line: str, ok: bool) -> None:
+    "The alias watch's one line: a swap, or a refusal (the old model keeps serving)."
+    console.print(f"[green]✓[/green] {escape(line)}" if ok else f"[red]✗ {escape(line)}[/red]")
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f854f78a
 monitor_app = typer.Typer()
 
 app.add_typer(monitor_app, name="monitor", rich_help_panel="Production")
 
-# %% ../../nbs/60_cli/65_deploy.ipynb #6973e898
+# %% ../../nbs/60_cli/65_deploy.ipynb #b473b8e9
+def monitored_model(ref: str | None, params: Path, root: Path):
+    """The ONNX file the monitor scores with, its `ModelSource` and why a file stands in. A registry version is fetched
+    and verified (and read once more, verified, here); a file is checked by the monitor itself, against
+    metrics/export.json when the pipeline exported it."""
+    from healthml.core.io import sha256_file
+    from healthml.deploy.serve import ModelSource
+    from healthml.modelling.scoring import load_verified
+    choice = choose_model(ref, None, params, root)
+    if choice.file is not None: return choice.file, ModelSource(choice.file, sha256_file(choice.file), str(choice.file)), choice.note
+    source = choice.resolve()
+    load_verified(source.path, source.sha256)
+    return source.path, source, None
+
+# %% ../../nbs/60_cli/65_deploy.ipynb #152cd42d
 @monitor_app.callback(invoke_without_command=True)
 def monitor(ctx: typer.Context,
             current: Annotated[Path | None, typer.Option(help="The current window: a CSV/Parquet extract (features, and the "
                                                          "outcome once known), or the service's prediction log (.jsonl).")] = None,
             reference: Annotated[Path | None, typer.Option(help="The reference window (default: the held-out test split the "
                                                            "model was validated on).")] = None,
-            model: Annotated[Path | None, typer.Option(help="ONNX model that scores both windows (default: the gate candidate's, "
-                                                       "verified against metrics/export.json).")] = None,
+            model: ModelOpt = None,
             since: Annotated[str | None, typer.Option(help="Prediction log only: first time in the window (UTC, ISO).")] = None,
             until: Annotated[str | None, typer.Option(help="Prediction log only: end of the window, exclusive (UTC, ISO).")] = None,
             out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/monitoring/<date>/<window>).")] = None,
@@ -116,12 +225,14 @@ def monitor(ctx: typer.Context,
 
     Data quality, feature and prediction drift (Evidently), alert rate, and, when outcomes have arrived, outcome
     rate, AUROC and calibration, each with a 95% CI. Thresholds are in params.yaml (section `monitor`). Files monitor.json, Evidently's HTML and a monitoring report
-    under reports/monitoring/<date>/<window>/, linked from reports/index.html.
+    under reports/monitoring/<date>/<window>/, linked from reports/index.html. The model is the champion unless --model
+    names another; one that is not a registered, gate-passing version is warned about and recorded as such.
 
     Exit status, for a scheduler: 0 no alert, 3 warning (drift; look soon), 4 critical (broken inputs or performance
     decay; act now), 1 the monitor could not run.
 
-    Example: healthml monitor --current data/live/2026-11.parquet"""
+    Examples: healthml monitor --current data/live/2026-11.parquet
+              healthml monitor --current logs/predictions.jsonl --since 2026-11-01 --model 3"""
     if ctx.invoked_subcommand is not None: return
     if current is None:
         console.print("[red]✗ monitor:[/red] --current is required (or run `healthml monitor demo`)")
@@ -130,15 +241,20 @@ def monitor(ctx: typer.Context,
     def go():
         from healthml.deploy.monitor import monitor as run_monitor
         need(current, hint="the production window to compare (CSV, Parquet or the service's .jsonl log)")
-        r = run_monitor(load_params(params), Layout(root), current, reference, model, since, until, out,
-                        progress=lambda msg: console.print(f"  [dim]· {escape(msg)}[/dim]"))
+        path, source, note = monitored_model(model, params, root)
+        say_model(source, note)
+        r = run_monitor(load_params(params), Layout(root), current, reference, path, since, until, out,
+                        progress=lambda msg: console.print(f"  [dim]· {escape(msg)}[/dim]"),
+                        registry=source.record())
+        if r["model"]["sha256"] != source.sha256:      # the monitor hashes the file it scores with: it must be this one
+            raise HealthmlError(f"the monitor scored with a model other than {source.label}", hint="rerun; investigate if it repeats")
         result.update(r)
         for a in r["alerts"]:
             colour = "red" if a["severity"] == "critical" else "yellow"
             console.print(f"  [{colour}]{a['severity']}[/{colour}] {a['monitor']}: {escape(a['message'])}")
         console.print(f"  [bold]recommendation:[/bold] {escape(r['recommendation']['action'])}")
         if r["recommendation"]["command"]: console.print(f"  [dim]{escape(r['recommendation']['command'])}[/dim]")
-        return f"{r['status']}: {len(r['alerts'])} alert(s) -> {r['report_dir']}/monitoring.html"
+        return f"{r['status']} with {source.label}: {len(r['alerts'])} alert(s) -> {r['report_dir']}/monitoring.html"
     run_stage("monitor", go)
     from healthml.deploy.monitor import EXIT_CODES
     raise typer.Exit(EXIT_CODES[result["status"]])

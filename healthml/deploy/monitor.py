@@ -492,7 +492,8 @@ def file_monitoring(result: dict, snapshot, out_dir: Path, template: Path, scann
 # %% ../../nbs/50_deploy/53_monitor.ipynb #9da8a38d
 def monitor(params: Params, layout: Layout, current: str | Path, reference: str | Path | None = None,
             model: str | Path | None = None, since: str | None = None, until: str | None = None,
-            out_dir: str | Path | None = None, render: bool = True, kernel: str = "python3", progress=None) -> dict:
+            out_dir: str | Path | None = None, render: bool = True, kernel: str = "python3", progress=None,
+            registry: dict | None = None) -> dict:
     "Monitor `current` against `reference`; file the report; the result (with `report_dir`)."
     from healthml.data.phi import PhiScanner, identifier_values
     spec, cfg, top = params.dataset, params.monitor, params.deidentify.age_top_code
@@ -519,7 +520,8 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
     result, snap = compare_windows(ref, cur, threshold, cfg, str(current), samples=((rs, r_how), (cs, c_how)),
                                    features_measured=not log_only)
     result["model"] = {"file": model.name, "sha256": sha, "threshold": threshold,
-                       "name": scorer.metadata.get("model_name", "model")}
+                       "name": scorer.metadata.get("model_name", "model"),
+                       "registry": registry}  # the caller's record of the version (number, alias, gate, registered)
     result["windows"]["reference"]["name"] = str(reference)
     if render:
         dest = Path(out_dir) if out_dir else layout.monitoring/result["date"]/window_name(current, since, until)

@@ -11,24 +11,27 @@ import os
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..core.errors import HealthmlError
 from ..core.rules import compile_rules, frame_problems, record_model, record_problems
-from ..modelling.scoring import (ModelIntegrityError, OnnxScorer, expected_sha256, load_verified, risk_band,
-                                        risk_bands)
+from ..modelling.scoring import OnnxScorer, expected_sha256, load_verified, risk_band, risk_bands
 
 # %% auto #0
-__all__ = ['RecordScorer', 'file_chunks', 'file_rows', 'predict_file', 'ModelSlot', 'PredictionLog', 'input_hash', 'Guard',
-           'create_app']
+__all__ = ['RecordScorer', 'file_chunks', 'file_rows', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch',
+           'PredictionLog', 'input_hash', 'Guard', 'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
 class RecordScorer:
     "Check, encode and score feature records (dicts) with a verified ONNX model."
-    def __init__(self, model: bytes, sha256: str, threads: int = 1):
+    def __init__(self, model: bytes, sha256: str, threads: int = 1, source: ModelSource | None = None):
+        self.source = source                             # where the model came from (registry version or file), when known
         self.model = OnnxScorer(model, threads)          # the session, its metadata and the whole-frame encoding
         self.session, self.metadata, self.schema, self.missing = (self.model.session, self.model.metadata,
                                                                   self.model.schema, self.model.missing)
@@ -41,8 +44,8 @@ class RecordScorer:
         self._out = ["probabilities"]
 
     @classmethod
-    def from_file(cls, model: str | Path, sha256: str, threads: int = 1) -> "RecordScorer":
-        return cls(load_verified(model, sha256), sha256, threads)
+    def from_file(cls, model: str | Path, sha256: str, threads: int = 1, source: ModelSource | None = None) -> "RecordScorer":
+        return cls(load_verified(model, sha256), sha256, threads, source)
 
     def check(self, record: dict) -> list[dict]:
         "Field-level problems with one record (field and rule; never the value)."
@@ -135,21 +138,100 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
         tmp_out.unlink(missing_ok=True); tmp_rej.unlink(missing_ok=True)
     return counts | {"model_version": scorer.version, "output": str(out), "rejects": str(rejects) if counts["rejected"] else None}
 
-# %% ../../nbs/50_deploy/51_serve.ipynb #2bf3e34f
+# %% ../../nbs/50_deploy/51_serve.ipynb #5afc3467
+@dataclass(frozen=True)
+class ModelSource:
+    "The model to score with and where it came from: a registry version, or (offline) a file checked against a manifest."
+    path: Path                  # the ONNX file (for a registry version: the verified copy in the local cache)
+    sha256: str                 # the hash it must have: recorded at registration, or in the manifest
+    ref: str = ""               # what the operator asked for: `champion`, `3`, `models:/...`, a file
+    name: str | None = None     # the registered model's name; None for a file
+    version: int | None = None  # the registry version; None for a file
+    alias: str | None = None    # `champion`, `candidate`, ... when the version was asked for by alias
+    gate: str | None = None     # the gate verdict recorded in the audit log at registration
+
+    @property
+    def registered(self) -> bool: return self.version is not None
+
+    @property
+    def label(self) -> str:
+        "How logs name it: `support2-mortality v2 (champion)`, or the file's name."
+        if not self.registered: return f"{Path(self.path).name} (not a registered version)"
+        return f"{self.name} v{self.version}" + (f" ({self.alias})" if self.alias else "")
+
+    def warning(self) -> str | None:
+        "Why scores from this model cannot be traced to a registered, gate-passing version (None when they can)."
+        if not self.registered: return f"{Path(self.path).name} is not a registered version; its scores trace to no audited registration"
+        if self.gate != "PASS": return f"{self.label} did not pass the gate (verdict {self.gate or 'unknown'} at registration)"
+        return None
+
+    def record(self) -> dict:
+        "The JSON `/v1/model`, the prediction log and the monitoring report use to name the model."
+        return {"ref": self.ref, "name": self.name, "version": self.version, "alias": self.alias, "sha256": self.sha256,
+                "registered": self.registered, "gate": self.gate, "warning": self.warning()}
+
+def file_source(model: str | Path, manifest: str | Path) -> Callable[[], ModelSource]:
+    "A resolver for an ONNX file and the manifest that records its hash (both re-read at every call)."
+    return lambda: ModelSource(Path(model), expected_sha256(manifest, model), ref=str(model))
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #b70169eb
 class ModelSlot:
-    "The scorer in service; replaced atomically by `reload`."
-    def __init__(self, model: str | Path, manifest: str | Path, threads: int = 1):
-        self.model, self.manifest, self.threads = Path(model), Path(manifest), threads
-        self._lock = threading.Lock()
-        self.current = RecordScorer.from_file(self.model, expected_sha256(self.manifest, self.model), threads)
+    """The scorer in service, carrying its `source`; swapped as one object, so a request that took it finishes on it.
+    `resolve` names the model to serve now (fetched and verified); `peek`, when given, cheaply names the version an
+    alias points at now, so a watch can tell that it moved without fetching anything."""
+    def __init__(self, resolve: Callable[[], ModelSource], threads: int = 1, peek: Callable[[], int | None] | None = None):
+        self.resolve, self.peek, self.threads = resolve, peek, threads
+        self._lock = threading.Lock()                    # one resolution at a time: the watch and the reload endpoint
+        self.current = self._load(resolve())
 
-    def reload(self) -> tuple[str, str]:
-        "Verify and load the files now at the model and manifest paths; swap them in. (old, new) versions."
-        new = RecordScorer.from_file(self.model, expected_sha256(self.manifest, self.model), self.threads)
+    def _load(self, source: ModelSource) -> RecordScorer:
+        return RecordScorer.from_file(source.path, source.sha256, self.threads, source)   # hashed again as it is read
+
+    def reload(self) -> tuple[RecordScorer, RecordScorer]:
+        "Resolve, verify and load the model the reference names now, and swap it in; (old, new)."
         with self._lock:
+            new = self._load(self.resolve())
+            if new.schema != self.current.schema:
+                raise HealthmlError(f"{new.source.label} takes different inputs than {self.current.source.label}: not swapped",
+                                    hint="restart the service to change the input schema (its clients must change too)")
             old, self.current = self.current, new
-        return old.version, new.version
+        return old, new
 
+    def moved(self) -> bool:
+        "Whether the watched alias now names another version than the one in service."
+        if self.peek is None: return False
+        with self._lock: return self.peek() != self.current.source.version
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #5edace4f
+class AliasWatch:
+    "A background thread that looks at the slot's alias every `seconds` and swaps in the version it moved to."
+    def __init__(self, slot: ModelSlot, seconds: float, say: Callable[[str, bool], None] = lambda line, ok: None):
+        self.slot, self.seconds, self.say = slot, seconds, say
+        self._stop, self._last = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, name="healthml-alias-watch", daemon=True)
+
+    def check(self) -> bool:
+        "One look: swap if the alias moved (True); a failure keeps the model in service and is said once, in one line."
+        try:
+            if not self.slot.moved(): self._last = None; return False
+            old, new = self.slot.reload()
+        except Exception as e:                           # anything (a refused hash, the store down): keep serving
+            why = str(e) if isinstance(e, HealthmlError) else f"{type(e).__name__} while resolving the alias"
+            line = f"model not swapped, still serving {self.slot.current.source.label}: {why}"
+            if line != self._last: self.say(line, False)
+            self._last = line
+            return False
+        self._last = None
+        self.say(f"model switched: {old.source.label} -> {new.source.label} (sha256 {new.sha256[:12]})", True)
+        return True
+
+    def _run(self):
+        while not self._stop.wait(self.seconds): self.check()
+
+    def start(self) -> "AliasWatch": self.thread.start(); return self
+    def stop(self) -> None: self._stop.set(); self.thread.join(timeout=self.seconds + 30)
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #253a728a
 class PredictionLog:
     "Append-only JSONL of predictions, fsync'd per request; no identifiers (requests hold only features)."
     def __init__(self, path: str | Path | None):
@@ -219,44 +301,89 @@ def _clean_errors(errors) -> list[dict]:
         out.append({"field": ".".join(loc), "rule": e.get("msg", "invalid"), "type": e.get("type", "")})
     return out
 
-# %% ../../nbs/50_deploy/51_serve.ipynb #ce1c014d
-def create_app(model: str | Path, manifest: str | Path, log: str | Path | None = None, max_records: int = 1000,
-               max_body_bytes: int = 1_000_000, threads: int = 1):
-    "The FastAPI scoring service for the verified model at `model`."
+# %% ../../nbs/50_deploy/51_serve.ipynb #5b72347e
+def _service_metrics(reg) -> dict:
+    "The service's Prometheus metrics, in `reg`."
+    from prometheus_client import Counter, Gauge, Histogram
+    return {"requests": Counter("healthml_requests", "HTTP requests", ["endpoint", "status"], registry=reg),
+            "latency": Histogram("healthml_request_latency_seconds", "Request latency", ["endpoint"], registry=reg,
+                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1)),
+            "rejected": Counter("healthml_rejected_inputs", "Rejected inputs by rule type", ["type"], registry=reg),
+            "predictions": Counter("healthml_predictions", "Records scored", registry=reg),
+            "model": Gauge("healthml_model_info", "Model in service", ["name", "version", "registry_version", "alias"], registry=reg)}
+
+def _info_routes(app, slot: ModelSlot, Record, max_records: int, reg, m: dict) -> None:
+    "`/v1/model`, the health probes, `/metrics` and `POST /v1/admin/reload`."
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    @app.get("/v1/model")
+    def model_info():
+        s = slot.current
+        return {"name": s.name, "version": s.version, "sha256": s.sha256, "threshold": s.threshold, "registry": s.source.record(),
+                "metadata": {k: v for k, v in s.metadata.items() if k != "feature_schema"},
+                "input_schema": Record.model_json_schema(), "max_records": max_records}
+
+    @app.get("/healthz")
+    def healthz(): return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(): return {"status": "ready", "model_version": slot.current.version, "registry_version": slot.current.source.version}
+
+    @app.get("/metrics")
+    def metrics():
+        s = slot.current                                 # the model in service now, whoever swapped it
+        m["model"].clear(); m["model"].labels(s.name, s.version, str(s.source.version or ""), s.source.alias or "").set(1)
+        return PlainTextResponse(generate_latest(reg).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/admin/reload")
+    def reload():
+        try: old, new = slot.reload()
+        except Exception as e:                           # a refused hash, a missing file, the registry unreachable
+            why = str(e) if isinstance(e, (HealthmlError, OSError)) else type(e).__name__
+            return JSONResponse({"detail": f"reload refused: {why}", "model_version": slot.current.version,
+                                 "registry_version": slot.current.source.version}, status_code=409)
+        return {"previous_version": old.version, "model_version": new.version,
+                "previous": old.source.record(), "model": new.source.record()}
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #f8255a33
+def create_app(slot: ModelSlot, log: str | Path | None = None, max_records: int = 1000, max_body_bytes: int = 1_000_000,
+               poll_seconds: float = 0, say: Callable[[str, bool], None] = lambda line, ok: None):
+    "The FastAPI scoring service around `slot`; with `poll_seconds` (and an alias to watch) it follows the alias."
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from fastapi.responses import JSONResponse
+    from prometheus_client import CollectorRegistry
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    slot, plog = ModelSlot(model, manifest, threads), PredictionLog(log)
-    Record = record_model(slot.current.schema)
+    plog, Record = PredictionLog(log), record_model(slot.current.schema)
 
     class PredictRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         records: list[Record] = Field(min_length=1, max_length=max_records)
 
     reg = CollectorRegistry()
-    m_requests = Counter("healthml_requests", "HTTP requests", ["endpoint", "status"], registry=reg)
-    m_latency = Histogram("healthml_request_latency_seconds", "Request latency", ["endpoint"], registry=reg,
-                          buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
-    m_rejected = Counter("healthml_rejected_inputs", "Rejected inputs by rule type", ["type"], registry=reg)
-    m_predictions = Counter("healthml_predictions", "Records scored", registry=reg)
-    m_model = Gauge("healthml_model_info", "Model in service", ["name", "version"], registry=reg)
-    m_model.labels(slot.current.name, slot.current.version).set(1)
+    m = _service_metrics(reg)
+    watch = AliasWatch(slot, poll_seconds, say) if poll_seconds and slot.peek else None
 
-    app = FastAPI(title="healthml scoring service", version="1",
+    @asynccontextmanager
+    async def lifespan(app):
+        if watch: watch.start()
+        yield
+        if watch: watch.stop()
+
+    app = FastAPI(title="healthml scoring service", version="1", lifespan=lifespan,
                   description=f"Risk of the outcome from one verified ONNX model ({slot.current.name}).")
 
     def observe(path: str, status: int, seconds: float):
-        m_requests.labels(path, str(status)).inc()
-        m_latency.labels(path).observe(seconds)
+        m["requests"].labels(path, str(status)).inc()
+        m["latency"].labels(path).observe(seconds)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = _clean_errors(exc.errors())
-        for e in errors: m_rejected.labels(e["type"] or "invalid").inc()
+        for e in errors: m["rejected"].labels(e["type"] or "invalid").inc()
         return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -265,50 +392,25 @@ def create_app(model: str | Path, manifest: str | Path, log: str | Path | None =
 
     def predict(body: PredictRequest):
         t0 = time.perf_counter()
-        scorer = slot.current
+        scorer = slot.current                            # taken once: a swap during this request does not touch it
         records = [r.model_dump(exclude_none=True) for r in body.records]
         problems = [(i, e) for i, r in enumerate(records) for e in scorer.check(r)]
         if problems:  # the schema already enforces these; this keeps the scorer's own rules authoritative
-            for _, e in problems: m_rejected.labels("spec").inc()
+            for _, e in problems: m["rejected"].labels("spec").inc()
             return JSONResponse({"detail": "invalid request", "errors": [
                 {"field": f"records.{i}.{e['field']}", "rule": e["rule"], "type": "spec"} for i, e in problems]}, status_code=422)
         risks = scorer.score(records)
         ms = (time.perf_counter() - t0) * 1000
-        rid, now = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        rid, now, src = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source
         out = [{"risk": round(float(p), 6), "band": risk_band(p, scorer.threshold), "alert": bool(p >= scorer.threshold)} for p in risks]
         plog.write([{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
-                     "input_sha256": input_hash(r), "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)}
-                    for r, o in zip(records, out)])
-        m_predictions.inc(len(out))
-        return {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version}, "threshold": scorer.threshold,
-                "predictions": out}
+                     "registry_version": src.version, "model_alias": src.alias, "input_sha256": input_hash(r),
+                     "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)])
+        m["predictions"].inc(len(out))
+        return {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
+                                             "alias": src.alias}, "threshold": scorer.threshold, "predictions": out}
     predict.__annotations__["body"] = PredictRequest  # a real class, not the postponed string (built at run time)
     app.post("/v1/predict")(predict)
-
-    @app.get("/v1/model")
-    def model_info():
-        s = slot.current
-        return {"name": s.name, "version": s.version, "sha256": s.sha256, "threshold": s.threshold,
-                "metadata": {k: v for k, v in s.metadata.items() if k != "feature_schema"},
-                "input_schema": Record.model_json_schema(), "max_records": max_records}
-
-    @app.get("/healthz")
-    def healthz(): return {"status": "ok"}
-
-    @app.get("/readyz")
-    def readyz():
-        return {"status": "ready", "model_version": slot.current.version}
-
-    @app.get("/metrics")
-    def metrics(): return PlainTextResponse(generate_latest(reg).decode(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/v1/admin/reload")
-    def reload():
-        try: old, new = slot.reload()
-        except (ModelIntegrityError, OSError) as e:
-            return JSONResponse({"detail": f"reload refused: {e}", "model_version": slot.current.version}, status_code=409)
-        m_model.clear(); m_model.labels(slot.current.name, new).set(1)
-        return {"previous_version": old, "model_version": new}
-
-    app.state.slot = slot
+    _info_routes(app, slot, Record, max_records, reg, m)
+    app.state.slot, app.state.watch = slot, watch
     return Guard(app, max_body_bytes, observe)
