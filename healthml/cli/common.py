@@ -5,6 +5,7 @@
 # %% ../../nbs/60_cli/61_common.ipynb #0fa01e47
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 from pathlib import Path
@@ -17,8 +18,8 @@ from rich.markup import escape
 from ..core.errors import HealthmlError
 
 # %% auto #0
-__all__ = ['TELEMETRY_OFF', 'console', 'ParamsOpt', 'RootOpt', 'ActorOpt', 'ReasonOpt', 'SETTINGS', 'telemetry_off', 'verbose',
-           'need', 'fail', 'run_stage', 'flags_without_placeholder']
+__all__ = ['TELEMETRY_OFF', 'console', 'ParamsOpt', 'RootOpt', 'ActorOpt', 'ReasonOpt', 'SETTINGS', 'QUIET_LOGGERS',
+           'telemetry_off', 'verbose', 'quiet_libraries', 'need', 'fail', 'run_stage', 'flags_without_placeholder']
 
 # %% ../../nbs/60_cli/61_common.ipynb #2ec3e81d
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "ORT_DISABLE_TELEMETRY": "1",
@@ -43,6 +44,15 @@ def verbose() -> bool:
     "Whether `--verbose` was given to the root command."
     return SETTINGS["verbose"]
 
+# %% ../../nbs/60_cli/61_common.ipynb #76965791
+QUIET_LOGGERS = ("mlflow", "alembic")  # libraries whose INFO lines a successful command does not show
+
+def quiet_libraries(verbose: bool = False, environ=os.environ) -> None:
+    "Keep MLflow's and alembic's INFO lines off a command's output unless `verbose` (a user's MLFLOW_LOGGING_LEVEL wins)."
+    if verbose or "MLFLOW_LOGGING_LEVEL" in environ: return
+    environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # read by mlflow when imported; inherited by the report's kernel
+    for name in QUIET_LOGGERS: logging.getLogger(name).setLevel(logging.WARNING)  # in case mlflow is imported already
+
 # %% ../../nbs/60_cli/61_common.ipynb #9e7573cf
 def need(*paths: Path, hint: str = "") -> None:
     "Stop with one line naming the first of `paths` that does not exist."
@@ -56,7 +66,8 @@ def fail(stage: str, e: HealthmlError) -> None:
     if e.hint: console.print(f"  [yellow]hint:[/yellow] {escape(e.hint)}")
 
 def run_stage(stage: str, fn: Callable[[], str]) -> None:
-    "Run one command's work, print its summary; errors become one clear line and exit status 1 (2 if unexpected)."
+    "Run one command's work (library INFO lines off unless --verbose), print its summary; errors become one clear line and exit status 1 (2 if unexpected)."
+    quiet_libraries(verbose())
     try:
         with console.status(f"[bold]{stage}[/bold] ..."):
             summary = fn()

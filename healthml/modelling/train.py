@@ -5,8 +5,11 @@
 # %% ../../nbs/20_modelling/21_train.ipynb #0e7f6d86
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+from collections.abc import Mapping
 from contextlib import contextmanager
 import time
 from pathlib import Path
@@ -27,9 +30,10 @@ from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, T
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['PIPELINES', 'TRUSTED_PREFIXES', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline', 'model_pipeline',
-           'model_pipelines', 'ModelFileError', 'save_model', 'load_model', 'git_commit', 'using_tracking',
-           'mlflow_experiment', 'flat_params', 'train_models']
+__all__ = ['PIPELINES', 'TRUSTED_PREFIXES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
+           'model_pipeline', 'model_pipelines', 'ModelFileError', 'save_model', 'load_model', 'pipeline_outputs',
+           'git_commit', 'using_tracking', 'mlflow_experiment', 'flat_params', 'params_hash', 'run_name',
+           'dvc_experiment', 'run_description', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -115,16 +119,33 @@ def load_model(path: str | Path):
     if foreign: raise ModelFileError(f"{path.name} contains types healthml does not load: {', '.join(foreign)}")
     return sio.loads(data, trusted=untrusted)
 
-# %% ../../nbs/20_modelling/21_train.ipynb #a9c30a0e
+# %% ../../nbs/20_modelling/21_train.ipynb #a67913a3
+def pipeline_outputs(dvc_yaml: str) -> list[str]:
+    "What `dvc repro` writes itself: `dvc.lock` and each stage's outs, metrics and plots in `dvc_yaml` (a templated path by its fixed folder)."
+    import yaml
+    paths = ["dvc.lock"]
+    for stage in ((yaml.safe_load(dvc_yaml) or {}).get("stages") or {}).values():
+        stage = stage.get("do", stage)  # a foreach/matrix stage
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind) or []:
+                path = out if isinstance(out, str) else next(iter(out))
+                fixed = path.split("${")[0] if "${" not in path else path.split("${")[0].rpartition("/")[0]
+                if fixed: paths.append(fixed.rstrip("/"))
+    return paths
+
+# %% ../../nbs/20_modelling/21_train.ipynb #2c5b60de
 def git_commit(root: str | Path = ".") -> str:
-    "The current git commit, with `+dirty` when the work tree has changes; `unknown` outside git."
+    "The current git commit, `+dirty` when tracked source differs from it (not the pipeline's outputs); `unknown` outside git."
+    def git(*args): return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        sha = git("rev-parse", "HEAD")
+        dvc_yaml = Path(root)/"dvc.yaml"
+        outputs = pipeline_outputs(dvc_yaml.read_text()) if dvc_yaml.exists() else ["dvc.lock"]
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *(f":(exclude){p}" for p in outputs))
+        return sha + ("+dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError): return "unknown"
 
+# %% ../../nbs/20_modelling/21_train.ipynb #8c615276
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 @contextmanager
@@ -145,22 +166,51 @@ def using_tracking(uri: str):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
-def mlflow_experiment(client, cfg: TrackingConfig, root: str | Path = ".") -> str:
-    "The id of the configured experiment in `client`'s store (created on first use, artifacts under the project)."
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is not None: return exp.experiment_id
-    if client.tracking_uri.startswith(("http://", "https://")): return client.create_experiment(cfg.experiment)  # the server stores artifacts
-    return client.create_experiment(cfg.experiment, artifact_location=(Path(root)/cfg.artifact_location).resolve().as_uri())
+# %% ../../nbs/20_modelling/21_train.ipynb #973d0f78
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: model training, not a GenAI app
 
+def mlflow_experiment(client, cfg: TrackingConfig, root: str | Path = ".") -> str:
+    "The id of the configured experiment in `client`'s store: created on first use (artifacts under the project), tagged as model training."
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        remote = client.tracking_uri.startswith(("http://", "https://"))  # the server stores artifacts
+        location = None if remote else (Path(root)/cfg.artifact_location).resolve().as_uri()
+        return client.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+    for k, v in EXPERIMENT_TAGS.items():
+        if k not in exp.tags: client.set_experiment_tag(exp.experiment_id, k, v)  # a store made before the tag
+    return exp.experiment_id
+
+# %% ../../nbs/20_modelling/21_train.ipynb #896f6716
 def flat_params(params: Params, model: str) -> dict:
     "The parameters of one model's run, flattened for MLflow (settings only, no data)."
     hp = params.models[model].model_dump()
     return {"dataset": params.dataset.name, "n_features": len(params.dataset.features),
             "split_seed": params.split.seed, **{f"{model}.{k}": v for k, v in hp.items()}}
 
+def params_hash(params: Params, model: str) -> str:
+    "8 hex digits of the SHA-256 of the model's logged parameters."
+    return hashlib.sha256(json.dumps(flat_params(params, model), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+def run_name(params: Params, model: str) -> str:
+    "The MLflow run name of `model`: the model and its parameters' hash, e.g. `lightgbm-3f2a9c1d`."
+    return f"{model}-{params_hash(params, model)}"
+
+# %% ../../nbs/20_modelling/21_train.ipynb #99d0af3e
+def dvc_experiment(environ: Mapping[str, str] = os.environ) -> dict:
+    "The DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME, DVC_EXP_BASELINE_REV); {} otherwise."
+    if not environ.get("DVC_EXP_NAME"): return {}
+    return {"name": environ["DVC_EXP_NAME"], "baseline": environ.get("DVC_EXP_BASELINE_REV", "")}
+
+def run_description(params: Params, model: str, commit: str, experiment: dict) -> str:
+    "A run's description (`mlflow.note.content`): the model, its data, the git commit and the DVC experiment if any."
+    text = f"**{model}** ({params.models[model].kind}) trained on {params.dataset.name} at git commit `{commit}`"
+    if commit.endswith("+dirty"): text += " (source changed since that commit)"
+    if experiment: text += f", in DVC experiment `{experiment['name']}` (baseline `{experiment['baseline'][:12]}`)"
+    return text + "."
+
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
-def train_models(params: Params, layout: Layout, track: bool = True) -> dict:
-    "Fit every model's pipeline on the train split, score the validation split, save, and log to MLflow."
+def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
+    "Fit every model's pipeline on the train split, score the validation split, save, and log to MLflow (`environ`: where a DVC experiment is named)."
     spec = params.dataset
     train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation"))
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
@@ -173,21 +223,29 @@ def train_models(params: Params, layout: Layout, track: bool = True) -> dict:
         save_model(pipe, layout.model_file(name))
         record[name] = {"validation_auroc": round(auc, 6), "fit_seconds": round(seconds, 3)}
     record["n_train"], record["n_validation"] = len(train), len(val)
-    if track: record["mlflow_runs"] = _log_runs(params, layout, record)
+    if track: record["mlflow_runs"] = _log_runs(params, layout, record, dvc_experiment(environ))
     write_json(layout.train_metrics, {k: v for k, v in record.items() if k != "mlflow_runs"})
     return record
 
-def _log_runs(params: Params, layout: Layout, record: dict) -> dict:
+# %% ../../nbs/20_modelling/21_train.ipynb #bcef0328
+def _run_tags(params: Params, model: str, commit: str, experiment: dict, data_sha: str) -> dict:
+    tags = {"healthml.stage": "train", "healthml.model": model, "healthml.params_hash": params_hash(params, model),
+            "git_commit": commit, "data_sha256": data_sha, "dataset": params.dataset.name,
+            "mlflow.note.content": run_description(params, model, commit, experiment)}
+    if commit != "unknown": tags["mlflow.source.git.commit"] = commit.removesuffix("+dirty")
+    if experiment: tags.update({"healthml.dvc_experiment": experiment["name"], "healthml.dvc_baseline": experiment["baseline"]})
+    return tags
+
+def _log_runs(params: Params, layout: Layout, record: dict, experiment: dict) -> dict:
     import mlflow
     uri = params.tracking.store_uri(layout.root)
     exp = mlflow_experiment(mlflow.MlflowClient(tracking_uri=uri), params.tracking, layout.root)
-    data_sha = sha256_file(layout.split_file("train"))
+    data_sha, commit = sha256_file(layout.split_file("train")), git_commit(layout.root)
     runs = {}
     with using_tracking(uri):
         for name in params.models:
-            with mlflow.start_run(experiment_id=exp, run_name=f"{params.report.model_name}-{name}") as run:
-                mlflow.set_tags({"healthml.stage": "train", "healthml.model": name, "git_commit": git_commit(layout.root),
-                                 "data_sha256": data_sha, "dataset": params.dataset.name})
+            with mlflow.start_run(experiment_id=exp, run_name=run_name(params, name)) as run:
+                mlflow.set_tags(_run_tags(params, name, commit, experiment, data_sha))
                 mlflow.log_params(flat_params(params, name))
                 mlflow.log_metrics({"validation_auroc": record[name]["validation_auroc"], "n_train": record["n_train"]})
                 mlflow.log_artifact(str(layout.model_file(name)), artifact_path="model")
