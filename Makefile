@@ -7,6 +7,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 EXTRAS := dev,serve,monitor
+# `dvc plots show` draws offline: Vega, Vega-Lite and Vega-Embed from the npm registry (versions and integrity pinned in
+# docs/plots/vendor.py) inlined into an HTML template that this clone's DVC uses (.dvc/config.local plots.html_template).
+PLOTS_TEMPLATE := vendor/vega/dvc_plots.html
 
 # PHI-handling software phones home nowhere.
 export DO_NOT_TRACK := true
@@ -15,13 +18,13 @@ export ORT_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast architecture test-notebooks test-integration export-check docs browser lab clean help
+.PHONY: setup run plots test test-fast architecture test-notebooks test-integration export-check docs browser lab clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup: $(VENV)/.installed  ## create .venv and install healthml with pinned dependencies
+setup: $(VENV)/.installed $(PLOTS_TEMPLATE)  ## create .venv and install healthml with pinned dependencies; vendor Vega for offline plots
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	@echo "Setting up $(VENV) with $(PYTHON) (pinned by requirements/constraints.txt; takes a few minutes the first time)"
@@ -30,10 +33,17 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
-run: setup  ## run the pipeline (dvc repro) and show the metrics
-	dvc repro
-	dvc metrics show metrics/evaluate.json
-	@echo "Report index: reports/index.html"
+$(PLOTS_TEMPLATE): docs/plots/vendor.py docs/plots/dvc_plots.html $(VENV)/.installed
+	@if command -v npm >/dev/null; then \
+	  $(BIN)/python docs/plots/vendor.py $(@D) && dvc config --local plots.html_template ../$@; \
+	else echo "npm not found: dvc plots show will load Vega from a CDN (install Node.js and npm, then make setup)"; fi
+
+# The summary is printed whether the pipeline passed or not (a failing gate exits 1: so does make).
+run: setup  ## run the pipeline (dvc repro), then what it found: models, gate verdict, report (healthml summary)
+	dvc repro || status=$$?; healthml summary; exit $${status:-0}
+
+plots: setup  ## draw the pipeline's plots into dvc_plots/index.html (one file, opens offline)
+	dvc plots show
 
 export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the source of truth) or dvc.yaml's code deps are not the import graph's
 	nbdev-export
