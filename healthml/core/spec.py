@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 
 # %% auto #0
 __all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance', 'Identifier',
@@ -91,6 +91,7 @@ class DatasetSpec(StrictModel):
     prediction_time: str = ""  # when, clinically, the prediction is made
     row_id: str | None = None  # unique key of a row (e.g. encounter id) when a patient may have several rows
     index_time: str | None = None  # column with the index date-time (when the prediction is made), if known
+    outcome_horizon_days: PositiveInt | None = None  # the outcome is known this many days after the index time (e.g. death within 30 days)
     site: str | None = None  # column naming the hospital / site, if any
     features: dict[str, Feature]
     sensitive_attributes: dict[str, SensitiveAttribute] = {}

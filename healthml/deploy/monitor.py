@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
+import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,12 +26,13 @@ from ..core.rules import Column, InCategories, any_broken, compile_rules, is_pos
 from ..core.spec import DatasetSpec
 
 # %% auto #0
-__all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'MonitorError', 'window_frame', 'WindowSummary',
-           'summarise', 'known_categories', 'data_quality_alerts', 'feature_drift', 'drift_alerts', 'wilson',
-           'newcombe_difference', 'prediction_monitors', 'outcome_monitors', 'recommendation', 'overall_status',
-           'compare_windows', 'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name',
-           'file_monitoring', 'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table',
-           'quality_table']
+__all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'MonitorError', 'window_frame', 'as_of_date',
+           'outcome_cutoff', 'index_times', 'Development', 'row_fingerprints', 'development_footprint', 'WindowSummary',
+           'summarise', 'known_categories', 'maturity_summary', 'overlap_summary', 'data_quality_alerts',
+           'feature_drift', 'drift_alerts', 'wilson', 'newcombe_difference', 'prediction_monitors', 'outcome_rate',
+           'outcome_monitors', 'retrain_command', 'recommendation', 'overall_status', 'compare_windows',
+           'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring',
+           'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #8db8c321
 OUTCOME, PATIENT, RISK = "_outcome", "_patient", "_risk"
@@ -53,17 +58,74 @@ def window_frame(df: pd.DataFrame, spec: DatasetSpec, age_top_code: int = 90) ->
     if "risk" in df: out[RISK] = pd.to_numeric(df["risk"], errors="coerce")
     return pd.DataFrame(out, index=df.index)
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #680c7574
+def as_of_date(as_of: str | None = None) -> str:
+    "The window's end date as ISO `YYYY-MM-DD` (default: today, UTC)."
+    if as_of is None: return datetime.now(timezone.utc).date().isoformat()
+    try: return pd.Timestamp(str(as_of)).date().isoformat()
+    except ValueError: raise MonitorError("--as-of is not a date", hint="give the window's end date as YYYY-MM-DD") from None
+
+def outcome_cutoff(spec: DatasetSpec, as_of: str) -> pd.Timestamp | None:
+    "The latest index time whose outcome has matured by `as_of`: `as_of` minus the spec's outcome horizon (None without one)."
+    if spec.outcome_horizon_days is None or not spec.index_time: return None
+    return pd.Timestamp(as_of) - pd.Timedelta(days=spec.outcome_horizon_days)
+
+def index_times(chunk: pd.DataFrame, spec: DatasetSpec) -> pd.Series | None:
+    "The rows' index times (naive UTC; NaT where unreadable), or None when the window has no index-time column."
+    if not spec.index_time or spec.index_time not in chunk: return None
+    return pd.to_datetime(chunk[spec.index_time], errors="coerce", format="mixed", utc=True).dt.tz_localize(None)
+
+# %% ../../nbs/50_deploy/53_monitor.ipynb #21f23ed3
+@dataclass(frozen=True)
+class Development:
+    "What the development cohort covers: its index-time span, its patient keys and a fingerprint of each row's features."
+    rows: int
+    first: pd.Timestamp | None  # earliest and latest index time (None without an index-time column)
+    last: pd.Timestamp | None
+    patients: frozenset
+    fingerprints: np.ndarray  # sorted unique uint64
+
+def row_fingerprints(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
+    "A 64-bit hash of each row's features in a `window_frame` (numbers as floats, categories as text): equal rows, equal hashes."
+    cols = {}
+    for name, f in spec.features.items():
+        s = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
+        num = pd.to_numeric(s, errors="coerce").astype(float)
+        cols[name] = num if f.kind == "numeric" else s.astype(str).where(num.isna(), num.astype(str)).where(s.notna(), "")
+    return pd.util.hash_pandas_object(pd.DataFrame(cols, index=frame.index), index=False).to_numpy()
+
+def development_footprint(chunks, spec: DatasetSpec, age_top_code: int = 90) -> Development:
+    "The `Development` footprint of the development cohort, read chunk by chunk."
+    rows, first, last, patients, prints = 0, None, None, set(), []
+    for chunk in chunks:
+        rows += len(chunk)
+        prints.append(row_fingerprints(window_frame(chunk, spec, age_top_code), spec))
+        if spec.patient_id in chunk: patients.update(chunk[spec.patient_id].dropna().astype(str))
+        t = index_times(chunk, spec)
+        if t is not None and t.notna().any():
+            first = t.min() if first is None else min(first, t.min())
+            last = t.max() if last is None else max(last, t.max())
+    fp = np.unique(np.concatenate(prints)) if prints else np.array([], dtype=np.uint64)
+    return Development(rows, first, last, frozenset(patients), fp)
+
 # %% ../../nbs/50_deploy/53_monitor.ipynb #6b50c584
 class WindowSummary:
-    "Exact data-quality and outcome counts over a window read in chunks, and a bounded outcome-stratified random sample."
+    """Exact data-quality and outcome counts over a window read in chunks, and a bounded outcome-stratified random sample.
+
+    `as_of`: the window's end date, for outcome maturity (the current window only); `development`: the development
+    cohort's footprint, for the overlap counts."""
     def __init__(self, spec: DatasetSpec, max_rows: int = 20_000, seed: int = 42, known_categories: dict | None = None,
-                 age_top_code: int = 90):
+                 age_top_code: int = 90, as_of: str | None = None, development: Development | None = None):
         self.spec, self.max_rows, self.age_top_code = spec, max_rows, age_top_code
         self.out_of_range = select(compile_rules(spec.features), "number", "range")  # not a number, or outside the range
         self.unseen = None if known_categories is None else {  # None while summarising the reference itself
             n: InCategories(n, tuple(known_categories.get(n, ()))) for n in spec.categorical}
+        self.as_of, self.development = as_of, development
+        self.mature_before = outcome_cutoff(spec, as_of) if as_of else None
         self.rng = np.random.default_rng(seed)
         self.rows = self.known_outcomes = self.events = 0
+        self.immature = self.in_period = self.duplicates = self.shared_patients = 0
+        self.has_index_time = False
         self.absent = set(spec.features)
         self.counts = {n: {"missing": 0, "out_of_range": 0, "new_category": 0} for n in spec.features}
         self.categories = {n: set() for n in spec.categorical}
@@ -85,6 +147,7 @@ class WindowSummary:
                 self.categories[name].update(pd.unique(col.text[col.present]))
                 if self.unseen is not None: c["new_category"] += int(self.unseen[name].mask(col).sum())
         frame = window_frame(chunk, self.spec, self.age_top_code)
+        self._follow_up(chunk, frame)
         stratum = frame[OUTCOME].fillna(-1).astype(int).to_numpy() if OUTCOME in frame else np.full(len(frame), -1)
         if OUTCOME in frame:
             y = frame[OUTCOME].dropna()
@@ -95,6 +158,21 @@ class WindowSummary:
             self._strata[s] = self._strata.get(s, 0) + len(part)
             both = pd.concat([self._kept[s], part]) if s in self._kept else part
             self._kept[s] = both.nsmallest(self.max_rows, "_key") if len(both) > self.max_rows else both
+
+    def _follow_up(self, chunk: pd.DataFrame, frame: pd.DataFrame) -> None:
+        "Hide outcomes that are not yet mature; count rows overlapping the development data."
+        t = index_times(chunk, self.spec)
+        self.has_index_time |= t is not None
+        if self.mature_before is not None and t is not None:
+            late = (t.isna() | (t > self.mature_before)).to_numpy()
+            self.immature += int(late.sum())
+            if OUTCOME in frame: frame.loc[late, OUTCOME] = np.nan
+        d = self.development
+        if d is None: return
+        self.duplicates += int(np.isin(row_fingerprints(frame, self.spec), d.fingerprints).sum())
+        if self.spec.patient_id in chunk:
+            self.shared_patients += int(chunk[self.spec.patient_id].astype(str).isin(d.patients).sum())
+        if t is not None and d.first is not None: self.in_period += int(t.between(d.first, d.last).sum())
 
     @property
     def quality(self) -> dict:
@@ -118,15 +196,52 @@ class WindowSummary:
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #c032a4b6
 def summarise(df_or_chunks, spec: DatasetSpec, cfg: MonitorConfig, known_categories: dict | None = None,
-              age_top_code: int = 90) -> WindowSummary:
+              age_top_code: int = 90, as_of: str | None = None, development: Development | None = None) -> WindowSummary:
     "A `WindowSummary` of a DataFrame or an iterable of chunks."
-    s = WindowSummary(spec, cfg.max_rows, cfg.seed, known_categories, age_top_code)
+    s = WindowSummary(spec, cfg.max_rows, cfg.seed, known_categories, age_top_code, as_of, development)
     for chunk in ([df_or_chunks] if isinstance(df_or_chunks, pd.DataFrame) else df_or_chunks): s.add(chunk)
     return s
 
 def known_categories(ref: WindowSummary) -> dict:
     "Per categorical feature: the reference's categories and the spec's declared ones."
     return {n: ref.categories[n] | set(ref.spec.features[n].categories or []) for n in ref.spec.categorical}
+
+# %% ../../nbs/50_deploy/53_monitor.ipynb #d70aaa2d
+def maturity_summary(s: WindowSummary) -> dict:
+    "Was outcome maturity checked, how many rows were held back as not yet mature, in words; `warn` when it could not be checked."
+    spec, h = s.spec, s.spec.outcome_horizon_days
+    if h is None:
+        return {"checked": False, "warn": False, "text": "Outcome maturity is not checked: the spec declares no outcome horizon "
+                "(`dataset.outcome_horizon_days`). Outcomes of recent patients that have not happened yet read as a fall in risk."}
+    if not spec.index_time or not s.has_index_time:
+        where = "the spec has no `dataset.index_time`" if not spec.index_time else f"the window has no `{spec.index_time}` column"
+        return {"checked": False, "warn": True, "text": f"Outcome maturity could not be checked ({where}): the outcome horizon is "
+                f"{h} days, and outcomes of patients followed up for less than that are counted as if complete."}
+    return {"checked": True, "warn": False, "horizon_days": h, "as_of": s.as_of, "immature": s.immature,
+            "text": f"Outcome horizon {h} days, window end {s.as_of}: {s.immature:,} of {s.rows:,} rows are not yet mature "
+                    f"(index time less than {h} days before {s.as_of}, or unknown); their outcomes are left out of the outcome monitors."}
+
+def overlap_summary(s: WindowSummary) -> dict:
+    "Rows of the window inside the development period, repeating a development row, or of a development patient; `warn` if any."
+    d = s.development
+    if d is None:
+        return {"checked": False, "warn": False, "text": "Overlap with the development data was not checked (the development "
+                "cohort file was not available to the monitor)."}
+    share = lambda n: f"{n:,} of {s.rows:,} rows ({n / max(s.rows, 1):.0%})"
+    found = []
+    if s.in_period: found.append(f"{share(s.in_period)} have an index time inside the development data's period "
+                                 f"({d.first.year}-{d.last.year})")
+    if s.duplicates: found.append(f"{share(s.duplicates)} repeat a development row feature for feature")
+    if s.shared_patients: found.append(f"{share(s.shared_patients)} belong to patients in the development data")
+    period = "" if d.first is not None and s.has_index_time else " (the period could not be compared: no index time)"
+    out = {"checked": True, "warn": bool(found), "in_period": s.in_period, "duplicate_rows": s.duplicates,
+           "shared_patient_rows": s.shared_patients, "development_rows": d.rows}
+    if not found:
+        return out | {"text": "No row of the window repeats a development row or belongs to a development patient, and none "
+                              f"falls in the development period{period}."}
+    return out | {"text": "The window overlaps the data the model was developed on: " + "; ".join(found) + f"{period}. "
+                          "The monitor's results on these rows are optimistic (the model may have learnt them); check the "
+                          "extract's date range. A retraining cohort counts a repeated row once."}
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #11677306
 def _alert(severity, monitor, feature, statistic, value, threshold, message) -> dict:
@@ -169,12 +284,10 @@ def _describe(s: pd.Series, kind: str) -> str:
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #f9c8c911
 def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig, report: bool = True):
-    """Per-column drift (Evidently): method, threshold, score, drifted, and each window's summary; and the Evidently
-    snapshot. `report=False` runs Evidently's per-column drift metrics alone (the same numbers, no HTML snapshot):
-    the preset's report rendering costs more than the statistics."""
+    """Per-column drift (Evidently's `ValueDrift`): method, threshold, score, drifted, and each window's summary; and the
+    Evidently snapshot (None when `report=False`, for studies over many windows: the same numbers, no HTML)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
-    from evidently.presets import DataDriftPreset
     usable = lambda c: c in ref and c in cur and ref[c].notna().any() and cur[c].notna().any()
     numeric = [n for n in spec.numeric if usable(n)]
     categorical = [n for n in spec.categorical if usable(n)]
@@ -184,31 +297,22 @@ def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: 
     for n in categorical: r[n], c[n] = r[n].astype(str).where(r[n].notna()), c[n].astype(str).where(c[n].notna())
     if not numeric + categorical: return {}, None
     dd = DataDefinition(numerical_columns=numeric, categorical_columns=categorical)
-    if report:
-        metrics = [DataDriftPreset(num_method=cfg.numeric_method, cat_method=cfg.categorical_method, num_threshold=cfg.drift_threshold,
-                                   cat_threshold=cfg.drift_threshold, per_column_threshold={PREDICTED_RISK: cfg.prediction_drift_threshold})]
-    else:
-        threshold = lambda col: cfg.prediction_drift_threshold if col == PREDICTED_RISK else cfg.drift_threshold
-        metrics = [ValueDrift(column=col, method=cfg.numeric_method if col in numeric else cfg.categorical_method,
-                              threshold=threshold(col)) for col in numeric + categorical]
-    snap = Report(metrics, include_tests=True).run(reference_data=Dataset.from_pandas(r, data_definition=dd),
-                                                  current_data=Dataset.from_pandas(c, data_definition=dd))
-    d = snap.dict()
+    threshold = lambda col: cfg.prediction_drift_threshold if col == PREDICTED_RISK else cfg.drift_threshold
+    metrics = [ValueDrift(column=col, method=cfg.numeric_method if col in numeric else cfg.categorical_method,
+                          threshold=threshold(col)) for col in numeric + categorical]
+    snap = Report(metrics).run(reference_data=Dataset.from_pandas(r, data_definition=dd),
+                               current_data=Dataset.from_pandas(c, data_definition=dd))
     out = {}
-    for m in d["metrics"]:
+    for m in snap.dict()["metrics"]:
         conf = m.get("config", {})
         if conf.get("type", "").endswith(":ValueDrift"):
             col = conf["column"]
             kind = "numeric" if col in numeric else "categorical"
             out[col] = {"kind": kind, "method": conf["method"], "threshold": conf["threshold"], "score": float(m["value"]),
                         "reference": _describe(r[col], kind), "current": _describe(c[col], kind)}
-    for t in d["tests"]:
-        p = t.get("metric_config", {}).get("params", {})
-        if p.get("type", "").endswith(":ValueDrift") and p.get("column") in out:
-            out[p["column"]]["drifted"] = t.get("status") == "FAIL"
     alpha = cfg.drift_alpha / max(len(out), 1)  # Bonferroni over the columns compared
     for col, v in out.items():
-        v["evidently_drifted"] = bool(v.get("drifted", v["score"] >= v["threshold"]))
+        v["evidently_drifted"] = bool(v["score"] >= v["threshold"])
         v["p_value"] = _drift_p_value(r[col], c[col], v["kind"])
         v["drifted"] = v["evidently_drifted"] and v["p_value"] < alpha
     return out, (snap if report else None)
@@ -269,6 +373,22 @@ def prediction_monitors(ref: pd.DataFrame, cur: pd.DataFrame, threshold: float, 
                      f"change {d:+.1%}, 95% CI {lo:+.1%} to {hi:+.1%})")] if rate["alert"] else []
     return out, alerts
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #5245d38f
+def _events(y_cur, y_ref) -> dict:
+    return {"events": {"current": int(y_cur.sum()), "reference": int(y_ref.sum())},
+            "known": {"current": len(y_cur), "reference": len(y_ref)}}
+
+def outcome_rate(ref_counts: tuple[int, int], cur_counts: tuple[int, int], cfg: MonitorConfig) -> tuple[dict, list[dict]]:
+    "The outcome rate's change with Newcombe's score interval (exact counts, any number of events); an alert when material and clear."
+    (er, nr), (ec, nc) = ref_counts, cur_counts
+    d, lo, hi = newcombe_difference(ec, nc, er, nr)
+    out = _change(ec / nc, er / nr, (lo, hi), cfg.prevalence_change, abs(d) >= cfg.prevalence_change)
+    out |= {"events": {"current": ec, "reference": er}, "known": {"current": nc, "reference": nr}}
+    alerts = [_alert("warning", "prevalence", None, "outcome rate change", d, cfg.prevalence_change,
+                     f"outcome rate {ec / nc:.1%} ({ec:,} events in {nc:,} known outcomes; reference {er / nr:.1%}); change "
+                     f"{d:+.1%}, 95% CI {lo:+.1%} to {hi:+.1%}")] if out["alert"] else []
+    return out, alerts
+
 # %% ../../nbs/50_deploy/53_monitor.ipynb #a2a434c9
 def _calibration_draws(y, p, patients, n_boot: int, seed: int) -> dict:
     from healthml.evaluation.calibration import calibration_replicates
@@ -282,38 +402,37 @@ def _calibration_draws(y, p, patients, n_boot: int, seed: int) -> dict:
 # %% ../../nbs/50_deploy/53_monitor.ipynb #447debc3
 def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int, int], cur_counts: tuple[int, int],
                      cfg: MonitorConfig) -> tuple[dict, list[dict]]:
-    "Outcome rate, AUROC, calibration-in-the-large and slope: reference vs current, with CIs of the change."
+    "Outcome rate, AUROC, calibration-in-the-large and slope: reference vs current, with CIs of the change and the events behind each."
     from healthml.evaluation.discrimination import delong, percentile_ci
     from scipy import stats
-    (er, nr), (ec, nc) = ref_counts, cur_counts
-    if min(er, nr - er, ec, nc - ec) < cfg.min_events:
-        return {"status": f"not enough outcomes (each window needs {cfg.min_events} events and non-events; "
-                          f"current has {ec} events of {nc} known)"}, []
+    nr, nc = ref_counts[1], cur_counts[1]
+    if nc == 0 or nr == 0:
+        return {"status": f"no outcomes: the {'current' if nc == 0 else 'reference'} window has no known (mature) outcome"}, []
     out, alerts = {"status": "ok"}, []
-    d, lo, hi = newcombe_difference(ec, nc, er, nr)
-    out["prevalence"] = _change(ec / nc, er / nr, (lo, hi), cfg.prevalence_change, abs(d) >= cfg.prevalence_change)
-    if out["prevalence"]["alert"]:
-        alerts.append(_alert("warning", "prevalence", None, "outcome rate change", d, cfg.prevalence_change,
-                             f"outcome rate {ec / nc:.1%} (reference {er / nr:.1%}; change {d:+.1%}, 95% CI {lo:+.1%} to {hi:+.1%})"))
+    out["prevalence"], alerts = outcome_rate(ref_counts, cur_counts, cfg)
     r, c = ref.dropna(subset=[OUTCOME, RISK]), cur.dropna(subset=[OUTCOME, RISK])
     yr, yc = r[OUTCOME].to_numpy(int), c[OUTCOME].to_numpy(int)
     if min(yr.sum(), len(yr) - yr.sum(), yc.sum(), len(yc) - yc.sum()) < cfg.min_events:
-        out["status"] = "outcome rate only: too few sampled rows with both an outcome and a risk"
+        out["status"] = (f"outcome rate only: AUROC and calibration need {cfg.min_events} events and {cfg.min_events} non-events "
+                         f"with a risk in each window (monitor.min_events); the current window has {int(yc.sum()):,} events and "
+                         f"{int(len(yc) - yc.sum()):,} non-events, the reference {int(yr.sum()):,} and {int(len(yr) - yr.sum()):,}")
         return out, alerts
+    n = _events(yc, yr)
     (ar,), vr = delong(yr, r[RISK])
     (ac,), vc = delong(yc, c[RISK])
     se = float(np.sqrt(vr[0, 0] + vc[0, 0]))
     lo, hi = (ac - ar) - 1.959964 * se, (ac - ar) + 1.959964 * se
-    out["auroc"] = _change(float(ac), float(ar), (lo, hi), cfg.auroc_drop, ar - ac > cfg.auroc_drop)  # only a fall is decay
+    out["auroc"] = _change(float(ac), float(ar), (lo, hi), cfg.auroc_drop, ar - ac > cfg.auroc_drop) | n  # only a fall is decay
     out["auroc"]["p_value"] = float(2 * stats.norm.sf(abs(ac - ar) / se)) if se > 0 else 1.0
     if out["auroc"]["alert"]:
         alerts.append(_alert("critical", "discrimination", None, "AUROC fall", ar - ac, cfg.auroc_drop,
-                             f"AUROC {ac:.3f} (reference {ar:.3f}; change {ac - ar:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f})"))
+                             f"AUROC {ac:.3f} (reference {ar:.3f}; change {ac - ar:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}; "
+                             f"{int(yc.sum()):,} events)"))
     cr = _calibration_draws(yr, r[RISK].to_numpy(), r[PATIENT].to_numpy(), cfg.n_bootstrap, cfg.seed)
     cc = _calibration_draws(yc, c[RISK].to_numpy(), c[PATIENT].to_numpy(), cfg.n_bootstrap, cfg.seed + 1)
     (ir, ir_b), (ic, ic_b) = cr["calibration_intercept"], cc["calibration_intercept"]
     ci = percentile_ci(ic_b - ir_b)
-    out["calibration_intercept"] = _change(ic, ir, ci, cfg.citl_change, abs(ic - ir) > cfg.citl_change)
+    out["calibration_intercept"] = _change(ic, ir, ci, cfg.citl_change, abs(ic - ir) > cfg.citl_change) | n
     if out["calibration_intercept"]["alert"]:
         alerts.append(_alert("critical", "calibration", None, "calibration-in-the-large change", ic - ir, cfg.citl_change,
                              f"calibration-in-the-large {ic:+.2f} (reference {ir:+.2f}): the model now "
@@ -323,7 +442,7 @@ def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int
     lo_ok, hi_ok = cfg.slope_ratio
     out["calibration_slope"] = {"reference": sr, "current": sc, "ratio": ratio, "ratio_ci": list(ratio_ci),
                                 "threshold": list(cfg.slope_ratio),
-                                "alert": bool(not lo_ok <= ratio <= hi_ok and (ratio_ci[0] > 1 or ratio_ci[1] < 1))}
+                                "alert": bool(not lo_ok <= ratio <= hi_ok and (ratio_ci[0] > 1 or ratio_ci[1] < 1))} | n
     if out["calibration_slope"]["alert"]:
         alerts.append(_alert("critical" if ratio < lo_ok else "warning", "calibration", None, "calibration slope ratio", ratio,
                              list(cfg.slope_ratio), f"calibration slope {sc:.2f} (reference {sr:.2f}; ratio {ratio:.2f}, "
@@ -332,11 +451,14 @@ def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int
     return out, alerts
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #0c98ae92
-def recommendation(alerts: list[dict], current: str, today: str) -> dict:
-    "What to do next, in words, and the command that retrains on the new window when that is the right step."
+def retrain_command(window: str | Path, as_of: str) -> str:
+    "The first step of retraining on `window`: write the development-plus-window cohort; it prints the experiment to run."
+    return f"healthml retrain prepare --window {shlex.quote(str(window))} --as-of {as_of}"
+
+def recommendation(alerts: list[dict], window: str | Path | None, as_of: str, prediction_log: bool = False,
+                   labelled: int = 0) -> dict:
+    "What to do next, in words, and the command that starts retraining when that is the right step and can run."
     kinds = {a["monitor"] for a in alerts}
-    retrain = (f"dvc exp run -n retrain-{today} -S 'dataset.file={current}'  "
-               "# then read the new validation report and gate; promote only by hand (healthml model promote)")
     if not alerts:
         return {"action": "none", "text": "No monitor crossed its threshold: keep the model in service and monitor the next window.",
                 "command": None}
@@ -349,15 +471,19 @@ def recommendation(alerts: list[dict], current: str, today: str) -> dict:
                         "a broken feed learns the break."}
     if kinds & {"discrimination", "calibration", "prevalence"}:
         what = "; ".join(a["message"] for a in alerts if a["monitor"] in ("discrimination", "calibration", "prevalence"))
-        return {"action": "retrain and re-validate", "command": retrain,
-                "text": f"Performance changed on this window's outcomes ({what}). Retrain on recent data that include this window, "
-                        "then review the new validation report and the gate before any promotion. Until then consider "
-                        "recalibrating alert thresholds with the clinical owner."}
+        runs = window is not None and not prediction_log and labelled > 0
+        return {"action": "retrain and re-validate", "command": retrain_command(window, as_of) if runs else None,
+                "text": f"Performance changed on this window's outcomes ({what}). Retrain on the development data plus this "
+                        "window's labelled rows (the command below writes that cohort and prints the experiment to run), then "
+                        "review the new validation report and the gate before any promotion. Until then consider recalibrating "
+                        "alert thresholds with the clinical owner."}
     feats = sorted({a["feature"] for a in alerts if a["feature"]})
-    return {"action": "investigate; re-check when outcomes arrive", "command": retrain,
+    later = ("this window is a prediction log, with no features or outcomes: monitor the feature extract once its outcomes "
+             "are known before deciding to retrain" if prediction_log else
+             "re-run the monitor when outcomes arrive, and retrain only if an outcome monitor shows decay")
+    return {"action": "investigate; re-check when outcomes arrive", "command": None,
             "text": f"The case mix changed ({', '.join(f for f in feats if f) or 'alert rate'}) but no outcome-based monitor shows "
-                    "decay (or outcomes have not arrived). Check the change is real and expected, re-run the monitor when "
-                    "outcomes arrive, and retrain if performance has moved."}
+                    f"decay (or outcomes have not arrived). Check the change is real and expected; {later}."}
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #8e2ac5a5
 def overall_status(alerts: list[dict]) -> str:
@@ -366,13 +492,15 @@ def overall_status(alerts: list[dict]) -> str:
 
 def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cfg: MonitorConfig,
                     current_name: str = "current window", today: str | None = None, samples=None,
-                    features_measured: bool = True, report: bool = True):
+                    features_measured: bool = True, report: bool = True, window_file: str | Path | None = None):
     """Every monitor on two summarised windows; (result, Evidently snapshot or None).
 
     `samples`: the two (sample, how) pairs when already drawn and scored; `features_measured=False` for a
     window without features (a prediction log): no data-quality monitors, and the report says why. `report=False`:
-    the numbers only, no Evidently snapshot (studies over many windows)."""
+    the numbers only, no Evidently snapshot (studies over many windows). `window_file`: the window's file, for the
+    retraining command (None: no command)."""
     today = today or datetime.now(timezone.utc).date().isoformat()
+    as_of = cur.as_of or today
     spec = ref.spec
     (rs, r_how), (cs, c_how) = samples or (ref.sample(), cur.sample())
     alerts = data_quality_alerts(ref.quality, cur.quality, spec, cfg) if features_measured else []
@@ -382,17 +510,20 @@ def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cf
     outcomes, a = outcome_monitors(rs, cs, (ref.events, ref.known_outcomes), (cur.events, cur.known_outcomes), cfg); alerts += a
     order = {"critical": 0, "warning": 1}
     alerts.sort(key=lambda x: (order[x["severity"]], x["monitor"], x["feature"] or ""))
-    result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "date": today,
+    follow_up = {"maturity": maturity_summary(cur), "overlap": overlap_summary(cur)} if features_measured else \
+        {"maturity": None, "overlap": None}
+    result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "date": today, "as_of": as_of,
               "status": overall_status(alerts), "alerts": alerts,
+              "warnings": [v["text"] for v in follow_up.values() if v and v["warn"]],
               "windows": {"reference": {"rows": ref.rows, "known_outcomes": ref.known_outcomes, "events": ref.events, "sample": r_how},
                           "current": {"name": current_name, "rows": cur.rows, "known_outcomes": cur.known_outcomes,
-                                      "events": cur.events, "sample": c_how}},
+                                      "events": cur.events, "immature": cur.immature, "sample": c_how}},
               "sampling": (f"Data-quality counts and the outcome rate use every row of both windows. Drift, alert rate, AUROC and "
                            f"calibration use: reference, {r_how}; current, {c_how}."),
               "data_quality": {"reference": ref.quality, "current": cur.quality} if features_measured else None,
               "drift": drift, "predictions": pred,
-              "outcomes": outcomes, "thresholds": cfg.model_dump(mode="json"),
-              "recommendation": recommendation(alerts, current_name, today),
+              "outcomes": outcomes, **follow_up, "thresholds": cfg.model_dump(mode="json"),
+              "recommendation": recommendation(alerts, window_file, as_of, not features_measured, cur.known_outcomes),
               "notes": [] if features_measured else [
                   "The current window is a prediction log: it holds risks but no features or outcomes, so only the prediction "
                   "monitors (predicted-risk drift, alert rate) ran. Monitor a feature extract for data quality, feature drift "
@@ -464,15 +595,24 @@ def window_name(path: str | Path, since: str | None = None, until: str | None = 
     name = Path(path).stem + (f"_{since}" if since else "") + (f"_to_{until}" if until else "")
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "window"
 
+def _claim(tmp: Path, dest: Path) -> Path:
+    "Rename `tmp` to `dest`, or to `dest-2`, `dest-3`, ... : the first name no filed report holds."
+    for n in range(1, 10_000):
+        target = dest if n == 1 else dest.with_name(f"{dest.name}-{n}")
+        if target.exists(): continue
+        try: os.rename(tmp, target); return target
+        except OSError: continue  # another run filed under this name meanwhile
+    raise MonitorError(f"no free report folder name beside {dest.name}", hint="archive old monitoring reports")
+
 def file_monitoring(result: dict, snapshot, out_dir: Path, template: Path, scanner=None, kernel: str = "python3") -> Path:
-    "Write monitor.json, Evidently's HTML and the rendered report into `out_dir` (atomically, after a PHI scan)."
+    "Write monitor.json, Evidently's HTML and the rendered report into a new folder `out_dir` (or `out_dir-2`, ...), atomically, after a PHI scan."
     import papermill as pm
     from healthml.data.phi import keep_only_if_clean
     from healthml.governance.report import notebook_to_html
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
     try:
         result = result | {"files": {"evidently": "evidently.html" if snapshot is not None else None, "report": "monitoring.html"}}
         write_json(tmp/"monitor.json", result)
@@ -483,42 +623,46 @@ def file_monitoring(result: dict, snapshot, out_dir: Path, template: Path, scann
         if scanner is not None:
             keep_only_if_clean(scanner, tmp, "the monitoring report holds {n} suspected identifier(s); it was not filed",
                                hint="find where the value enters the report")
-        if out_dir.exists(): shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+        return _claim(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #9da8a38d
 def monitor(params: Params, layout: Layout, current: str | Path, reference: str | Path | None = None,
             model: str | Path | None = None, since: str | None = None, until: str | None = None,
             out_dir: str | Path | None = None, render: bool = True, kernel: str = "python3", progress=None,
-            registry: dict | None = None) -> dict:
-    "Monitor `current` against `reference`; file the report; the result (with `report_dir`)."
+            registry: dict | None = None, as_of: str | None = None) -> dict:
+    "Monitor `current` (whose outcomes are read as of `as_of`, default today) against `reference`; file the report; the result (with `report_dir`)."
     from healthml.data.phi import PhiScanner, identifier_values
     spec, cfg, top = params.dataset, params.monitor, params.deidentify.age_top_code
     say = progress or (lambda msg: None)
+    as_of = as_of_date(as_of)
     model = Path(model) if model else layout.model_file(params.candidate, "onnx")  # gate.candidate, else the first model
     scorer, sha = model_scorer(layout, model)
     threshold = float(scorer.metadata.get("decision_threshold", "0.5"))
     reference = Path(reference) if reference else layout.split_file("test")
     say(f"reading the reference window {reference.name}")
     ref = summarise(window_chunks(reference), spec, cfg, None, top)
+    log_only = Path(current).suffix.lower() == ".jsonl"  # a prediction log: risks only, no features or outcomes
+    development = None
+    dev_file = spec.file if Path(spec.file).is_absolute() else layout.root/spec.file
+    if not log_only and dev_file.exists():
+        say(f"reading the development cohort {dev_file.name} (overlap check)")
+        development = development_footprint(window_chunks(dev_file), spec, top)
     say(f"reading the current window {Path(current).name} in chunks")
     ids: dict[str, list] = {}
     def chunks():
         for ch in window_chunks(current, since=since, until=until):
             for k, v in identifier_values(spec, ch.iloc[:1000]).items(): ids.setdefault(k, []).extend(v)  # canaries for the PHI scan
             yield ch
-    cur = summarise(chunks(), spec, cfg, known_categories(ref), top)
-    log_only = Path(current).suffix.lower() == ".jsonl"  # a prediction log: risks only, no features or outcomes
+    cur = summarise(chunks(), spec, cfg, known_categories(ref), top, as_of=as_of, development=development)
     say("scoring the samples with the verified ONNX model")
     (rs, r_how), (cs, c_how) = ref.sample(), cur.sample()
     rs = score_sample(scorer, rs, spec)
     if not log_only: cs = score_sample(scorer, cs, spec)
     say("comparing the windows (Evidently drift, data quality, outcomes)")
     result, snap = compare_windows(ref, cur, threshold, cfg, str(current), samples=((rs, r_how), (cs, c_how)),
-                                   features_measured=not log_only)
+                                   features_measured=not log_only, window_file=current)
     result["model"] = {"file": model.name, "sha256": sha, "threshold": threshold,
                        "name": scorer.metadata.get("model_name", "model"),
                        "registry": registry}  # the caller's record of the version (number, alias, gate, registered)
@@ -574,8 +718,12 @@ def alerts_table(result: dict) -> pd.DataFrame:
     return pd.DataFrame(result["alerts"], columns=cols).fillna("")
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #e29734dc
+def _rests_on(v: dict) -> str:
+    e, k = v.get("events"), v.get("known")
+    return "" if not e else f"{e['current']:,} of {k['current']:,} / {e['reference']:,} of {k['reference']:,}"
+
 def outcomes_table(result: dict) -> pd.DataFrame:
-    "Reference vs current for each outcome monitor, with the 95% CI of the change."
+    "Reference vs current for each outcome monitor, with the 95% CI of the change and the events it rests on."
     o = result["outcomes"]
     rows = []
     for key, label in (("prevalence", "Outcome rate"), ("auroc", "AUROC"), ("calibration_intercept", "Calibration-in-the-large")):
@@ -583,12 +731,12 @@ def outcomes_table(result: dict) -> pd.DataFrame:
             v = o[key]
             rows.append({"statistic": label, "reference": round(v["reference"], 3), "current": round(v["current"], 3),
                          "change (95% CI)": f"{v['change']:+.3f} ({v['change_ci'][0]:+.3f} to {v['change_ci'][1]:+.3f})",
-                         "alert": "yes" if v["alert"] else "no"})
+                         "events (current / reference)": _rests_on(v), "alert": "yes" if v["alert"] else "no"})
     if "calibration_slope" in o:
         v = o["calibration_slope"]
         rows.append({"statistic": "Calibration slope", "reference": round(v["reference"], 3), "current": round(v["current"], 3),
                      "change (95% CI)": f"ratio {v['ratio']:.2f} ({v['ratio_ci'][0]:.2f} to {v['ratio_ci'][1]:.2f})",
-                     "alert": "yes" if v["alert"] else "no"})
+                     "events (current / reference)": _rests_on(v), "alert": "yes" if v["alert"] else "no"})
     return pd.DataFrame(rows)
 
 def drift_table(result: dict) -> pd.DataFrame:

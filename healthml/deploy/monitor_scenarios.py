@@ -5,6 +5,7 @@
 # %% ../../nbs/50_deploy/54_monitor_scenarios.ipynb #c67f8c49
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from .monitor import (MonitorError, compare_windows, file_monitoring, known_cate
                               summarise)
 
 # %% auto #0
-__all__ = ['SCENARIOS', 'SYNTHETIC_KNOBS', 'caught', 'synthetic_setup', 'synthetic_window', 'support2_windows', 'run_demo']
+__all__ = ['SCENARIOS', 'SYNTHETIC_KNOBS', 'caught', 'synthetic_setup', 'synthetic_window', 'support2_windows', 'demo_folder',
+           'run_demo']
 
 # %% ../../nbs/50_deploy/54_monitor_scenarios.ipynb #82d38b84
 SCENARIOS = {  # key -> (title, the monitors of which at least one must fire; empty: none may fire)
@@ -97,6 +99,10 @@ def support2_windows(test: pd.DataFrame, params: Params, risk: np.ndarray, seed:
     return ref, windows
 
 # %% ../../nbs/50_deploy/54_monitor_scenarios.ipynb #3a7356ad
+def demo_folder(layout: Layout) -> Path:
+    "Where the demo files its reports: beside, never inside, the production monitoring folder and index."
+    return layout.reports/"monitoring-demo"
+
 def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", datasets=("synthetic", "support2"),
              n_patients: int = 4000, seed: int = 0, render: bool = True, kernel: str = "python3", progress=None) -> list[dict]:
     "Run every scenario on each dataset; file the reports; one summary row per scenario."
@@ -113,7 +119,8 @@ def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", da
         row = {"dataset": dataset, "scenario": key, "title": SCENARIOS[key][0], "status": result["status"],
                "monitors": sorted({a["monitor"] for a in result["alerts"]}), "caught": caught_it, "report": None}
         if render:
-            dest = layout.monitoring/today/f"demo-{dataset}-{key}"
+            dest = demo_folder(layout)/f"{dataset}-{key}"
+            shutil.rmtree(dest, ignore_errors=True)  # the demo's own folder: a rerun replaces the scenario's last demo report
             row["report"] = str(file_monitoring(result | {"scenario": row}, snap, dest, template, scanner, kernel))
         rows.append(row)
         say(f"{dataset} {key}: {result['status']} ({', '.join(row['monitors']) or 'no alert'}) "
@@ -153,7 +160,4 @@ def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", da
                                "name": scorer.metadata.get("model_name", "model")}
             result["windows"]["reference"]["name"] = "SUPPORT2 test split, reference half (by patient)"
             file("support2", key, result, snap, scanner)
-    if render:
-        from healthml.governance.report import write_index
-        write_index(layout.reports)
     return rows
