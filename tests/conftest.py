@@ -13,6 +13,9 @@ from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The audit key signs every audit entry; a user's lives in ~/.config/healthml or a CI secret. The suite uses its own,
+# for the test processes and every `healthml` they start.
+os.environ.setdefault("HEALTHML_AUDIT_KEY", "healthml-test-suite-audit-key")
 
 
 HEAVY_FIXTURES = {"pipeline_project", "project_clone", "three_versions", "registry_clone", "synthetic_project", "browser"}
@@ -50,7 +53,7 @@ def copy_project(dest: Path) -> Path:
         if src.is_file():
             (dest/f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest/f)
-    for f in ["reports", "models", "metrics", "plots", "datacard", "dvc.lock"]:  # a fresh project: no earlier outputs
+    for f in ["reports", "report", "models", "metrics", "plots", "datacard", "dvc.lock"]:  # a fresh project: no earlier outputs
         p = dest/f
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run(["git", "init", "-q"], dest)
@@ -67,16 +70,18 @@ def shared_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_project(tmp_path_factory):
-    """A copy of the project on which `dvc repro` has run once, with its output. Built once per test run (xdist
-    workers share it through a file lock) and never changed by a test: a test that changes files works on
-    `clone_project(root, ...)` of it."""
+    """A copy of the project on which `dvc repro` has run once and whose run was then registered (`healthml model
+    register`, the explicit step CI on main takes), with their output. Built once per test run (xdist workers share it
+    through a file lock) and never changed by a test: a test that changes files works on `clone_project(root, ...)`."""
     shared = shared_dir(tmp_path_factory)
     root, record = shared/"pipeline-project", shared/"pipeline-project.json"
     with FileLock(str(shared/"pipeline-project.lock")):
         if not record.exists():
             root.mkdir()
             r = run(["dvc", "repro"], copy_project(root))
-            record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}))
+            reg = run(["healthml", "model", "register"], root)
+            record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode,
+                                          "register_stderr": reg.stderr}))
     return root, SimpleNamespace(**json.loads(record.read_text()))
 
 
@@ -113,7 +118,7 @@ def set_params(root: Path, **changes) -> None:
     (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-SNAPSHOT = ("models", "metrics", "plots", "reports", "datacard", "dvc.lock", "params.yaml")
+SNAPSHOT = ("models", "metrics", "plots", "report", "reports", "datacard", "data/processed", "dvc.lock", "params.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +131,10 @@ def three_versions(pipeline_project, tmp_path_factory):
     root, record = shared/"three-versions", shared/"three-versions.json"
     with FileLock(str(shared/"three-versions.lock")):
         if not record.exists():
-            clone_project(pipeline_project[0], root)                   # v1 was registered by the pipeline
+            clone_project(pipeline_project[0], root)                   # v1 was registered after the first run
             set_params(root, **{"models.lightgbm.n_estimators": 120})
-            v2 = run(["dvc", "repro"], root)                            # v2
+            v2 = run(["dvc", "repro"], root)
+            run(["healthml", "model", "register"], root)                # v2
             snapshot = shared/"v2-outputs"
             snapshot.mkdir()
             for f in SNAPSHOT:
@@ -143,6 +149,12 @@ def three_versions(pipeline_project, tmp_path_factory):
             run(["healthml", "model", "register"], root)                # ...and a person registers it anyway: v3, gate FAIL
             record.write_text(json.dumps({"v2_stdout": v2.stdout}))
     return SimpleNamespace(root=root, v2_outputs=shared/"v2-outputs", **json.loads(record.read_text()))
+
+
+@pytest.fixture
+def registry_clone(three_versions, tmp_path):
+    "A private copy of the three-version project, for a test that promotes, rolls back or deletes."
+    return clone_project(three_versions.root, tmp_path/"registry")
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package, for the report tests

@@ -9,8 +9,8 @@ from conftest import ROOT, run
 
 from healthml.governance.report import remote_references
 
-STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "report", "gate",
-          "register", "phi_scan"]
+STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "report", "phi_scan",
+          "gate"]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -131,7 +131,9 @@ def test_report_is_self_contained_html_filed_by_version(pipeline_project):
     from healthml.core.io import sha256_file
     root, _ = pipeline_project
     version = sha256_file(root/"models/onnx/lightgbm.onnx")[:12]
-    out = root/"reports/support2-mortality"/version
+    out = root/"reports/support2-mortality"/version               # filed by `healthml model register` from report/
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (root/"report").iterdir())
+    assert (out/"manifest.json").read_bytes() == (root/"report/manifest.json").read_bytes()
     page = (out/"validation.html").read_text()
     assert remote_references(page) == []
     for section in ("Data source", "Participant flow", "Predictors", "Discrimination", "Calibration", "Clinical utility",
@@ -143,7 +145,8 @@ def test_report_is_self_contained_html_filed_by_version(pipeline_project):
     manifest = json.loads((out/"manifest.json").read_text())
     assert manifest["outputs"]["validation.html"] == sha256_file(out/"validation.html")
     assert manifest["inputs"]["model_lightgbm_onnx"]["sha256"].startswith(version)
-    assert version in (root/"reports/index.html").read_text()
+    index = (root/"reports/index.html").read_text()
+    assert version in index and "<td>v1 candidate</td>" in index
 
 
 def test_training_runs_are_in_the_embedded_mlflow_store(pipeline_project):
@@ -152,8 +155,8 @@ def test_training_runs_are_in_the_embedded_mlflow_store(pipeline_project):
         runs = db.execute("select r.name, p.value from runs r join params p on p.run_uuid = r.run_uuid "
                           "where p.key = 'dataset'").fetchall()
         tags = dict(db.execute("select key, value from tags where key = 'git_commit'").fetchall())
-    names = sorted(name for name, _ in runs)                      # train runs are <model>-<params hash>; then the register run
-    assert len(names) == 3 and re.fullmatch(r"lightgbm-[0-9a-f]{8}", names[0]) and re.fullmatch(r"logistic-[0-9a-f]{8}", names[1]), names
+    names = sorted(name for name, _ in runs)                        # model (or register-model) and a short hash
+    assert [re.sub(r"-[0-9a-f]{8}$", "", n) for n in names] == ["lightgbm", "logistic", "register-lightgbm"], names
     assert all(value == "support2" for _, value in runs)
     assert len(tags["git_commit"]) >= 40
 
@@ -163,8 +166,13 @@ def test_dvc_metrics_and_plots_show_both_models(pipeline_project):
     shown = run(["dvc", "metrics", "show", "--json"], root).stdout
     metrics = json.loads(shown)
     data = next(iter(metrics.values()))["data"]
-    ev = data["metrics/evaluate.json"]["data"]
-    assert ev["lightgbm"]["auroc"] > 0.8 and ev["logistic"]["auroc"] > 0.8
+    assert list(data) == ["metrics/summary.json"]               # one small file: `dvc exp show` stays readable
+    summary = data["metrics/summary.json"]["data"]
+    ev = json.loads((root/"metrics/evaluate.json").read_text())
+    for model in ("lightgbm", "logistic"):
+        assert summary[model]["auroc"] == ev[model]["auroc"] > 0.8
+        assert summary[model]["observed_expected"] == ev[model]["observed_expected"]
+    assert summary["gate"] == {"verdict": "PASS", "failed_rules": 0}
     plots = run(["dvc", "plots", "show", "--json"], root).stdout
     for title in ("ROC curve (test patients)", "Calibration (test patients, risk deciles)", "Decision curve (test patients)"):
         assert title in plots, title
@@ -179,7 +187,7 @@ def test_second_repro_has_nothing_to_do(pipeline_project):
 
 def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(pipeline_project, three_versions):
     # three_versions' second version is `dvc repro` after models.lightgbm.n_estimators 300 -> 120 on this project
-    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "export", "report", "gate", "register", "phi_scan"]
+    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "export", "report", "phi_scan", "gate"]
     before = json.loads((pipeline_project[0]/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     after = json.loads((three_versions.v2_outputs/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     assert after != before
@@ -196,7 +204,7 @@ def test_gate_passes_on_support2_with_every_rule_judged(pipeline_project):
     assert "gate: PASS" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["export", "evaluate", "comparison", "subgroups", "robustness", "gate", "split", "validation"])
+@pytest.mark.parametrize("name", ["export", "evaluate", "comparison", "subgroups", "robustness", "gate", "split", "validation", "summary"])
 def test_a_fresh_run_reproduces_the_committed_model_and_metrics(pipeline_project, name):
     # The committed metrics/*.json are the reference: a change that moves a number (or an ONNX hash) must
     # come with the refreshed metrics in the same commit (`dvc repro` and commit metrics/ and dvc.lock).

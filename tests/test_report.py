@@ -13,7 +13,13 @@ SECTIONS = ["0. Items a person must supply", "1. Data source", "2. Participant f
 
 
 def filed_report(root: Path) -> Path:
+    "The report `dvc repro` rendered (report/)."
     return root/json.loads((root/"metrics/report.json").read_text())["report"]
+
+
+def registered_report(root: Path) -> Path:
+    "Where `healthml model register` filed it: reports/<model>/<ONNX hash>."
+    return root/"reports/support2-mortality"/json.loads((root/"metrics/report.json").read_text())["version"]
 
 
 def test_validation_report_renders_offline_with_every_section_and_figure(pipeline_project, browser, tmp_path):
@@ -81,7 +87,7 @@ def test_model_card_json_says_what_people_have_not_provided(pipeline_project):
 
 def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(project_clone):
     root = project_clone
-    report = filed_report(root)
+    report = registered_report(root)
     rel = report.relative_to(root)
     assert run(["healthml", "report", "verify", str(rel)], root).returncode == 0
     for victim in (report/"validation.html", report/"model_card.json", root/"models/onnx/lightgbm.onnx", report/"manifest.json"):
@@ -98,12 +104,13 @@ def test_report_verify_detects_one_edited_byte_in_the_report_or_the_model(projec
 
 
 def test_forced_rerun_on_the_same_inputs_reproduces_the_filed_numbers(project_clone):
+    from healthml.governance.report import file_report
     root = project_clone
-    before = filed_report(root)
-    html_sha = sha256_file(before/"validation.html")
+    filed = registered_report(root)
+    html_sha = sha256_file(filed/"validation.html")
     r = run(["dvc", "repro", "--force", "--single-item", "report"], root)
-    record = json.loads((root/"metrics/report.json").read_text())
-    assert record["reproduced_existing"] is True and root/record["report"] == before
-    assert sha256_file(before/"validation.html") == html_sha            # the filed version was not rewritten
     assert "Running stage 'report'" in r.stdout
-
+    assert (root/"report/manifest.json").read_bytes() != (filed/"manifest.json").read_bytes()   # a new render (new time)
+    folder, filed_now = file_report(root/"reports", "support2-mortality", root/"report")
+    assert (folder, filed_now) == (filed, False)                         # same inputs, same numbers: the filed one stands
+    assert sha256_file(filed/"validation.html") == html_sha             # and was not rewritten

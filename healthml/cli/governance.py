@@ -11,7 +11,9 @@ from typing import Annotated
 
 import typer
 
-from .common import ActorOpt, ParamsOpt, ReasonOpt, RootOpt, run_stage
+from rich.markup import escape
+
+from .common import ActorOpt, ParamsOpt, ReasonOpt, RootOpt, console, run_stage
 from ..core.layout import Layout
 from ..core.params import load_params
 
@@ -43,14 +45,13 @@ def report(ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), root: Ro
 @report_app.command("verify")
 def report_verify(report_dir: Annotated[Path, typer.Argument(help="A filed report, e.g. reports/support2-mortality/6e544310fc28")],
                   params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Recompute every hash in the report's manifest (and the manifest's own, from the audit log); exit 1 on any change.
+    """Recompute every hash in the report's manifest, and the manifest's own from the verified audit log; exit 1 on any change.
 
     Example: healthml report verify reports/support2-mortality/6e544310fc28"""
     def go():
         from healthml.governance.report import ReportError, verify_report
-        p = load_params(params)
-        log = p.tracking.audit_log if p.tracking.audit_log.is_absolute() else Path(root)/p.tracking.audit_log
-        problems = verify_report(report_dir, root, log)
+        reg = registry(params, root)
+        problems = verify_report(report_dir, root, reg.audit, reg.anchor())
         if problems:
             raise ReportError(f"{report_dir} FAILED verification:\n" + "\n".join(f"  - {x}" for x in problems),
                               hint="the report or an artifact it describes was altered after filing")
@@ -92,41 +93,47 @@ def describe(v: dict) -> str:
     return f"version {v['version']}{aliases}: gate {v.get('gate', '?')}, model {v.get('onnx_sha256', '?')[:12]}, report {v.get('report', '?')}"
 
 # %% ../../nbs/60_cli/64_governance.ipynb #d1008d21
+def _notes(notes: list[str]) -> None:
+    for n in notes: console.print(f"[yellow]![/yellow] {escape(n)}")
+
 @model_app.command("register")
 def model_register(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), actor: ActorOpt = None):
-    """Log this run to MLflow and register the candidate as a new version (alias `candidate` if its gate passed).
+    """Register this pipeline run's candidate as a new version, file its report, and audit it (alias `candidate` if its gate passed).
 
-    Example: healthml model register"""
+    An explicit step (a person, or CI on the main branch), never part of `dvc repro` or an experiment. Refused when the
+    pipeline's outputs differ from dvc.lock or metrics/gate.json disagrees with its evidence.
+    Example: dvc repro && healthml model register"""
     def go():
-        from healthml.core.io import write_json
         from healthml.governance.registry import register_version
-        reg = registry(params, root)
-        v = register_version(reg, actor)
-        write_json(Layout(root).registry_record, {"model": reg.name, "version": v["version"], "onnx_sha256": v["onnx_sha256"],
-                                                  "gate": v["gate"], "run_id": v["run_id"]})
+        v, notes = register_version(registry(params, root), actor)
+        _notes(notes)
         return describe(v)
     run_stage("register", go)
 
 @model_app.command("promote")
 def model_promote(version: Annotated[int, typer.Argument(help="Version to make champion.")],
                   params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), actor: ActorOpt = None,
-                  reason: ReasonOpt = "", override: Annotated[bool, typer.Option("--override", help="Promote although its gate failed (needs --reason).")] = False):
-    """Move `champion` to VERSION. Refused when its gate failed, unless --override --reason "...".
+                  reason: ReasonOpt = "", override: Annotated[bool, typer.Option("--override", help="Promote although its gate failed.")] = False):
+    """Move `champion` to VERSION, with a --reason. Refused when its own logged evidence does not say PASS, unless --override.
 
     Example: healthml model promote 3 --reason 'passed gate; approved by AI committee 2026-11-28'"""
     def go():
         from healthml.governance.registry import promote
-        return "champion is now " + describe(promote(registry(params, root), version, actor, reason, override))
+        v, notes = promote(registry(params, root), version, actor, reason, override)
+        _notes(notes)
+        return "champion is now " + describe(v)
     run_stage("promote", go)
 
 @model_app.command("rollback")
 def model_rollback(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), actor: ActorOpt = None, reason: ReasonOpt = ""):
-    """Move `champion` back to the previous champion, after checking its artifact. One command, no arguments needed.
+    """Move `champion` back to the previous champion, after checking its artifact. One command; --reason is required.
 
     Example: healthml model rollback --reason 'alert rate doubled after release'"""
     def go():
         from healthml.governance.registry import rollback
-        return "champion is now " + describe(rollback(registry(params, root), actor, reason))
+        v, notes = rollback(registry(params, root), actor, reason)
+        _notes(notes)
+        return "champion is now " + describe(v)
     run_stage("rollback", go)
 
 # %% ../../nbs/60_cli/64_governance.ipynb #f9349952
@@ -154,7 +161,7 @@ def model_show(version: Annotated[int, typer.Argument(help="Version number.")], 
 # %% ../../nbs/60_cli/64_governance.ipynb #800d7d40
 @audit_app.command("verify")
 def audit_verify(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Check the audit log's hash chain and its anchor in the registry; exit 1 on any tampering.
+    """Check the audit log's chain, signatures and anchor, and that the registry's aliases and versions match it; exit 1 otherwise.
 
     Example: healthml audit verify"""
     def go():
@@ -164,7 +171,7 @@ def audit_verify(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("
         if problems:
             raise RegistryError(f"audit log {reg.audit.path} FAILED verification:\n" + "\n".join(f"  - {p}" for p in problems),
                                 hint="the log was altered; restore it from backup and investigate")
-        return f"{len(reg.audit.entries())} entries, chain and anchor intact"
+        return f"{len(reg.audit.entries())} entries: chain, signatures and anchor intact; registry matches the log"
     run_stage("audit verify", go)
 
 @app.command("lineage", rich_help_panel="Governance")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_write', 'write_json', 'write_parquet', 'sha256_file']
+__all__ = ['atomic_write', 'write_json', 'write_parquet', 'sha256_file', 'staged_dir', 'quiet_stderr']
 
 # %% ../../nbs/00_core/02_io.ipynb #b0a0e65e
 import json, tempfile as _tempfile
@@ -59,3 +59,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
+
+# %% ../../nbs/00_core/02_io.ipynb #69eac333
+import contextlib, shutil
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path):
+    "Yield an empty temporary folder beside `path`; on success it replaces `path` (rename), on error it is removed."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f".{path.name}.tmp-*"): shutil.rmtree(old, ignore_errors=True)   # left by a killed run
+    tmp = Path(_tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())
+        if path.exists(): shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../../nbs/00_core/02_io.ipynb #78826cd5
+@contextlib.contextmanager
+def quiet_stderr():
+    "Capture everything written to file descriptor 2 (also by child processes); yields a callable returning it."
+    import sys
+    sys.stderr.flush()
+    saved, buf = os.dup(2), _tempfile.TemporaryFile()
+    captured = []
+    os.dup2(buf.fileno(), 2)
+    try: yield lambda: "".join(captured)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2); os.close(saved)
+        buf.seek(0); captured.append(buf.read().decode(errors="replace")); buf.close()

@@ -35,8 +35,9 @@ class Layout:
         self.subgroups = r/"metrics/subgroups.json"             # evaluate: per-group metrics, fairness gaps
         self.robustness = r/"metrics/robustness.json"           # evaluate: stress tests, direction checks
         self.gate = r/"metrics/gate.json"                       # gate: verdict and evidence per rule
-        self.registry_record = r/"metrics/registry.json"        # register: the version this run became
-        self.report_record = r/"metrics/report.json"            # report: where this run's report is filed
+        self.summary = r/"metrics/summary.json"                 # gate: headline metrics per model and the verdict (dvc exp show)
+        self.report_render = r/"report"                         # report: the rendered report of this run (not yet filed)
+        self.report_record = r/"metrics/report.json"            # report: the render's manifest hash
         self.plots = r/"plots"
         self.export_metrics = r/"metrics/export.json"
         self.reports = r/"reports"

@@ -380,7 +380,7 @@ def phi_scan(spec: DatasetSpec, layout: Layout, tracking_uri: str | None = None,
              paths: list[Path] | None = None) -> dict:
     "Scan every public output of the pipeline (and the MLflow store); raise `PhiLeakError` on any hit."
     L = layout
-    paths = paths or [L.deidentified, L.deid_record, L.splits, L.models, L.root/"metrics", L.plots, L.reports,
+    paths = paths or [L.deidentified, L.deid_record, L.splits, L.models, L.root/"metrics", L.plots, L.report_render, L.reports,
                       L.dataset_card, L.root/"audit", L.root/"mlartifacts"]
     scanner = scanner_for(spec, L)
     result = scan_paths(scanner, [p for p in paths if p != L.phi_scan], root=L.root)

@@ -124,7 +124,10 @@ def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
     if champ is not None:
         from healthml.modelling.scoring import OnnxScorer
         path = champ if champ.is_absolute() else layout.root/champ
-        if path.exists(): out[CHAMPION] = OnnxScorer(path).predict_proba
+        if not path.exists():                      # a mistyped path must not make the champion rule "not applicable"
+            from healthml.core.errors import ConfigError
+            raise ConfigError(f"evaluate.champion: {champ} not found", hint="fix the path to the champion's ONNX file, or set it to null")
+        out[CHAMPION] = OnnxScorer(path).predict_proba
     return out
 
 def evaluate_models(params: Params, layout: Layout) -> EvaluationResult:

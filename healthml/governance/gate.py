@@ -14,7 +14,7 @@ from ..core.params import DirectionRule, FairnessRule, GateConfig, NonInferiorit
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
-__all__ = ['GateFailed', 'evaluate_gate', 'gate_evidence', 'run_gate']
+__all__ = ['SUMMARY_METRICS', 'GateFailed', 'evaluate_gate', 'gate_evidence', 'run_summary', 'run_gate']
 
 # %% ../../nbs/40_governance/41_gate.ipynb #6e90f0bd
 class GateFailed(HealthmlError):
@@ -114,10 +114,22 @@ def gate_evidence(layout: Layout) -> dict:
     if missing: raise HealthmlError(f"gate needs {', '.join(missing)}", hint="run `dvc repro evaluate export` first")
     return {k: json.loads(p.read_text()) for k, p in paths.items()}
 
+SUMMARY_METRICS = ("auroc", "auroc_ci_low", "auroc_ci_high", "calibration_slope", "calibration_intercept", "observed_expected",
+                   "brier", "alerts_per_100")
+
+def run_summary(evaluation: dict, verdict: dict) -> dict:
+    """The handful of numbers a person compares across runs (`dvc exp show`, `dvc metrics diff`, `healthml summary`):
+    each model's headline metrics and the verdict. The full evidence stays in the other metrics files."""
+    models = {m: {k: d[k] for k in SUMMARY_METRICS if k in d} for m, d in evaluation.items()
+              if isinstance(d, dict) and "auroc" in d}
+    return {**models, "gate": {"verdict": verdict["verdict"], "failed_rules": len(verdict["failed_rules"])}}
+
 def run_gate(cfg: GateConfig, layout: Layout) -> dict:
-    "Evaluate the gate, write its verdict, and raise `GateFailed` when a rule fails."
-    verdict = evaluate_gate(cfg, gate_evidence(layout))
+    "Evaluate the gate, write its verdict and the run summary, and raise `GateFailed` when a rule fails."
+    evidence = gate_evidence(layout)
+    verdict = evaluate_gate(cfg, evidence)
     write_json(layout.gate, verdict)
+    write_json(layout.summary, run_summary(evidence["evaluation"], verdict))
     if not verdict["passed"]:
         lines = "\n".join(f"  - {r['name']}: {r['reason']}" for r in verdict["rules"] if r["passed"] is False)
         raise GateFailed(f"gate FAILED under plan '{cfg.plan}':\n{lines}",

@@ -10,7 +10,6 @@ import html
 import json
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.errors import HealthmlError
-from ..core.io import atomic_write, sha256_file, write_json
+from ..core.faults import checkpoint
+from ..core.io import atomic_write, quiet_stderr, sha256_file, staged_dir, write_json
 from ..core.layout import Layout
 from ..core.pages import render_page
 from ..core.params import MODEL_PACKAGES, Params, load_params
@@ -31,7 +31,7 @@ __all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance
            'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
            'html_table', 'verdict_banner', 'remote_references', 'add_toc', 'notebook_to_html', 'package_versions',
            'model_version', 'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report',
-           'verify_report']
+           'file_report', 'verify_report']
 
 # %% ../../nbs/40_governance/45_report.ipynb #cc2d9574
 class ReportError(HealthmlError):
@@ -337,7 +337,7 @@ def model_version(layout: Layout, model: str) -> str:
     if not path.exists(): raise ReportError(f"{path} not found", hint="run `dvc repro export`")
     return sha256_file(path)[:12]
 
-def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Path) -> dict:
+def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Path, version: str) -> dict:
     "SHA-256 of every input and output of the report, with provenance."
     from healthml.modelling.train import git_commit
     L = ctx.layout
@@ -347,7 +347,7 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
               **{f"model_{m}_onnx": L.model_file(m, "onnx") for m in ctx.params.models},
               "constraints": L.root/"requirements/constraints.txt"}
     outputs = sorted(p for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
-    return {"model_name": ctx.params.report.model_name, "candidate": ctx.params.candidate, "version": out_dir.name, "git_commit": git_commit(L.root),
+    return {"model_name": ctx.params.report.model_name, "candidate": ctx.params.candidate, "version": version, "git_commit": git_commit(L.root),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "packages": package_versions(),
             "inputs": {k: {"path": str(Path(p).relative_to(L.root.resolve()) if Path(p).is_absolute() else p),
                            "sha256": sha256_file(p)} for k, p in inputs.items() if Path(p).exists()},
@@ -357,18 +357,20 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
             "gate": None if ctx.gate is None else {"plan": ctx.gate["plan"], "verdict": ctx.gate["verdict"], "failed_rules": ctx.gate["failed_rules"]}}
 
 # %% ../../nbs/40_governance/45_report.ipynb #faf7a2f3
-def report_index(reports_dir: Path) -> list[dict]:
-    "Every filed validation report version, newest first, with its gate verdict and the candidate's test AUROC."
+def report_index(reports_dir: Path, registry: dict[str, str] | None = None) -> list[dict]:
+    """Every filed validation report version, newest first, with its gate verdict, the candidate's test AUROC and
+    its registry version and aliases (`registry`: filed folder `<model>/<dir>` -> e.g. `v3 champion`)."""
     rows = []
     for mf in sorted(reports_dir.glob("*/*/manifest.json")):
-        if mf.parts[-3] == "monitoring": continue
+        if mf.parts[-3].startswith("monitoring") or mf.parts[-2].startswith("."): continue
         m = json.loads(mf.read_text())
         auc = m["metrics"][m.get("candidate") or next(iter(m["metrics"]))]  # manifests list the candidate first
         rows.append({"created": m["created"], "model": m["model_name"], "version": m["version"],
                      "auroc": f"{auc['auroc']:.3f} ({auc['auroc_ci_low']:.3f} to {auc['auroc_ci_high']:.3f})",
                      "link": f"{mf.parent.relative_to(reports_dir)}/validation.html", "commit": m["git_commit"][:12],
-                     "verdict": (m.get("gate") or {}).get("verdict", "no rules")})
-    order = ("created", "model", "version", "auroc", "link", "commit", "verdict")
+                     "verdict": (m.get("gate") or {}).get("verdict", "no rules"),
+                     "registry": (registry or {}).get(mf.parent.relative_to(reports_dir).as_posix(), "not registered")})
+    order = ("created", "model", "version", "auroc", "link", "commit", "verdict", "registry")
     return sorted(rows, key=lambda r: tuple(r[k] for k in order), reverse=True)
 
 def monitoring_index(reports_dir: Path) -> list[dict]:
@@ -384,11 +386,11 @@ def monitoring_index(reports_dir: Path) -> list[dict]:
 _INDEX_PAGE = """{% extends "base.html" %}
 {% block content %}
 <h1>Validation reports</h1>
-<p>{{ reports | length }} report version(s). Each version is named by its model's ONNX SHA-256.</p>
-<table><thead><tr><th>Created (UTC)</th><th>Model</th><th>Version</th><th>Gate</th><th>Test AUROC, candidate (95% CI)</th><th>Git commit</th></tr></thead>
+<p>{{ reports | length }} report version(s). Each version is named by its model's ONNX SHA-256; the Registry column shows the MLflow version it was registered as and the aliases it holds (<code>champion</code> is in service).</p>
+<table><thead><tr><th>Created (UTC)</th><th>Model</th><th>Version</th><th>Registry</th><th>Gate</th><th>Test AUROC, candidate (95% CI)</th><th>Git commit</th></tr></thead>
 <tbody>
 {% for r in reports %}
-<tr><td>{{ r.created }}</td><td>{{ r.model }}</td><td><a href="{{ r.link }}">{{ r.version }}</a></td><td class="{{ 'pass' if r.verdict == 'PASS' else 'fail' }}">{{ r.verdict }}</td><td>{{ r.auroc }}</td><td><code>{{ r.commit }}</code></td></tr>
+<tr><td>{{ r.created }}</td><td>{{ r.model }}</td><td><a href="{{ r.link }}">{{ r.version }}</a></td><td>{{ r.registry }}</td><td class="{{ 'pass' if r.verdict == 'PASS' else 'fail' }}">{{ r.verdict }}</td><td>{{ r.auroc }}</td><td><code>{{ r.commit }}</code></td></tr>
 {% endfor %}
 </tbody></table>
 {% if monitoring %}
@@ -403,9 +405,9 @@ _INDEX_PAGE = """{% extends "base.html" %}
 {% endif %}
 {% endblock %}"""
 
-def write_index(reports_dir: Path) -> Path:
-    "Write `reports/index.html` listing every filed report version and monitoring report."
-    page = render_page(_INDEX_PAGE, title="healthml reports", reports=report_index(reports_dir),
+def write_index(reports_dir: Path, registry: dict[str, str] | None = None) -> Path:
+    "Write `reports/index.html` listing every filed report version (with its registry version and aliases) and monitoring report."
+    page = render_page(_INDEX_PAGE, title="healthml reports", reports=report_index(reports_dir, registry),
                        monitoring=monitoring_index(reports_dir), status_class={"ok": "pass", "warning": "warn", "critical": "fail"})
     return atomic_write(reports_dir/"index.html", page)
 
@@ -421,84 +423,86 @@ def _outputs_text(nb_path: Path) -> list[str]:
     return out
 
 def _execute(template: Path, dest: Path, root: Path, params_path, version: str, kernel: str) -> None:
+    "Run the template with Papermill; the kernel's own log lines are kept off the console unless it fails."
     import papermill as pm
-    tmp = dest.with_name(f".{dest.stem}.tmp.ipynb")
-    pm.execute_notebook(str(template), str(tmp), parameters={"root": str(root), "params_path": str(params_path), "version": version},
-                        kernel_name=kernel, progress_bar=False, cwd=str(root), log_output=False)
-    tmp.replace(dest)
+    with quiet_stderr() as kernel_log:
+        try: pm.execute_notebook(str(template), str(dest), parameters={"root": str(root), "params_path": str(params_path), "version": version},
+                                 kernel_name=kernel, progress_bar=False, cwd=str(root), log_output=False)
+        except Exception: failed = True
+        else: failed = False
+    if failed:
+        sys.stderr.write(kernel_log()[-4000:])
+        raise
 
 # %% ../../nbs/40_governance/45_report.ipynb #a3b5429c
 def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml", kernel: str = "python3") -> Path:
-    """Execute the validation template with Papermill and file notebook, HTML, model card and manifest.
+    """Execute the validation template with Papermill and render notebook, HTML, model card and manifest into `report/`.
 
-    A filed version is never overwritten: the same model re-run on the same inputs must reproduce the
-    filed numbers exactly (else `ReportError`), and new inputs for the same model file a new revision."""
+    The folder is built beside `report/` and renamed into place, so a killed run leaves no half-written
+    report (and nothing inside the DVC output). Nothing is filed or audited here: see `file_report`."""
     from healthml.governance.model_card import card_html, card_markdown, model_card
     root = Path(root).resolve()
     ctx = ReportContext.load(root, params_path)  # fails early, with a hint, if a stage has not run
     template = root/ctx.params.report.template
     if not template.exists(): raise ReportError(f"report template {template} not found", hint="check report.template in params.yaml")
     version = model_version(ctx.layout, ctx.params.candidate)
-    base = ctx.layout.reports/ctx.params.report.model_name
+    with staged_dir(root/ctx.layout.report_render.relative_to(ctx.layout.root)) as out_dir:
+        _execute(template, out_dir/"validation.ipynb", root, params_path, version, kernel)
+        atomic_write(out_dir/"validation.html", notebook_to_html(out_dir/"validation.ipynb"))
+        card = model_card(ctx, ctx.review, version)
+        write_json(out_dir/"model_card.json", card)
+        atomic_write(out_dir/"model_card.md", card_markdown(card))
+        atomic_write(out_dir/"model_card.html", card_html(card))
+        card_page = ctx.layout.dataset_card/"dataset_card.html"
+        if card_page.exists(): atomic_write(out_dir/"dataset_card.html", card_page.read_bytes())
+        _scan_for_phi(ctx, out_dir)
+        write_json(out_dir/"manifest.json", manifest(ctx, out_dir, root/params_path, template, version))
+        checkpoint("report.render-written")
+    out = root/ctx.layout.report_render.relative_to(ctx.layout.root)
+    write_json(ctx.layout.report_record, {"report": str(out.relative_to(root)), "version": version,
+                                          "manifest_sha256": sha256_file(out/"manifest.json")})
+    return out
+
+# %% ../../nbs/40_governance/45_report.ipynb #1eb180b7
+def _inputs_that_matter(inputs: dict) -> dict:
+    "The manifest inputs that define the numbers (the native model files are re-serialised byte-differently)."
+    return {k: v["sha256"] for k, v in inputs.items() if not (k.startswith("model_") and k.endswith("_native"))}
+
+def file_report(reports: Path, model_name: str, render: Path) -> tuple[Path, bool]:
+    "File the rendered report under `reports/<model>/<version>[.rN]`; returns (folder, whether it was filed now)."
+    mf = render/"manifest.json"
+    if not mf.exists(): raise ReportError(f"no rendered report in {render}", hint="run `dvc repro report`")
+    new = json.loads(mf.read_text())
+    version, base = new["version"], reports/model_name
     revisions = [base/version] + sorted(base.glob(f"{version}.r*"), key=lambda p: int(p.name.rsplit(".r", 1)[1]))
     filed = [d for d in revisions if (d/"manifest.json").exists()]
-    out_dir = filed[-1] if filed else base/version                     # the latest filed revision of this model
+    target = base/version
     if filed:
-        with tempfile.TemporaryDirectory(dir=base) as d:
-            _execute(template, Path(d)/"validation.ipynb", root, params_path, out_dir.name, kernel)
-            same_numbers = _outputs_text(Path(d)/"validation.ipynb") == _outputs_text(out_dir/"validation.ipynb")
-            old = json.loads((out_dir/"manifest.json").read_text())["inputs"]
-            new = manifest(ctx, Path(d), root/params_path, template)["inputs"]
-        onnx_and_data = lambda inputs: {k: v["sha256"] for k, v in inputs.items() if not (k.startswith("model_") and k.endswith("_native"))}
-        same_inputs = onnx_and_data(old) == onnx_and_data(new)
-        if same_inputs and same_numbers:                            # reproduced exactly: the filed report stands
-            _record(ctx, out_dir, reproduced=True)
-            write_index(ctx.layout.reports)                         # the index is not a DVC output: keep it current
-            return out_dir
-        if same_inputs: raise ReportError(f"re-running the report for {version} on the same inputs gave different numbers",
+        last = filed[-1]
+        if sha256_file(last/"manifest.json") == sha256_file(mf): return last, False      # this render is filed already
+        same_inputs = _inputs_that_matter(json.loads((last/"manifest.json").read_text())["inputs"]) == _inputs_that_matter(new["inputs"])
+        if same_inputs and _outputs_text(last/"validation.ipynb") == _outputs_text(render/"validation.ipynb"):
+            return last, False                                                           # reproduced exactly: the filed report stands
+        if same_inputs: raise ReportError(f"the report for {version} on the same inputs gave different numbers from the filed one",
                                           hint="the pipeline is not reproducible; investigate before filing")
-        out_dir = base/f"{version}.r{len(revisions) + 1}"             # same model, new evidence: a new revision
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _execute(template, out_dir/"validation.ipynb", root, params_path, out_dir.name, kernel)
-    atomic_write(out_dir/"validation.html", notebook_to_html(out_dir/"validation.ipynb"))
-    card = model_card(ctx, ctx.review, out_dir.name)
-    write_json(out_dir/"model_card.json", card)
-    atomic_write(out_dir/"model_card.md", card_markdown(card))
-    atomic_write(out_dir/"model_card.html", card_html(card))
-    card_page = ctx.layout.dataset_card/"dataset_card.html"
-    if card_page.exists(): atomic_write(out_dir/"dataset_card.html", card_page.read_bytes())
-    _scan_for_phi(ctx, out_dir)
-    write_json(out_dir/"manifest.json", manifest(ctx, out_dir, root/params_path, template))
-    write_index(ctx.layout.reports)
-    _audit_report(ctx, out_dir)
-    _record(ctx, out_dir, reproduced=False)
-    return out_dir
+        target = base/f"{version}.r{len(revisions) + 1}"                                 # same model, new evidence: a new revision
+    with staged_dir(target) as tmp:
+        for f in sorted(render.iterdir()):
+            if f.is_file(): atomic_write(tmp/f.name, f.read_bytes())
+    return target, True
 
 # %% ../../nbs/40_governance/45_report.ipynb #2e3fc28e
 def _scan_for_phi(ctx: ReportContext, out_dir: Path) -> None:
-    "Scan every file of a new report for identifiers; on any hit the report is removed, not filed."
+    "Scan every file of a new report for identifiers; on any hit the report is removed, not kept."
     from healthml.data.phi import keep_only_if_clean, scanner_for
     keep_only_if_clean(scanner_for(ctx.params.dataset, ctx.layout), out_dir,
-                       "the new report holds {n} suspected identifier(s); it was not filed",
+                       "the new report holds {n} suspected identifier(s); it was not kept",
                        hint="find where the value enters the report and de-identify it upstream", root=ctx.layout.root.resolve())
 
-def _record(ctx: ReportContext, out_dir: Path, reproduced: bool) -> None:
-    "Tell later stages (register) where this run's report is filed."
-    write_json(ctx.layout.report_record, {"report": str(out_dir.relative_to(ctx.layout.root.resolve())),
-                                          "manifest_sha256": sha256_file(out_dir/"manifest.json"), "reproduced_existing": reproduced})
-
-def _audit_report(ctx: ReportContext, out_dir: Path) -> None:
-    "Record the filed report (its manifest hash and verdict) in the audit log."
-    from healthml.governance.audit import AuditLog, actor_name
-    log = ctx.params.tracking.audit_log
-    AuditLog(log if log.is_absolute() else ctx.layout.root/log).append(
-        "report", actor_name(), "validation report filed", model=ctx.params.report.model_name, version_dir=out_dir.name,
-        manifest_sha256=sha256_file(out_dir/"manifest.json"), gate=(ctx.gate or {}).get("verdict", "no rules"))
-
 # %% ../../nbs/40_governance/45_report.ipynb #150d05b1
-def verify_report(report_dir: str | Path, root: str | Path = ".", audit_log: str | Path | None = None) -> list[str]:
-    "Problems found re-checking a filed report against its manifest and the audit log (empty when intact)."
-    from healthml.governance.audit import AuditLog
+def verify_report(report_dir: str | Path, root: str | Path = ".", audit=None, anchor: str | None = None) -> list[str]:
+    "Problems found re-checking a filed report against its manifest and the verified audit log (empty when intact)."
+    from healthml.governance.audit import verify_log
     d, root = Path(report_dir), Path(root)
     mf = d/"manifest.json"
     if not mf.exists(): return [f"{mf} not found"]
@@ -513,8 +517,11 @@ def verify_report(report_dir: str | Path, root: str | Path = ".", audit_log: str
         f = root/item["path"]
         if not f.exists(): problems.append(f"input {key} ({item['path']}) is missing")
         elif sha256_file(f) != item["sha256"]: problems.append(f"input {key} ({item['path']}) differs from the one the report describes")
-    if audit_log is not None:
-        filed = [e for e in AuditLog(audit_log).entries() if e["action"] == "report" and e["details"].get("version_dir") == d.name]
+    if audit is not None:
+        chain = verify_log(audit, anchor, unanchored_ok=True)
+        if chain: return problems + [f"the audit log cannot be trusted: {chain[0]}"]
+        rel = d.resolve().relative_to(root.resolve()).as_posix() if d.resolve().is_relative_to(root.resolve()) else d.as_posix()
+        filed = [e for e in audit.entries() if e["action"] == "register" and e["details"].get("report") == rel]
         if not filed: problems.append("no audit-log entry records this report being filed")
         elif filed[-1]["details"].get("manifest_sha256") != sha256_file(mf): problems.append("manifest.json differs from the one recorded in the audit log")
     return problems
