@@ -218,8 +218,6 @@ def test_the_retrain_command_the_monitor_prints_runs_as_printed(project_clone, t
     "Issue 14: the printed retraining step failed at ingest (pinned hash) and would have trained on the window alone."
     import shlex
     root = project_clone
-    if " retrain " not in run([str(BIN/"healthml"), "--help"], root).stdout.replace("│", " "):
-        pytest.skip("`healthml retrain` is not registered in healthml.cli.app yet (nbs/60_cli/67_app.ipynb)")
     ward_with_more_deaths(root).to_csv(tmp_path/"ward_2027_01.csv", index=False)
     r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2027_01.csv"), "--out", str(tmp_path/"report")],
             root, check=False)

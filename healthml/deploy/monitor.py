@@ -161,13 +161,14 @@ class WindowSummary:
 
     def _follow_up(self, chunk: pd.DataFrame, frame: pd.DataFrame) -> None:
         "Hide outcomes that are not yet mature; count rows overlapping the development data."
-        t = index_times(chunk, self.spec)
-        self.has_index_time |= t is not None
+        d = self.development
+        self.has_index_time |= bool(self.spec.index_time) and self.spec.index_time in chunk
+        dated = self.mature_before is not None or (d is not None and d.first is not None)
+        t = index_times(chunk, self.spec) if dated else None  # parsed only when a check needs it
         if self.mature_before is not None and t is not None:
             late = (t.isna() | (t > self.mature_before)).to_numpy()
             self.immature += int(late.sum())
             if OUTCOME in frame: frame.loc[late, OUTCOME] = np.nan
-        d = self.development
         if d is None: return
         self.duplicates += int(np.isin(row_fingerprints(frame, self.spec), d.fingerprints).sum())
         if self.spec.patient_id in chunk:
