@@ -84,9 +84,6 @@ def test_dvc_plots_show_draws_every_plot_with_the_network_blocked(plots_project,
     assert errors == [] and blocked == [], (errors, blocked)
 
 
-@pytest.mark.xfail(strict=True, reason="until dvc.yaml overlays the models in one plot per definition and stops "
-                                       "listing plots/subgroups.csv as a stage plot (the diff is in the issue 14 notes); "
-                                       "then remove this mark")
 def test_dvc_plots_lists_exactly_the_top_level_plots_with_every_model(plots_project):
     import yaml
     defined = [next(iter(p)) if isinstance(p, dict) else p for p in yaml.safe_load((ROOT/"dvc.yaml").read_text())["plots"]]

@@ -19,8 +19,8 @@ from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'ThresholdRule', 'SubgroupRule',
            'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'GateConfig', 'LightGBMConfig',
            'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig', 'DeidentifyConfig',
-           'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'ExportConfig', 'TrackingConfig', 'ReportConfig',
-           'MonitorConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
+           'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'ExportConfig', 'project_root', 'TrackingConfig',
+           'ReportConfig', 'MonitorConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
@@ -221,6 +221,16 @@ class ExportConfig(StrictModel):
     parity_tolerance: float = Field(1e-5, gt=0)  # max |p_onnx - p_native| on the test set
     opset: int = Field(17, ge=13)
 
+# %% ../../nbs/00_core/04_params.ipynb #5ac76750
+def project_root(root: str | Path = ".") -> Path:
+    """The project a run belongs to: `root` itself or, for an experiment DVC runs in a temporary copy
+    (`dvc exp run --queue`/`--temp`, under `<project>/.dvc/tmp/exps/`), the project, so the experiment's
+    MLflow runs land in the project's own store rather than in a copy that is deleted afterwards."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"): return Path(*parts[:i])
+    return Path(root).resolve()
+
 # %% ../../nbs/00_core/04_params.ipynb #d509e364
 class TrackingConfig(StrictModel):
     "MLflow tracking; `MLFLOW_TRACKING_URI` in the environment wins over `uri`."
@@ -235,10 +245,10 @@ class TrackingConfig(StrictModel):
         return os.environ.get("MLFLOW_TRACKING_URI") or self.uri
 
     def store_uri(self, root: str | Path = ".") -> str:
-        "The MLflow store of the project at `root`: `resolved_uri`, a relative SQLite file resolved against `root`."
+        "The MLflow store of the project at `root`: `resolved_uri`, a relative SQLite file resolved against the project root."
         uri = self.resolved_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str((Path(root)/uri.removeprefix("sqlite:///")).resolve())
+            uri = "sqlite:///" + str((project_root(root)/uri.removeprefix("sqlite:///")).resolve())
         return uri
 
 class ReportConfig(StrictModel):

@@ -26,7 +26,7 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.layout import Layout
-from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig
+from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
 
 # %% auto #0
@@ -174,7 +174,7 @@ def mlflow_experiment(client, cfg: TrackingConfig, root: str | Path = ".") -> st
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
         remote = client.tracking_uri.startswith(("http://", "https://"))  # the server stores artifacts
-        location = None if remote else (Path(root)/cfg.artifact_location).resolve().as_uri()
+        location = None if remote else (project_root(root)/cfg.artifact_location).resolve().as_uri()
         return client.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
     for k, v in EXPERIMENT_TAGS.items():
         if k not in exp.tags: client.set_experiment_tag(exp.experiment_id, k, v)  # a store made before the tag
