@@ -219,7 +219,10 @@ def monitor(ctx: typer.Context,
             model: ModelOpt = None,
             since: Annotated[str | None, typer.Option(help="Prediction log only: first time in the window (UTC, ISO).")] = None,
             until: Annotated[str | None, typer.Option(help="Prediction log only: end of the window, exclusive (UTC, ISO).")] = None,
-            out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/monitoring/<date>/<window>).")] = None,
+            out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/monitoring/<date>/<window>; never "
+                                                     "overwritten: -2, -3 when taken).")] = None,
+            as_of: Annotated[str | None, typer.Option("--as-of", help="The window's end date (YYYY-MM-DD): outcomes not yet "
+                                                      "followed up for dataset.outcome_horizon_days are left out (default: today, UTC).")] = None,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Compare a production window with the reference the model was validated on.
 
@@ -245,13 +248,14 @@ def monitor(ctx: typer.Context,
         say_model(source, note)
         r = run_monitor(load_params(params), Layout(root), current, reference, path, since, until, out,
                         progress=lambda msg: console.print(f"  [dim]· {escape(msg)}[/dim]"),
-                        registry=source.record())
+                        registry=source.record(), as_of=as_of)
         if r["model"]["sha256"] != source.sha256:      # the monitor hashes the file it scores with: it must be this one
             raise HealthmlError(f"the monitor scored with a model other than {source.label}", hint="rerun; investigate if it repeats")
         result.update(r)
         for a in r["alerts"]:
             colour = "red" if a["severity"] == "critical" else "yellow"
             console.print(f"  [{colour}]{a['severity']}[/{colour}] {a['monitor']}: {escape(a['message'])}")
+        for w in r.get("warnings", []): console.print(f"  [yellow]warning:[/yellow] {escape(w)}")
         console.print(f"  [bold]recommendation:[/bold] {escape(r['recommendation']['action'])}")
         if r["recommendation"]["command"]: console.print(f"  [dim]{escape(r['recommendation']['command'])}[/dim]")
         return f"{r['status']} with {source.label}: {len(r['alerts'])} alert(s) -> {r['report_dir']}/monitoring.html"
@@ -267,7 +271,8 @@ def monitor_demo(dataset: Annotated[list[str] | None, typer.Option(help="synthet
                  params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Five production windows, one per kind of dataset shift: (a) no change, (b) an older population, (c) more
     deaths, (d) same inputs with a different outcome relationship, (e) creatinine in umol/L and a feature never
-    sent. On the synthetic EHR and on SUPPORT2 (this project's model); each is filed as a monitoring report.
+    sent. On the synthetic EHR and on SUPPORT2 (this project's model); each report goes to reports/monitoring-demo/, its own
+    folder, never the production index.
     Exits 0 only if every scenario was flagged by the monitor that should see it (and (a) by none).
 
     Example: healthml monitor demo --dataset synthetic"""
@@ -277,6 +282,6 @@ def monitor_demo(dataset: Annotated[list[str] | None, typer.Option(help="synthet
         rows.extend(run_demo(root, params, tuple(dataset or ("synthetic", "support2")), patients, seed,
                              progress=lambda msg: console.print(f"  [dim]· {escape(msg)}[/dim]")))
         ok = sum(r["caught"] for r in rows)
-        return f"{ok} of {len(rows)} scenarios flagged as expected -> {Path(root)/'reports/index.html'}"
+        return f"{ok} of {len(rows)} scenarios flagged as expected -> {Path(root)/'reports/monitoring-demo'}"
     run_stage("monitor demo", go)
     if not all(r["caught"] for r in rows): raise typer.Exit(1)
