@@ -77,7 +77,7 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
     server = Server(root, "--log", str(tmp_path/"predictions.jsonl"))
     try:
         status, info = server.get("/v1/model")
-        assert status == 200 and info["version"] == filed_manifest(root).parent.name[:12]
+        assert status == 200 and info["version"] == json.loads(filed_manifest(root).read_text())["version"]
         assert (info["registry"]["registered"], info["registry"]["version"], info["registry"]["sha256"]) == (False, None, info["sha256"])
         assert "not a registered version" in info["registry"]["warning"]
         from healthml.core.params import load_params
@@ -174,7 +174,7 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
     assert list(scores.columns) == ["sno", "risk", "band", "model_version"] and len(scores) == len(test)
     reference = pd.read_parquet(root/"data/processed/test_scores.parquet").lightgbm.to_numpy()
     assert np.abs(scores.risk.to_numpy() - reference).max() < 1e-5
-    assert scores.model_version.unique().tolist() == [filed_manifest(root).parent.name[:12]]
+    assert scores.model_version.unique().tolist() == [json.loads(filed_manifest(root).read_text())["version"]]
     rejects = pd.read_parquet(tmp_path/"scores.rejects.parquet")
     assert rejects.reasons.tolist() == ["hrt: <= 300", "sex: not a declared category"]
     assert rejects.source_row.tolist() == [len(test) + 1, len(test) + 2]
