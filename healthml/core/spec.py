@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 # %% auto #0
 __all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance', 'Identifier',
-           'DatasetSpec', 'category_labels']
+           'Abstention', 'DatasetSpec', 'category_labels']
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
 class StrictModel(BaseModel):
@@ -29,6 +29,7 @@ class Feature(StrictModel):
     soft_min: float | None = None  # possible but unusual below this: a warning in the report, not an error
     soft_max: float | None = None
     recorded_at: str | None = None  # column with the time this value was recorded (checked against the index time)
+    required: bool = False  # a score is never given without this value: the record abstains as "insufficient data"
 
     @model_validator(mode="after")
     def _check(self):
@@ -79,6 +80,11 @@ class Identifier(StrictModel):
     to: Literal["year", "days_from_index"] = "year"  # dates only: keep the year, or days relative to the index date
 
 # %% ../../nbs/00_core/03_spec.ipynb #9e3e0a33
+class Abstention(StrictModel):
+    "When a record gets no score: too little of it is present, or it lies outside the data the model was trained on."
+    min_present_fraction: float = Field(0.5, gt=0, le=1)  # share of the features a record must hold (an empty record never scores)
+    support_margin: float = Field(0.1, ge=0)  # how far beyond the training min/max a number may lie, as a share of the training range
+
 class DatasetSpec(StrictModel):
     "What the cohort file holds and how to read it."
     name: str
@@ -97,6 +103,7 @@ class DatasetSpec(StrictModel):
     sensitive_attributes: dict[str, SensitiveAttribute] = {}
     excluded_columns: dict[str, str] = {}  # column -> why it must never be a predictor
     identifiers: dict[str, Identifier] = {}  # direct identifiers: removed or generalised by `healthml deidentify`
+    abstention: Abstention = Abstention()  # when a record is too sparse or too unfamiliar to be scored
 
     @model_validator(mode="after")
     def _check(self):
