@@ -20,7 +20,7 @@ from .scoring import OnnxScorer
 from .train import load_model, model_frame
 
 # %% auto #0
-__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'parity', 'export_models']
+__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'training_support', 'parity', 'export_models']
 
 # %% ../../nbs/20_modelling/23_export.ipynb #eea4a70d
 class ParityError(HealthmlError):
@@ -42,7 +42,8 @@ def onnx_inputs(spec: DatasetSpec) -> list:
     return [(n, FloatTensorType([None, 1]) if f.kind == "numeric" else StringTensorType([None, 1]))
             for n, f in spec.features.items()]
 
-def to_onnx(pipeline, spec: DatasetSpec, metadata: dict | None = None, opset: int = 17):
+def to_onnx(pipeline, spec: DatasetSpec, metadata: dict | None = None, opset: int = 17,
+            support: dict | None = None):  # the training support (`training_support`), kept in the metadata when given
     "Convert a fitted healthml pipeline to an ONNX `ModelProto` with metadata."
     from skl2onnx import convert_sklearn
     _register_lightgbm()
@@ -55,11 +56,29 @@ def to_onnx(pipeline, spec: DatasetSpec, metadata: dict | None = None, opset: in
     onx.opset_import.extend(opsets)
     schema = {n: f.model_dump(exclude_none=True) for n, f in spec.features.items()}
     meta = {"feature_schema": json.dumps(schema, sort_keys=True), "missing_category": MISSING_CATEGORY,
+            "abstention": json.dumps(spec.abstention.model_dump(), sort_keys=True),
+            **({"training_support": json.dumps(support, sort_keys=True)} if support is not None else {}),
             **{k: str(v) for k, v in (metadata or {}).items()}}
     for k, v in sorted(meta.items()):
         p = onx.metadata_props.add()
         p.key, p.value = k, v
     return onx
+
+# %% ../../nbs/20_modelling/23_export.ipynb #b04558a2
+def training_support(train: pd.DataFrame, spec: DatasetSpec) -> dict:
+    "Per feature, what training saw: a number's min, max and 0.5/99.5 percentiles; a category's levels."
+    out = {}
+    for name, f in spec.features.items():
+        if f.kind == "numeric":
+            x = pd.to_numeric(train[name], errors="coerce").dropna().to_numpy(np.float64)
+            q = np.quantile(x, [0.005, 0.995]) if len(x) else [None, None]
+            out[name] = {"kind": "numeric", "n": int(len(x)), "min": float(x.min()) if len(x) else None,
+                         "p0_5": None if q[0] is None else float(q[0]), "p99_5": None if q[1] is None else float(q[1]),
+                         "max": float(x.max()) if len(x) else None}
+        else:
+            seen = set(train[name].dropna().astype(str)) - {MISSING_CATEGORY}
+            out[name] = {"kind": "categorical", "n": int(train[name].notna().sum()), "categories": sorted(seen)}
+    return out
 
 # %% ../../nbs/20_modelling/23_export.ipynb #681770b3
 def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec) -> dict:
@@ -71,6 +90,7 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
     "Convert every model's trained pipeline to ONNX, check parity on the test split, then write it."
     spec, test = params.dataset, pd.read_parquet(layout.split_file("test"))
     data_sha = sha256_file(layout.split_file("train"))
+    support = training_support(pd.read_parquet(layout.split_file("train")), spec)
     evaluation = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
     result = {}
     for name, cfg in params.models.items():
@@ -80,7 +100,7 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
                 "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
                 "threshold_rule": (f"sensitivity {params.evaluate.target_sensitivity:g} on the validation split"
                                    if params.evaluate.target_sensitivity else f"risk {params.evaluate.risk_threshold}")}
-        data = to_onnx(pipe, spec, meta, params.export.opset).SerializeToString()
+        data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
         check = parity(pipe, OnnxScorer(data), test, spec)
         check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
         result[name] = check
