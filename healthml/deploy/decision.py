@@ -35,9 +35,7 @@ class DecisionRules:
     threshold: float                          # the alert threshold
     missing: str = MISSING_CATEGORY           # how an unrecorded category is spelled
     support_known: bool = True                # false for a model exported without its training support
-
-    @property
-    def features(self) -> tuple[str, ...]: return self.numeric + self.categorical
+    features: tuple[str, ...] = ()            # every feature, in the model's order (that of its `feature_schema`)
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> DecisionRules:
@@ -59,7 +57,7 @@ class DecisionRules:
         return cls(numeric, categorical, tuple(n for n, f in schema.items() if f.get("required")),
                    max(1, math.ceil(rules.min_present_fraction * len(schema) - 1e-9)), bounds, categories,
                    float(metadata.get("decision_threshold", "0.5")), metadata.get("missing_category", MISSING_CATEGORY),
-                   support is not None)
+                   support is not None, tuple(schema))
 
 # %% ../../nbs/50_deploy/50_decision.ipynb #5c992610
 def _numbers(col, n: int) -> np.ndarray:
