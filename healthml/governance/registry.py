@@ -5,6 +5,8 @@
 # %% ../../nbs/40_governance/46_registry.ipynb #79ebbe28
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -258,7 +260,8 @@ def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple
                                             pip_requirements=["scikit-learn", *type(p.models[cand]).packages, "skops", "pandas", "numpy"],
                                             signature=infer_signature(example, pipe.predict_proba(example)[:, 1]),
                                             input_example=example, pyfunc_predict_fn="predict_proba")
-        mv = mlflow.register_model(info.model_uri, reg.name, await_registration_for=30, tags=tags).version
+        with contextlib.redirect_stdout(io.StringIO()):                # MLflow prints "Successfully registered ..."
+            mv = mlflow.register_model(info.model_uri, reg.name, await_registration_for=30, tags=tags).version
     return int(mv), run.info.run_id
 
 # %% ../../nbs/40_governance/46_registry.ipynb #ec4c3d2f
