@@ -419,7 +419,8 @@ def _outputs_text(nb_path: Path) -> list[str]:
     for cell in nbformat.read(str(nb_path), as_version=4).cells:
         for o in cell.get("outputs", []):
             data = o.get("data", {})
-            out.append(str(o.get("text", "")) + str(data.get("text/plain", "")) + str(data.get("text/html", "")) + str(data.get("text/markdown", "")))
+            text = str(o.get("text", "")) + str(data.get("text/plain", "")) + str(data.get("text/html", "")) + str(data.get("text/markdown", ""))
+            if "<!-- provenance -->" not in text: out.append(text)     # when and with what it was generated: not a number
     return out
 
 def _execute(template: Path, dest: Path, root: Path, params_path, version: str, kernel: str) -> None:
