@@ -29,12 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+USER_KEY, ADMIN_KEY = "test-user-key-0123456789abcdef", "test-admin-key-0123456789abcdef"
+LOG_KEY = "test-prediction-log-key-0123456789"
+
+
+def service_env() -> dict:
+    "The environment an operator gives the service: its user and admin keys, the prediction log's secret."
+    return project_env() | {"HEALTHML_API_KEYS": USER_KEY, "HEALTHML_ADMIN_KEYS": ADMIN_KEY, "HEALTHML_LOG_KEY": LOG_KEY}
+
+
 class Server:
-    "`healthml serve` in a child process, as an operator starts it."
-    def __init__(self, root: Path, *args: str):
+    "`healthml serve` in a child process, as an operator starts it; requests carry the admin key unless told otherwise."
+    def __init__(self, root: Path, *args: str, env: dict | None = None):
         self.port = free_port()
         self.proc = subprocess.Popen([str(BIN/"healthml"), "serve", "--port", str(self.port), *args], cwd=root,
-                                     env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     env=env or service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(300):
             if self.proc.poll() is not None: break
             try:
@@ -42,16 +51,17 @@ class Server:
             except OSError:
                 time.sleep(0.1)
 
-    def request(self, method, path, body=None):
+    def request(self, method, path, body=None, key: str | None = ADMIN_KEY):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        c.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
+        c.request(method, path, None if body is None else json.dumps(body),
+                  {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
         r = c.getresponse()
         data = r.read()
         c.close()
         return r.status, (json.loads(data) if data and r.getheader("content-type", "").startswith("application/json") else data.decode())
 
-    def get(self, path): return self.request("GET", path)
-    def post(self, path, body=None): return self.request("POST", path, body)
+    def get(self, path, key: str | None = ADMIN_KEY): return self.request("GET", path, key=key)
+    def post(self, path, body=None, key: str | None = ADMIN_KEY): return self.request("POST", path, body, key=key)
 
     def stop(self):
         self.proc.terminate()
@@ -71,6 +81,11 @@ def records_of(root: Path, n: int) -> tuple[list[dict], pd.DataFrame]:
     return [{k: (v if not isinstance(v, str) or v != "(missing)" else None) for k, v in r.items()} for r in recs], test
 
 
+def shown_or_raw(p: dict) -> float:
+    "The model's score in a service prediction: `risk`, or `raw_risk` when the model abstained."
+    return p["raw_risk"] if p["risk"] is None else p["risk"]
+
+
 def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_project, tmp_path):
     from healthml.modelling.scoring import OnnxScorer
     root, _ = pipeline_project
@@ -86,12 +101,12 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
         assert info["input_schema"]["properties"]["hrt"]["anyOf"][0]["maximum"] == 300
         records, test = records_of(root, 50)
         records = [{k: v for k, v in r.items() if v is not None} for r in records]
-        status, body = server.post("/v1/predict", {"records": records})
+        status, body = server.post("/v1/predict", {"records": records}, key=USER_KEY)
         assert status == 200, body
         expected = OnnxScorer(root/"models/onnx/lightgbm.onnx").predict_proba(test)
-        assert np.abs(np.array([p["risk"] for p in body["predictions"]]) - expected).max() < 1e-6
-        assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high"}
-        assert all(p["alert"] == (p["risk"] >= body["threshold"]) for p in body["predictions"])
+        assert np.abs(np.array([shown_or_raw(p) for p in body["predictions"]]) - expected).max() < 1e-6
+        assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high", "insufficient data", "outside training data"}
+        assert all(p["alert"] == (p["risk"] is not None and p["risk"] >= body["threshold"]) for p in body["predictions"])
         status, metrics = server.get("/metrics")
         assert 'healthml_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
         assert "healthml_request_latency_seconds_bucket" in metrics and "healthml_predictions_total 50.0" in metrics
@@ -99,7 +114,8 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
         _, err = server.stop()
     assert "WARNING: models/onnx/lightgbm.onnx is not a registered version; used because" in err
     log = [json.loads(x) for x in (tmp_path/"predictions.jsonl").read_text().splitlines()]
-    assert len(log) == 50 and {"request_id", "time", "model_version", "model_sha256", "input_sha256", "risk", "latency_ms"} <= set(log[0])
+    assert len(log) == 50 and {"request_id", "time", "model_version", "model_sha256", "input_hmac_sha256", "risk", "latency_ms"} <= set(log[0])
+    assert (tmp_path/"predictions.jsonl").stat().st_mode & 0o777 == 0o600
     assert log[0]["registry_version"] is None and log[0]["model_alias"] is None          # a file: no registry version to name
     assert not set(records[0]) & set(log[0])                              # no feature values, no identifiers
 
@@ -110,8 +126,8 @@ def test_a_tampered_onnx_file_is_refused_at_start(pipeline_project, tmp_path):
     data = bytearray((root/"models/onnx/lightgbm.onnx").read_bytes())
     data[len(data) // 3] ^= 0x01
     bad.write_bytes(bytes(data))
-    r = run(["healthml", "serve", "--model", str(bad), "--manifest", str(filed_manifest(root)), "--port", str(free_port())],
-            root, check=False, timeout=60)
+    r = subprocess.run(["healthml", "serve", "--model", str(bad), "--manifest", str(filed_manifest(root)), "--port", str(free_port())],
+                       cwd=root, env=service_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "refusing to load it" in r.stderr and "Traceback" not in r.stderr
 
@@ -132,7 +148,8 @@ def test_reload_switches_model_under_load_without_dropping_a_request(pipeline_pr
     def client(k):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         while not stop.is_set():
-            conn.request("POST", "/v1/predict", json.dumps({"records": [records[k % 20]]}), {"Content-Type": "application/json"})
+            conn.request("POST", "/v1/predict", json.dumps({"records": [records[k % 20]]}),
+                         {"Content-Type": "application/json", "X-API-Key": USER_KEY})
             r = conn.getresponse()
             body = json.loads(r.read())
             results.append((r.status, body.get("model", {}).get("version")))
@@ -171,9 +188,11 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
     assert f"{len(test)} of {len(data)} rows scored" in r.stderr and "2 rejected" in r.stderr
     assert "WARNING: models/onnx/lightgbm.onnx is not a registered version" in r.stderr    # no champion yet: the working tree's file
     scores = pd.read_parquet(tmp_path/"scores.parquet")
-    assert list(scores.columns) == ["sno", "risk", "band", "model_version"] and len(scores) == len(test)
+    assert list(scores.columns) == ["source_row", "sno", "risk", "band", "alert", "abstained", "fields", "raw_risk", "model_version"]
+    assert len(scores) == len(test) and scores.source_row.tolist() == list(range(1, len(test) + 1))
     reference = pd.read_parquet(root/"data/processed/test_scores.parquet").lightgbm.to_numpy()
-    assert np.abs(scores.risk.to_numpy() - reference).max() < 1e-5
+    assert np.abs(scores.raw_risk.to_numpy() - reference).max() < 1e-5
+    assert scores.risk.isna().tolist() == scores.abstained.tolist() and not scores.alert[scores.abstained].any()
     assert scores.model_version.unique().tolist() == [json.loads(filed_manifest(root).read_text())["version"]]
     rejects = pd.read_parquet(tmp_path/"scores.rejects.parquet")
     assert rejects.reasons.tolist() == ["hrt: <= 300", "sex: not a declared category"]
@@ -182,8 +201,9 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
 
 def test_serving_imports_no_training_stack(pipeline_project, tmp_path):
     root, _ = pipeline_project
-    code = ("import sys\nfrom healthml.deploy.serve import ModelSlot, create_app, file_source\n"
-            f"app = create_app(ModelSlot(file_source({str(root/'models/onnx/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})))\n"
+    code = ("import sys\nfrom healthml.deploy.serve import ApiKeys, ModelSlot, create_app, file_source\n"
+            f"app = create_app(ModelSlot(file_source({str(root/'models/onnx/lightgbm.onnx')!r}, {str(filed_manifest(root))!r})), "
+            "ApiKeys(insecure=True))\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'lightgbm', 'mlflow', 'pandas', 'skl2onnx', "
             "'onnxmltools', 'matplotlib', 'scipy', 'dvc', 'papermill'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=project_env(), cwd=tmp_path)
@@ -197,8 +217,10 @@ def client(pipeline_project):
     from fastapi.testclient import TestClient
     from healthml.deploy.serve import ModelSlot, create_app, file_source
     root, _ = pipeline_project
+    from healthml.deploy.serve import ApiKeys
     slot = ModelSlot(file_source(root/"models/onnx/lightgbm.onnx", filed_manifest(root)))
-    return TestClient(create_app(slot, max_records=20, max_body_bytes=20_000))
+    app = create_app(slot, ApiKeys.load(env={"HEALTHML_API_KEYS": USER_KEY}), max_records=20, max_body_bytes=20_000)
+    return TestClient(app, headers={"Authorization": f"Bearer {USER_KEY}"})
 
 
 FEATURES = ["age", "sex", "race", "hrt", "crea", "ca", "dzgroup", "meanbp", "aps"]
@@ -233,6 +255,7 @@ def test_schemathesis_finds_no_server_error_over_http(pipeline_project, tmp_path
     server = Server(root, "--log", str(tmp_path/"p.jsonl"))
     try:
         r = subprocess.run([str(BIN/"schemathesis"), "run", f"http://127.0.0.1:{server.port}/openapi.json",
+                            "--header", f"Authorization: Bearer {ADMIN_KEY}",   # the admin key reaches every operation
                             "--checks", "not_a_server_error", "--mode", "all", "--max-examples", "150", "--phases", "examples,coverage,fuzzing",
                             "--suppress-health-check", "all", "--no-color"],
                            capture_output=True, text=True, env=project_env(), cwd=tmp_path, timeout=600)
@@ -240,4 +263,59 @@ def test_schemathesis_finds_no_server_error_over_http(pipeline_project, tmp_path
         server.stop()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     generated, passed = map(int, re.search(r"(\d+) generated, (\d+) passed", r.stdout).groups())
-    assert generated == passed and generated >= 300 and "Tested: 6" in r.stdout and "No issues found" in r.stdout
+    assert generated == passed and generated >= 300 and "Tested: 6" in r.stdout and "No issues found" in r.stdout, r.stdout[-3000:]
+
+
+# --- batch and service see the same record the same way (issue 15 item 7) --------------------------------------
+def test_predict_the_service_and_the_monitor_give_identical_risks_for_the_same_rows(pipeline_project, tmp_path):
+    from healthml.core.params import load_params
+    from healthml.deploy.monitor import score_sample, window_chunks
+    from healthml.modelling.scoring import OnnxScorer
+    root, _ = pipeline_project
+    records, test = records_of(root, 300)
+    spec = load_params(root/"params.yaml").dataset
+    dotted = {c: c.replace("_", ".") for c in spec.features if "_" in c}           # as the raw export names them (`num.co`)
+    assert dotted, "the test needs a feature whose raw name is dotted"
+    test.drop(columns=["source_row"], errors="ignore").rename(columns=dotted).to_csv(tmp_path/"ward.csv", index=False)
+    run(["healthml", "predict", str(tmp_path/"ward.csv"), "-o", str(tmp_path/"scores.parquet"), "--keep", "source_row"], root)
+    batch = pd.read_parquet(tmp_path/"scores.parquet")
+    assert batch.source_row.tolist() == list(range(1, 301)) and list(batch.columns).count("source_row") == 1
+
+    server = Server(root, "--log", str(tmp_path/"p.jsonl"))
+    try:
+        status, body = server.post("/v1/predict", {"records": records}, key=USER_KEY)
+    finally:
+        server.stop()
+    assert status == 200, body
+    service = np.array([shown_or_raw(p) for p in body["predictions"]], dtype=float)
+    assert [p["band"] for p in body["predictions"]] == batch.band.tolist()         # the same decisions too
+
+    scorer = OnnxScorer(root/"models/onnx/lightgbm.onnx")
+    window = pd.concat(list(window_chunks(tmp_path/"ward.csv")), ignore_index=True)
+    monitor = score_sample(scorer, window, spec)["_risk"].to_numpy()
+
+    assert np.array_equal(batch.raw_risk.to_numpy(), monitor)                       # the same floats, bit for bit
+    assert np.abs(batch.raw_risk.to_numpy() - service).max() <= 5e-7                # the service rounds to 6 decimals
+
+
+def test_a_feature_column_missing_from_a_batch_file_is_an_error_naming_it(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    pd.read_parquet(root/"data/processed/test.parquet").head(20).drop(columns=["crea"]).to_parquet(tmp_path/"in.parquet")
+    r = run(["healthml", "predict", str(tmp_path/"in.parquet"), "-o", str(tmp_path/"s.parquet")], root, check=False)
+    assert r.returncode == 1 and "no column for feature(s) crea" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path/"s.parquet").exists()
+
+
+def test_rows_with_no_feature_are_not_scored_low(pipeline_project, tmp_path):
+    root, _ = pipeline_project
+    test = pd.read_parquet(root/"data/processed/test.parquet").head(5)
+    empty = test.copy()
+    from healthml.core.params import load_params
+    for c in load_params(root/"params.yaml").dataset.features: empty[c] = None
+    pd.concat([test, empty], ignore_index=True).to_parquet(tmp_path/"in.parquet")
+    r = run(["healthml", "predict", str(tmp_path/"in.parquet"), "-o", str(tmp_path/"s.csv")], root)
+    assert "10 of 10 rows scored" in r.stderr and " abstained (insufficient or unfamiliar data" in r.stderr
+    s = pd.read_csv(tmp_path/"s.csv")
+    assert s.source_row.tolist() == list(range(1, 11))
+    assert (s.band.iloc[5:] == "insufficient data").all() and not s.alert.iloc[5:].any() and s.risk.iloc[5:].isna().all()
+    assert s.raw_risk.notna().all() and s.fields.iloc[5:].str.contains("age").all()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import BIN, clone_project, run
-from test_serve import Server, records_of
+from test_serve import USER_KEY, Server, records_of
 
 POLL = 1  # seconds between the service's looks at its alias
 
@@ -61,7 +61,8 @@ class Load:
     def _client(self, port, records, k):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         while not self._stop.is_set():
-            conn.request("POST", "/v1/predict", json.dumps({"records": [records[k % len(records)]]}), {"Content-Type": "application/json"})
+            conn.request("POST", "/v1/predict", json.dumps({"records": [records[k % len(records)]]}),
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {USER_KEY}"})
             r = conn.getresponse()
             body = json.loads(r.read())
             self.results.append((r.status, body.get("model", {}).get("registry_version")))
@@ -132,7 +133,7 @@ def test_a_tampered_registry_artifact_is_refused_and_the_service_keeps_its_model
         reg.client.set_registered_model_alias(reg.name, "champion", "1")
         time.sleep(3 * POLL + 1)                                   # several polls see the moved alias
         assert model_in_service(server)["version"] == 2
-        status, body = server.post("/v1/predict", {"records": records})
+        status, body = server.post("/v1/predict", {"records": records}, key=USER_KEY)
         assert status == 200 and body["model"]["registry_version"] == 2
     finally:
         _, err = server.stop()

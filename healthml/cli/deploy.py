@@ -23,7 +23,7 @@ if TYPE_CHECKING: from healthml.deploy.serve import ModelSource
 # %% auto #0
 __all__ = ['app', 'ModelOpt', 'ManifestOpt', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref', 'open_registry',
            'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning', 'say_model', 'predict',
-           'serve', 'monitored_model', 'monitor', 'monitor_demo']
+           'serve', 'serve_auth', 'monitored_model', 'monitor', 'monitor_demo']
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f11cb317
 app = typer.Typer()
@@ -125,13 +125,17 @@ ManifestOpt = Annotated[Path | None, typer.Option(help="With a model file only: 
 def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of records to score.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (.parquet or .csv).")],
             model: ModelOpt = None, manifest: ManifestOpt = None,
-            keep: Annotated[list[str] | None, typer.Option(help="Input columns to copy to the output (e.g. an encounter id).")] = None,
+            keep: Annotated[list[str] | None, typer.Option(help="Input columns to copy to the output (e.g. an encounter id); "
+                                                           "`source_row`, the row's number in the input, is always written.")] = None,
             chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per chunk (bounds memory).")] = 100_000,
             rejects: Annotated[Path | None, typer.Option(help="Rejected rows with reasons (default: <out>.rejects.<ext>).")] = None,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Score a file in chunks with a verified model version: risk, band and model version per row.
+    """Score a file in chunks with a verified model version: source row, risk, band, alert and model version per row.
 
-    Rows that break the dataset spec go to the rejects file with row numbers and reasons (never values).
+    Column names are canonicalised as at ingest (`flc.grp` is `flc_grp`); a feature column missing from the file is an
+    error. A row the model cannot judge (required data missing, too sparse, outside the training data) gets no risk, no
+    alert, its band (`insufficient data`, `outside training data`) and the fields that caused it. Rows that break the dataset
+    spec go to the rejects file with row numbers and reasons (never values).
 
     Examples: healthml predict new_admissions.parquet -o scores.parquet --keep encounter_id   (the champion)
               healthml predict new_admissions.parquet -o scores.parquet --model models:/support2-mortality/3"""
@@ -148,6 +152,7 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
             task = bar.add_task("rows", total=file_rows(input))
             r = predict_file(scorer, input, out, rejects, keep or [], chunk_rows, progress=lambda n: bar.advance(task, n))
         rej = f"; {r['rejected']} rejected -> {r['rejects']}" if r["rejected"] else ""
+        rej = (f"; {r['abstained']} abstained (insufficient or unfamiliar data: no risk, no alert)" if r["abstained"] else "") + rej
         return f"{r['scored']} of {r['rows']} rows scored with {source.label}, model {r['model_version']} -> {out}{rej}"
     run_stage("predict", go)
 
@@ -156,35 +161,72 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
 def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
           poll_seconds: Annotated[float, typer.Option(min=0, help="How often to look at the alias served (champion, candidate) "
                                                       "and hot-swap, verified, to the version it moved to; 0: never.")] = 5,
-          host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+          host: Annotated[str, typer.Option(help="Interface to bind. Anything but loopback is warned about: serve plain HTTP "
+                                            "only behind a TLS-terminating proxy.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-          log: Annotated[Path, typer.Option(help="Prediction log (JSONL, no identifiers).")] = Path("logs/predictions.jsonl"),
+          api_keys: Annotated[Path | None, typer.Option(help="File of user keys, one a line (or `sha256:<hex>` digests); "
+                                                        "also HEALTHML_API_KEYS (comma-separated).", show_default=False)] = None,
+          admin_keys: Annotated[Path | None, typer.Option(help="File of admin keys (for /v1/admin/*); also HEALTHML_ADMIN_KEYS.",
+                                                          show_default=False)] = None,
+          insecure_local: Annotated[bool, typer.Option("--insecure-local", help="Start with no keys (every endpoint open), "
+                                                       "on 127.0.0.1 only: a trial on this machine.")] = False,
+          log: Annotated[Path, typer.Option(help="Prediction log (JSONL, 0600, no identifiers).")] = Path("logs/predictions.jsonl"),
+          log_key: Annotated[Path, typer.Option(help="Secret for the log's keyed input hashes (made, 0600, if absent); "
+                                                "HEALTHML_LOG_KEY overrides it.")] = Path(".healthml/prediction-log.key"),
           max_records: Annotated[int, typer.Option(min=1, help="Most records per request.")] = 1000,
           params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Serve a verified model version over HTTP (FastAPI + uvicorn), following its alias.
 
     Serves the champion (by default) and swaps to a new champion within --poll-seconds of a promote or rollback,
     after verifying it; a version that fails verification is refused and the old one keeps serving.
-    Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload resolves the model
-    again now.
+    Endpoints: POST /v1/predict, GET /v1/model, /metrics, /openapi.json (a user or admin key); POST /v1/admin/reload
+    (an admin key) resolves the model again now; /healthz, /readyz (no key). Keys are sent as
+    `Authorization: Bearer <key>`. No /docs: Swagger UI would load from a public CDN.
 
-    Examples: healthml serve --port 8000   (then: curl -s localhost:8000/v1/model)
-              healthml serve --model candidate --poll-seconds 30"""
+    Examples: HEALTHML_API_KEYS=$(cat user.key) HEALTHML_ADMIN_KEYS=$(cat admin.key) healthml serve --port 8000
+              healthml serve --api-keys /etc/healthml/users --admin-keys /etc/healthml/admins --model candidate
+              healthml serve --insecure-local   (no keys; 127.0.0.1 only)"""
     try:
         import uvicorn
-        from healthml.deploy.serve import ModelSlot, create_app
+        from healthml.deploy.serve import ModelSlot, create_app, is_loopback, prediction_log_key
+        auth = serve_auth(api_keys, admin_keys, insecure_local, host)
+        if insecure_local: host = "127.0.0.1"
+        key = prediction_log_key(log_key if log_key.is_absolute() else Path(root)/log_key)
         choice = choose_model(model, manifest, params, root)
         slot = ModelSlot(choice.resolve, peek=choice.peek)
         say_model(slot.current.source, choice.note)
-        app_ = create_app(slot, log=log, max_records=max_records, poll_seconds=poll_seconds, say=_say_swap)
-    except HealthmlError as e:
-        fail("serve", e)
+        app_ = create_app(slot, auth, log=log, log_key=key, max_records=max_records, poll_seconds=poll_seconds, say=_say_swap)
+    except Exception as e:                               # every start-up failure: one line and a hint, exit 1
+        from healthml.deploy.serve import failure_reason
+        fail("serve", e if isinstance(e, HealthmlError) else HealthmlError(
+            f"the model could not be loaded: {failure_reason(e)}", hint="check --model and --manifest (a healthml ONNX export "
+            "and the manifest that records its hash)"))
         raise typer.Exit(1)
+    if auth.insecure: console.print("[yellow]WARNING: --insecure-local: no authentication; anyone on this machine can score "
+                                    "and reload. Never use it with patient data.[/yellow]")
+    elif not auth.admins: console.print("[yellow]note: no admin keys; /v1/admin/* answers 403 to everyone[/yellow]")
+    if not is_loopback(host):
+        console.print(f"[bold red]WARNING: binding {escape(host)}: the service is reachable from the network over plain HTTP. "
+                      "Keys and patient data cross the network unencrypted unless a TLS-terminating reverse proxy (nginx, "
+                      "Caddy, an ingress) is the only way in: bind 127.0.0.1 behind it, or firewall the port to the proxy.[/bold red]")
     src = slot.current.source
     watching = f"; following `{src.alias}` every {poll_seconds:g} s" if choice.peek and poll_seconds else ""
     console.print(f"[green]✓[/green] serving {escape(src.label)}, model {slot.current.version}, on http://{host}:{port} "
                   f"(log: {log}{watching})")
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+def serve_auth(api_keys: Path | None, admin_keys: Path | None, insecure_local: bool, host: str):
+    "The callers the service admits; no keys only with --insecure-local, which binds loopback only."
+    from healthml.deploy.serve import ApiKeys, is_loopback
+    keys = ApiKeys.load(api_keys, admin_keys)
+    if insecure_local:
+        if not is_loopback(host): raise HealthmlError(f"--insecure-local serves on 127.0.0.1 only, not {host}",
+                                                      hint="drop --host for a trial on this machine; to serve a network, drop --insecure-local and give keys")
+        return keys if keys else ApiKeys(insecure=True)
+    if not keys: raise HealthmlError("no API keys: every endpoint but /healthz and /readyz needs one",
+                                     hint="set HEALTHML_API_KEYS and HEALTHML_ADMIN_KEYS (comma-separated), or pass --api-keys FILE "
+                                          "--admin-keys FILE; for a trial on this machine only: --insecure-local")
+    return keys
 
 def _say_swap(line: str, ok: bool) -> None:
     "The alias watch's one line: a swap, or a refusal (the old model keeps serving)."

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_write', 'write_json', 'write_parquet', 'sha256_file', 'staged_dir', 'quiet_stderr']
+__all__ = ['SOURCE_ROW', 'atomic_write', 'write_json', 'write_parquet', 'sha256_file', 'canonical_name', 'staged_dir',
+           'quiet_stderr']
 
 # %% ../../nbs/00_core/02_io.ipynb #b0a0e65e
 import json, tempfile as _tempfile
@@ -59,6 +60,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
+
+# %% ../../nbs/00_core/02_io.ipynb #df968a89
+import re
+
+SOURCE_ROW = "source_row"  # the 1-based row number in the file a row came from, added at ingest and by `healthml predict`
+
+def canonical_name(name: str) -> str:
+    "A column name safe for Parquet, ONNX and MLflow: word characters only."
+    return re.sub(r"\W+", "_", str(name).strip()).strip("_") or "unnamed"
 
 # %% ../../nbs/00_core/02_io.ipynb #69eac333
 import contextlib, shutil

@@ -17,26 +17,19 @@ import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
 from ..core.errors import HealthmlError
-from ..core.io import sha256_file, write_json, write_parquet
+from ..core.io import SOURCE_ROW, canonical_name, sha256_file, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import ValidateConfig
 from ..core.rules import dataset_schema, is_positive
 from ..core.spec import DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['SOURCE_ROW', 'CohortError', 'canonical_name', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check',
-           'run_schema', 'CohortValidationError', 'failure_table', 'clean_cohort', 'validate_cohort', 'validate',
-           'subgroup_frame']
+__all__ = ['CohortError', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
+           'CohortValidationError', 'failure_table', 'clean_cohort', 'validate_cohort', 'validate', 'subgroup_frame']
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f2315825
 class CohortError(HealthmlError):
     "The cohort file cannot be read or does not match the dataset spec."
-
-SOURCE_ROW = "source_row"
-
-def canonical_name(name: str) -> str:
-    "A column name safe for Parquet, ONNX and MLflow: word characters only."
-    return re.sub(r"\W+", "_", str(name).strip()).strip("_") or "unnamed"
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f0483973
 def _sniff_delimiter(path: Path) -> str | None:

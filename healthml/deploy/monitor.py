@@ -540,7 +540,10 @@ def read_prediction_log(path: str | Path, since: str | None = None, until: str |
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip(): continue
-            try: e = json.loads(line); rows.append((e["time"], float(e["risk"])))
+            try:
+                e = json.loads(line)
+                if e.get("risk") is None and e.get("band") is not None: continue   # an abstention: the service gave no risk
+                rows.append((e["time"], float(e["risk"])))
             except (ValueError, KeyError, TypeError):
                 raise MonitorError(f"{path.name} line {i} is not a prediction-log entry (needs `time` and `risk`)") from None
     df = pd.DataFrame(rows, columns=["time", "risk"])

@@ -6,26 +6,35 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
 import json
+import logging
 import os
+import re
+import secrets
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
 from ..core.errors import HealthmlError
+from ..core.io import SOURCE_ROW, canonical_name
+from .decision import Decisions, DecisionRules, decide as decide_by_rules
 from ..core.rules import compile_rules, frame_problems, record_model, record_problems
-from ..modelling.scoring import OnnxScorer, expected_sha256, load_verified, risk_band, risk_bands
+from ..modelling.scoring import OnnxScorer, expected_sha256, load_verified
 
 # %% auto #0
-__all__ = ['RecordScorer', 'file_chunks', 'file_rows', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch',
-           'PredictionLog', 'input_hash', 'Guard', 'create_app']
+__all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'predict_file', 'ModelSource',
+           'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key', 'PredictionLog', 'input_hash', 'ApiKeys',
+           'presented_key', 'is_loopback', 'Guard', 'failure_reason', 'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
 class RecordScorer:
@@ -41,6 +50,7 @@ class RecordScorer:
         self.numeric = [n for n, f in self.schema.items() if f["kind"] == "numeric"]
         self.categorical = [n for n, f in self.schema.items() if f["kind"] == "categorical"]
         self.rules = compile_rules(self.schema)
+        self.decision_rules = DecisionRules.from_metadata(self.metadata)   # when the model gives no score (healthml.deploy.decision)
         self._out = ["probabilities"]
 
     @classmethod
@@ -70,6 +80,15 @@ class RecordScorer:
         if errors: raise ValueError("; ".join(f"{e['field']}: {e['rule']}" for e in errors))
         return float(self.score([record])[0])
 
+# %% ../../nbs/50_deploy/51_serve.ipynb #e215d66d
+def decide(scorer: RecordScorer, columns: dict, raw: np.ndarray) -> Decisions:
+    "Per record: scored (band, alert), or an abstention with its fields; the one place a band or an alert is decided."
+    return decide_by_rules(scorer.decision_rules, columns, raw)
+
+def feature_columns(scorer: RecordScorer, records: list[dict]) -> dict:
+    "Records (dicts) as the model's feature columns, missing as None."
+    return {f: [r.get(f) for r in records] for f in scorer.schema}
+
 # %% ../../nbs/50_deploy/51_serve.ipynb #fda2db6a
 def file_chunks(path: Path, size: int):
     "DataFrames of at most `size` rows from a Parquet or CSV file, read one after another (memory stays bounded)."
@@ -88,16 +107,34 @@ def file_rows(path: Path) -> int | None:
     return None
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #38021e64
+def _columns(df, src: Path, scorer: RecordScorer, keep: list[str]):
+    "`df` with names canonicalised as at ingest; every feature column and every kept column must be there."
+    names = [canonical_name(c) for c in df.columns]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes: raise HealthmlError(f"{src.name} has columns that are the same name once canonicalised: {', '.join(dupes)}",
+                                  hint="rename them: names are canonicalised as at ingest (`flc.grp` is `flc_grp`)")
+    df.columns = names
+    absent = [c for c in scorer.schema if c not in df]
+    if absent: raise HealthmlError(f"{src.name} has no column for feature(s) {', '.join(absent)}",
+                                   hint="every feature the model takes needs a column (empty cells are allowed); "
+                                        "names are canonicalised as at ingest (`flc.grp` is `flc_grp`)")
+    missing_keep = [c for c in keep if c not in df]
+    if missing_keep: raise HealthmlError(f"{src.name} has no column(s) {', '.join(missing_keep)} to keep",
+                                         hint="`source_row` is always written; other names are canonicalised as at ingest")
+    return df
+
 def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects: str | Path | None = None,
                  keep: list[str] = (), chunk_rows: int = 100_000, progress=None) -> dict:
-    "Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`."
+    """Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`. Every row
+    of both carries `source_row`, its 1-based row number in `src`."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
     src, out = Path(src), Path(out)
+    keep = [c for c in dict.fromkeys(canonical_name(c) for c in keep) if c != SOURCE_ROW]
     rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects" + out.suffix)
     tmp_out, tmp_rej = out.with_name(f".{out.name}.tmp"), rejects.with_name(f".{rejects.name}.tmp")
-    writers, counts, start = {}, {"rows": 0, "scored": 0, "rejected": 0}, 0
+    writers, counts, start = {}, {"rows": 0, "scored": 0, "rejected": 0, "abstained": 0}, 0
     def write(kind, path, table):
         if out.suffix.lower() == ".csv":
             table.to_pandas().to_csv(path, mode="a", header=kind not in writers, index=False)
@@ -107,23 +144,22 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             writers[kind].write_table(table)
     try:
         for df in file_chunks(src, chunk_rows):
-            missing_cols = [c for c in keep if c not in df]
-            if missing_cols: raise HealthmlError(f"{src.name} has no column(s) {', '.join(missing_cols)} to keep")
-            unknown = [c for c in scorer.schema if c not in df]
-            for c in unknown: df[c] = np.nan
+            df = _columns(df, src, scorer, keep)
             df.index = pd.RangeIndex(start + 1, start + 1 + len(df))          # 1-based source row numbers
             start += len(df)
             why = frame_problems(scorer.rules, df)
             bad = why != ""
             good = df[~bad]
             if len(good):
-                p = scorer.model.predict_proba(good)
-                res = pd.DataFrame({**{c: good[c].to_numpy() for c in keep}, "risk": p,
-                                    "band": risk_bands(p, scorer.threshold),
+                d = decide(scorer, {f: good[f].to_numpy() for f in scorer.schema}, scorer.model.predict_proba(good))
+                res = pd.DataFrame({SOURCE_ROW: good.index.to_numpy(), **{c: good[c].to_numpy() for c in keep},
+                                    "risk": d.risk, "band": d.band.astype(str), "alert": d.alert, "abstained": d.abstained,
+                                    "fields": [", ".join(f) for f in d.fields], "raw_risk": d.raw_risk,
                                     "model_version": scorer.version})
                 write("out", tmp_out, pa.Table.from_pandas(res, preserve_index=False))
+                counts["abstained"] += int(d.abstained.sum())
             if bad.any():
-                rej = pd.DataFrame({"source_row": df.index[bad.to_numpy()], **{c: df.loc[bad, c].to_numpy() for c in keep},
+                rej = pd.DataFrame({SOURCE_ROW: df.index[bad.to_numpy()], **{c: df.loc[bad, c].to_numpy() for c in keep},
                                     "reasons": why[bad].to_numpy()})
                 write("rej", tmp_rej, pa.Table.from_pandas(rej, preserve_index=False))
             counts["rows"] += len(df); counts["scored"] += int((~bad).sum()); counts["rejected"] += int(bad.sum())
@@ -232,43 +268,147 @@ class AliasWatch:
     def stop(self) -> None: self._stop.set(); self.thread.join(timeout=self.seconds + 30)
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #253a728a
+def prediction_log_key(path: str | Path, env: dict | None = None) -> bytes:
+    """The deployment's secret for the prediction log's keyed hashes: `HEALTHML_LOG_KEY` if set, else the file at `path`,
+    created (0600, 32 random bytes) if absent; a file others may read is refused."""
+    env = os.environ if env is None else env
+    if env.get("HEALTHML_LOG_KEY"): return env["HEALTHML_LOG_KEY"].encode()
+    path = Path(path)
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f: f.write(secrets.token_hex(32) + "\n")
+        if path.stat().st_mode & 0o077:
+            raise HealthmlError(f"the prediction-log key {path} may be read by other users", hint=f"chmod 600 {path}")
+        key = path.read_text().strip().encode()
+    except OSError as e:
+        raise HealthmlError(f"cannot read or create the prediction-log key {path} ({type(e).__name__})",
+                            hint="check the folder's permissions, or set HEALTHML_LOG_KEY") from None
+    if len(key) < 16: raise HealthmlError(f"the prediction-log key {path} is shorter than 16 characters", hint="delete it to make a new one")
+    return key
+
 class PredictionLog:
-    "Append-only JSONL of predictions, fsync'd per request; no identifiers (requests hold only features)."
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
+    "Append-only JSONL of predictions (0600), fsync'd per request; no identifiers, inputs only as keyed hashes."
+    def __init__(self, path: str | Path | None, key: bytes = b""):
+        self.path, self.key = (Path(path) if path else None), key
         self._lock = threading.Lock()
-        if self.path: self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path: return
+        if len(key) < 16: raise HealthmlError("the prediction log needs a secret key of 16 or more characters",
+                                              hint="set HEALTHML_LOG_KEY, or let `healthml serve` make its key file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        if self.path.stat().st_mode & 0o077: os.chmod(self.path, 0o600)   # a log from an older version: close it to others
+
+    def hash(self, record: dict) -> str: return input_hash(record, self.key)
 
     def write(self, entries: list[dict]) -> None:
         if not self.path: return
         data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode()
-        with self._lock, open(self.path, "ab") as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as f:
+                f.write(data); f.flush(); os.fsync(f.fileno())
 
-def input_hash(record: dict) -> str:
-    "SHA-256 of a record's canonical JSON: ties a logged prediction to its input without storing it."
-    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def input_hash(record: dict, key: bytes) -> str:
+    "HMAC-SHA256 of a record's canonical JSON under the deployment's key: ties a logged prediction to its input, unguessable without the key."
+    return hmac.new(key, json.dumps(record, sort_keys=True, separators=(",", ":")).encode(), hashlib.sha256).hexdigest()
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #050ebb8a
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})   # the probes an orchestrator calls without credentials
+
+def _digests(text: str, where: str) -> list[str]:
+    "SHA-256 digests of the keys in `text` (one a line or comma-separated; `sha256:<hex>` taken as a digest)."
+    out = []
+    for n, item in enumerate(re.split(r"[,\n]", text), 1):
+        item = item.split("#", 1)[0].strip()
+        if not item: continue
+        if item.startswith("sha256:"):
+            d = item.removeprefix("sha256:").lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", d): raise HealthmlError(f"{where}: entry {n} is not a SHA-256 digest",
+                                                                         hint="write `sha256:` and 64 hex digits")
+            out.append(d)
+        elif len(item) < 16: raise HealthmlError(f"{where}: entry {n} is shorter than 16 characters",
+                                                 hint="use long random keys: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        else: out.append(hashlib.sha256(item.encode()).hexdigest())
+    return out
+
+class ApiKeys:
+    "Who may call the service: the SHA-256 digests of user and admin keys (never the keys), compared in constant time."
+    def __init__(self, users: Iterable[str] = (), admins: Iterable[str] = (), insecure: bool = False):
+        self.users, self.admins, self.insecure = tuple(users), tuple(admins), insecure
+
+    @classmethod
+    def load(cls, users_file: Path | None = None, admins_file: Path | None = None, env: dict | None = None) -> "ApiKeys":
+        "Keys from files and from `HEALTHML_API_KEYS` / `HEALTHML_ADMIN_KEYS` in `env`."
+        env = os.environ if env is None else env
+        def read(path: Path | None, var: str) -> list[str]:
+            found = _digests(env.get(var, ""), var)
+            if path is not None:
+                try: text = Path(path).read_text()
+                except OSError as e: raise HealthmlError(f"cannot read the key file {path} ({type(e).__name__})",
+                                                         hint="check the path and that the service's user may read it") from None
+                found += _digests(text, Path(path).name)
+            return found
+        return cls(read(users_file, "HEALTHML_API_KEYS"), read(admins_file, "HEALTHML_ADMIN_KEYS"))
+
+    def __bool__(self) -> bool: return bool(self.users or self.admins or self.insecure)
+
+    def role(self, key: str | None) -> str | None:
+        "`admin`, `user` or None (no such key); with `insecure`, everyone is admin."
+        if self.insecure: return "admin"
+        if not key: return None
+        d = hashlib.sha256(key.encode()).hexdigest()
+        admin = [hmac.compare_digest(d, h) for h in self.admins]     # lists, not any(): every comparison runs
+        user = [hmac.compare_digest(d, h) for h in self.users]
+        return "admin" if True in admin else "user" if True in user else None
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    "The key in `Authorization: Bearer ...` or `X-API-Key`, if any."
+    h = {k.lower(): v for k, v in headers}
+    if (v := h.get(b"authorization")) and v[:7].lower() == b"bearer ": return v[7:].strip().decode("latin-1")
+    if (v := h.get(b"x-api-key")): return v.strip().decode("latin-1")
+    return None
+
+def is_loopback(host: str) -> bool:
+    "Whether binding `host` keeps the service on this machine."
+    if host == "localhost": return True
+    try: return ipaddress.ip_address(host).is_loopback
+    except ValueError: return False
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #d4cbbeed
 class _TooLarge(Exception): pass
 
 class Guard:
-    """ASGI middleware: 413 for a body over `limit` bytes (declared or streamed), a plain 500 (no traceback, no
-    input) if anything escapes, and `observe(path, status, seconds)` for every request. Pure ASGI: cheap."""
-    def __init__(self, app, limit: int | None = None, observe=None): self.app, self.limit, self.observe = app, limit, observe
+    """ASGI middleware: 401/403 unless `auth` admits the caller (before the body is read), 413 for a body over `limit`
+    bytes (declared or streamed), a plain 500 (no traceback, no input) if anything escapes, and
+    `observe(path, status, seconds)` for every request. Pure ASGI: cheap."""
+    def __init__(self, app, limit: int | None = None, observe=None, auth: ApiKeys | None = None):
+        self.app, self.limit, self.observe, self.auth = app, limit, observe, auth
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), {"code": 500, "started": False}
         async def sent(msg):
             if msg["type"] == "http.response.start": status.update(code=msg["status"], started=True)
             await send(msg)
-        try: await self._limited(scope, receive, sent)
+        try:
+            if (refused := self._refused(scope)): await _send_json(sent, *refused)
+            else: await self._limited(scope, receive, sent)
         except _TooLarge: await _send_json(sent, 413, {"detail": f"request body over {self.limit} bytes"})
         except Exception:
             if not status["started"]: await _send_json(sent, 500, {"detail": "internal error"})
         if self.observe:
             route = scope.get("route")
             self.observe(getattr(route, "path", "unmatched"), status["code"], time.perf_counter() - t0)
+
+    def _refused(self, scope) -> tuple | None:
+        "(401 or 403, body, headers) for a caller the endpoint does not admit; the same answer whatever was wrong."
+        path = scope.get("path", "")
+        if path in OPEN_PATHS: return None
+        role = self.auth.role(presented_key(scope.get("headers") or [])) if self.auth is not None else None
+        if role is None: return 401, {"detail": "authentication required"}, [(b"www-authenticate", b"Bearer")]
+        if path.startswith("/v1/admin/") and role != "admin": return 403, {"detail": "not permitted"}
+        return None
 
     async def _limited(self, scope, receive, send):
         if not self.limit: return await self.app(scope, receive, send)
@@ -286,20 +426,45 @@ class Guard:
             return msg
         await self.app(scope, limited, send)
 
-async def _send_json(send, status: int, body: dict):
+async def _send_json(send, status: int, body: dict, headers: list = ()):
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})
     await send({"type": "http.response.body", "body": data})
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #73267cd9
-def _clean_errors(errors) -> list[dict]:
-    "Validation errors as field and rule only (pydantic's `input` would echo the submitted value)."
-    out = []
+def _unknown_name(name: str, known: Iterable[str]) -> dict:
+    "How an unknown key is shown: its first 3 word characters and its length; the known field it resembles, if any."
+    word = re.sub(r"\W", "", name)
+    close = get_close_matches(canonical_name(name)[:64], [k for k in known if k != "records"], n=1, cutoff=0.8)
+    return {"starts": word[:3] + ("…" if len(word) > 3 else ""), "length": len(name), "did_you_mean": close[0] if close else None}
+
+def _clean_errors(errors, known: frozenset[str] = frozenset()) -> list[dict]:
+    "Validation errors as field and rule only: no submitted value (pydantic's `input`), no unknown key's name."
+    out, unknown = [], {}
     for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        out.append({"field": ".".join(loc), "rule": e.get("msg", "invalid"), "type": e.get("type", "")})
+        loc = [x for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "extra_forbidden" and loc and isinstance(loc[-1], str) and loc[-1] not in known:
+            unknown.setdefault(".".join(map(str, loc[:-1])), []).append(loc[-1]); continue
+        field = ".".join(str(x) if isinstance(x, int) or x in known else "(unknown)" for x in loc)
+        out.append({"field": field, "rule": e.get("msg", "invalid"), "type": e.get("type", "")})
+    for where, names in unknown.items():
+        out.append({"field": where or "(body)", "rule": f"{len(names)} unknown field(s)", "type": "extra_forbidden",
+                    "unknown": [_unknown_name(n, known) for n in names[:5]]})
     return out
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #5c3de16d
+def failure_reason(e: BaseException) -> str:
+    "Why a model could not be loaded, in one line without values: for a refused reload (409) and a failed start."
+    if isinstance(e, HealthmlError): return str(e)
+    if isinstance(e, json.JSONDecodeError): return "the manifest is not valid JSON"
+    if isinstance(e, FileNotFoundError): return f"{Path(e.filename or '?').name} not found"
+    if isinstance(e, OSError): return f"{Path(e.filename or '?').name} cannot be read ({type(e).__name__})"
+    if isinstance(e, KeyError): return f"the model or its manifest lacks the entry {str(e)[:40]} (not a healthml export?)"
+    if isinstance(e, (AttributeError, TypeError, ValueError)) and not type(e).__module__.startswith("onnxruntime"):
+        return f"the manifest or the model's metadata is not in healthml's format ({type(e).__name__})"
+    if type(e).__module__.startswith("onnxruntime"): return "the file is not a loadable ONNX model"
+    return f"{type(e).__name__} while loading the model"
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #5b72347e
 def _service_metrics(reg) -> dict:
@@ -312,7 +477,7 @@ def _service_metrics(reg) -> dict:
             "predictions": Counter("healthml_predictions", "Records scored", registry=reg),
             "model": Gauge("healthml_model_info", "Model in service", ["name", "version", "registry_version", "alias"], registry=reg)}
 
-def _info_routes(app, slot: ModelSlot, Record, max_records: int, reg, m: dict) -> None:
+def _info_routes(app, slot: ModelSlot, Record, max_records: int, reg, m: dict, say: Callable[[str, bool], None]) -> None:
     "`/v1/model`, the health probes, `/metrics` and `POST /v1/admin/reload`."
     from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -339,17 +504,23 @@ def _info_routes(app, slot: ModelSlot, Record, max_records: int, reg, m: dict) -
     @app.post("/v1/admin/reload")
     def reload():
         try: old, new = slot.reload()
-        except Exception as e:                           # a refused hash, a missing file, the registry unreachable
-            why = str(e) if isinstance(e, (HealthmlError, OSError)) else type(e).__name__
-            return JSONResponse({"detail": f"reload refused: {why}", "model_version": slot.current.version,
+        except Exception as e:                           # a refused hash, a missing file, not ONNX, the registry unreachable
+            why = f"reload refused, still serving {slot.current.source.label}: {failure_reason(e)}"
+            say(why, False)
+            return JSONResponse({"detail": f"reload refused: {failure_reason(e)}", "model_version": slot.current.version,
                                  "registry_version": slot.current.source.version}, status_code=409)
         return {"previous_version": old.version, "model_version": new.version,
                 "previous": old.source.record(), "model": new.source.record()}
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #f8255a33
-def create_app(slot: ModelSlot, log: str | Path | None = None, max_records: int = 1000, max_body_bytes: int = 1_000_000,
-               poll_seconds: float = 0, say: Callable[[str, bool], None] = lambda line, ok: None):
-    "The FastAPI scoring service around `slot`; with `poll_seconds` (and an alias to watch) it follows the alias."
+def _log_line(line: str, ok: bool) -> None:
+    "The default `say`: the `healthml.serve` logger (INFO for a swap, WARNING for a refusal)."
+    logging.getLogger("healthml.serve").log(logging.INFO if ok else logging.WARNING, line)
+
+def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, log_key: bytes = b"", max_records: int = 1000,
+               max_body_bytes: int = 1_000_000, poll_seconds: float = 0, say: Callable[[str, bool], None] = _log_line):
+    """The FastAPI scoring service around `slot`, admitting the callers `auth` knows; with `poll_seconds` (and an alias
+    to watch) it follows the alias. No `/docs` (Swagger UI loads from a CDN); `/openapi.json` needs a key."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -357,7 +528,8 @@ def create_app(slot: ModelSlot, log: str | Path | None = None, max_records: int 
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    plog, Record = PredictionLog(log), record_model(slot.current.schema)
+    plog, Record = PredictionLog(log, log_key), record_model(slot.current.schema)
+    known = frozenset(slot.current.schema) | {"records"}
 
     class PredictRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -373,7 +545,7 @@ def create_app(slot: ModelSlot, log: str | Path | None = None, max_records: int 
         yield
         if watch: watch.stop()
 
-    app = FastAPI(title="healthml scoring service", version="1", lifespan=lifespan,
+    app = FastAPI(title="healthml scoring service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Risk of the outcome from one verified ONNX model ({slot.current.name}).")
 
     def observe(path: str, status: int, seconds: float):
@@ -382,7 +554,7 @@ def create_app(slot: ModelSlot, log: str | Path | None = None, max_records: int 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = _clean_errors(exc.errors())
+        errors = _clean_errors(exc.errors(), known)
         for e in errors: m["rejected"].labels(e["type"] or "invalid").inc()
         return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
@@ -398,19 +570,21 @@ def create_app(slot: ModelSlot, log: str | Path | None = None, max_records: int 
         if problems:  # the schema already enforces these; this keeps the scorer's own rules authoritative
             for _, e in problems: m["rejected"].labels("spec").inc()
             return JSONResponse({"detail": "invalid request", "errors": [
-                {"field": f"records.{i}.{e['field']}", "rule": e["rule"], "type": "spec"} for i, e in problems]}, status_code=422)
-        risks = scorer.score(records)
+                {"field": f"records.{i}.{e['field'] if e['field'] in known else '(unknown)'}", "rule": e["rule"], "type": "spec"}
+                for i, e in problems]}, status_code=422)
+        d = decide(scorer, feature_columns(scorer, records), scorer.score(records))
         ms = (time.perf_counter() - t0) * 1000
         rid, now, src = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source
-        out = [{"risk": round(float(p), 6), "band": risk_band(p, scorer.threshold), "alert": bool(p >= scorer.threshold)} for p in risks]
+        out = d.records()
         plog.write([{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
-                     "registry_version": src.version, "model_alias": src.alias, "input_sha256": input_hash(r),
+                     "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
                      "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)])
         m["predictions"].inc(len(out))
         return {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
                                              "alias": src.alias}, "threshold": scorer.threshold, "predictions": out}
     predict.__annotations__["body"] = PredictRequest  # a real class, not the postponed string (built at run time)
     app.post("/v1/predict")(predict)
-    _info_routes(app, slot, Record, max_records, reg, m)
+    _info_routes(app, slot, Record, max_records, reg, m, say)
     app.state.slot, app.state.watch = slot, watch
-    return Guard(app, max_body_bytes, observe)
+    return Guard(app, max_body_bytes, observe, auth)
+
