@@ -74,6 +74,6 @@ def test_predict_runs_in_the_slim_install_and_scores_like_the_pipeline(pipeline_
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] 0", r.stdout + r.stderr
     assert f"{len(test)} of {len(test)} rows scored" in r.stderr
-    scores = pd.read_parquet(tmp_path/"scores.parquet").risk.to_numpy()
+    scores = pd.read_parquet(tmp_path/"scores.parquet").raw_risk.to_numpy()   # the model's score, also where it abstains
     reference = pd.read_parquet(root/"data/processed/test_scores.parquet")["lightgbm"].to_numpy()
     assert np.abs(scores - reference).max() < 1e-5
