@@ -72,6 +72,17 @@ def test_the_logged_input_hash_cannot_be_recomputed_without_the_deployment_key(s
         assert "input_sha256" not in entry
 
 
+def test_an_abstention_is_logged_without_a_risk_and_the_monitor_reads_the_log(server):
+    from healthml.deploy.monitor import read_prediction_log
+    records, _ = records_of(server.root, 2)
+    status, body = server.post("/v1/predict", {"records": [{}, *records]}, key=USER_KEY)
+    assert status == 200 and body["predictions"][0]["band"] == "insufficient data" and body["predictions"][0]["risk"] is None
+    entry = json.loads(server.log.read_text().splitlines()[-3])
+    assert (entry["risk"], entry["band"]) == (None, "insufficient data")
+    risks = read_prediction_log(server.log)["risk"]                                  # abstentions are no risks to monitor
+    assert risks.notna().all() and len(risks) == sum(1 for x in server.log.read_text().splitlines() if '"risk":null' not in x)
+
+
 def test_docs_is_off_and_loads_nothing_from_the_network(server, browser):
     assert server.get("/docs", key=USER_KEY)[0] == 404 and server.get("/redoc", key=USER_KEY)[0] == 404
     assert "cdn" not in json.dumps(server.get("/openapi.json", key=USER_KEY)[1]).lower()
