@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from conftest import BIN
-from test_serve import ADMIN_KEY, LOG_KEY, USER_KEY, Server, filed_manifest, free_port, records_of, service_env
+from test_serve import ADMIN_KEY, LOG_KEY, USER_KEY, Server, free_port, records_of, service_env
 
 NO_KEY, WRONG_KEY = None, "test-wrong-key-0123456789abcdef"
 
