@@ -243,6 +243,22 @@ def test_fuzzed_json_bodies_never_get_a_5xx(client, body):
         assert r.status_code in (413, 422) and "Traceback" not in r.text
 
 
+long_keys = st.text(alphabet="abcdefghij KLMNOP.", min_size=40, max_size=5000)
+hostile_records = st.lists(st.one_of(st.just({}), st.dictionaries(st.sampled_from(FEATURES), st.floats(0, 100), max_size=2),
+                                     st.dictionaries(long_keys, scalars, min_size=1, max_size=3)), min_size=1, max_size=5)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(recs=hostile_records)
+def test_empty_sparse_and_oversized_key_records_get_no_5xx_no_alert_and_no_key_back(client, recs):
+    r = client.post("/v1/predict", json={"records": recs})
+    assert r.status_code in (200, 413, 422), (r.status_code, r.text)
+    assert not any(k[:30] in r.text for rec in recs for k in rec if len(k) >= 40)
+    if r.status_code == 200:
+        for rec, p in zip(recs, r.json()["predictions"]):
+            if not rec: assert (p["band"], p["alert"], p["risk"]) == ("insufficient data", False, None)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(raw=st.binary(max_size=300), ctype=st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]))
 def test_fuzzed_raw_bytes_never_get_a_5xx(client, raw, ctype):
