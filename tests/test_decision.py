@@ -110,3 +110,18 @@ def test_the_decision_loads_no_pandas_and_no_training_stack():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=project_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_the_monitor_warns_when_the_abstention_rate_rises(model, tmp_path):
+    "A feed that starts sending creatinine in umol/L for a third of the ward: those records get no score, and the monitor says so."
+    from healthml.core.layout import Layout
+    from healthml.deploy.monitor import monitor
+    root, _, _ = model
+    test = pd.read_parquet(root/"data/processed/test.parquet")
+    window = test.sample(600, random_state=1).reset_index(drop=True)
+    window.loc[:199, "crea"] = window.loc[:199, "crea"] * 88.4
+    window.to_csv(tmp_path/"ward.csv", index=False)
+    r = monitor(load_params(root/"params.yaml"), Layout(root), tmp_path/"ward.csv", render=False)
+    ab = r["abstention"]
+    assert ab["reference"] < 0.01 and 0.25 < ab["current"] < 0.4 and ab["change_ci"][0] > 0.2
+    assert [a for a in r["alerts"] if a["monitor"] == "abstention rate"]

@@ -274,6 +274,7 @@ class MonitorConfig(StrictModel):
     auroc_drop: float = Field(0.03, gt=0, lt=1)  # discrimination: AUROC fall (and its 95% CI excludes 0)
     citl_change: float = Field(0.3, gt=0)  # calibration-in-the-large, change in log-odds
     slope_ratio: tuple[float, float] = (0.8, 1.25)  # calibration slope, current / reference, outside this band
+    abstention_change: float = Field(0.05, gt=0, le=1)  # rise in the share of records the model gives no score (insufficient or unfamiliar data)
     alert_rate_change: float = Field(0.05, gt=0, lt=1)  # share of patients flagged at the alert threshold, absolute change
     min_events: int = Field(20, ge=1)  # AUROC and calibration need this many events and non-events per window (the outcome rate decides by its CI at any count)
     n_bootstrap: int = Field(200, ge=50)  # patient-level bootstrap replicates for the calibration CIs

@@ -26,13 +26,14 @@ from ..core.rules import Column, InCategories, any_broken, compile_rules, is_pos
 from ..core.spec import DatasetSpec
 
 # %% auto #0
-__all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'MonitorError', 'window_frame', 'as_of_date',
-           'outcome_cutoff', 'index_times', 'Development', 'row_fingerprints', 'development_footprint', 'WindowSummary',
-           'summarise', 'known_categories', 'maturity_summary', 'overlap_summary', 'data_quality_alerts',
-           'feature_drift', 'drift_alerts', 'wilson', 'newcombe_difference', 'prediction_monitors', 'outcome_rate',
-           'outcome_monitors', 'retrain_command', 'recommendation', 'overall_status', 'compare_windows',
-           'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring',
-           'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
+__all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'ABSTAINED', 'MonitorError', 'window_frame',
+           'as_of_date', 'outcome_cutoff', 'index_times', 'Development', 'row_fingerprints', 'development_footprint',
+           'WindowSummary', 'summarise', 'known_categories', 'maturity_summary', 'overlap_summary',
+           'data_quality_alerts', 'feature_drift', 'drift_alerts', 'wilson', 'newcombe_difference',
+           'prediction_monitors', 'mark_abstentions', 'abstention_monitor', 'outcome_rate', 'outcome_monitors',
+           'retrain_command', 'recommendation', 'overall_status', 'compare_windows', 'read_prediction_log',
+           'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring', 'monitor', 'drift_chart',
+           'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #8db8c321
 OUTCOME, PATIENT, RISK = "_outcome", "_patient", "_risk"
@@ -374,6 +375,28 @@ def prediction_monitors(ref: pd.DataFrame, cur: pd.DataFrame, threshold: float, 
                      f"change {d:+.1%}, 95% CI {lo:+.1%} to {hi:+.1%})")] if rate["alert"] else []
     return out, alerts
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #4b02b2ca
+ABSTAINED = "abstained"
+
+def mark_abstentions(scorer, sample: pd.DataFrame) -> pd.DataFrame:
+    "Add whether the model abstains on each sampled row: the service's rule, read from the model file's metadata."
+    from healthml.deploy.decision import DecisionRules, decide
+    if ABSTAINED in sample or RISK not in sample: return sample
+    rules = DecisionRules.from_metadata(scorer.metadata)
+    cols = {f: sample[f].to_numpy() if f in sample else None for f in rules.features}
+    return sample.assign(**{ABSTAINED: decide(rules, cols, sample[RISK].to_numpy()).abstained})
+
+def abstention_monitor(ref: pd.DataFrame, cur: pd.DataFrame, cfg: MonitorConfig) -> tuple[dict, list[dict]]:
+    "The share of records the model abstains on, its change with Newcombe's interval; a warning when it rises materially."
+    if ABSTAINED not in ref or ABSTAINED not in cur or not len(ref) or not len(cur): return {}, []
+    kr, nr, kc, nc = int(ref[ABSTAINED].sum()), len(ref), int(cur[ABSTAINED].sum()), len(cur)
+    d, lo, hi = newcombe_difference(kc, nc, kr, nr)
+    rate = _change(kc / nc, kr / nr, (lo, hi), cfg.abstention_change, d > cfg.abstention_change) | {"abstained": [kr, kc]}
+    alerts = [_alert("warning", "abstention rate", None, "abstention rate change", d, cfg.abstention_change,
+                     f"{kc / nc:.1%} of records got no score (insufficient or unfamiliar data; reference {kr / nr:.1%}; "
+                     f"change {d:+.1%}, 95% CI {lo:+.1%} to {hi:+.1%}): check the feed before trusting the scores")] if rate["alert"] else []
+    return rate, alerts
+
 # %% ../../nbs/50_deploy/53_monitor.ipynb #5245d38f
 def _events(y_cur, y_ref) -> dict:
     return {"events": {"current": int(y_cur.sum()), "reference": int(y_ref.sum())},
@@ -508,6 +531,7 @@ def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cf
     drift, snap = feature_drift(rs, cs, spec, cfg, report)
     alerts += drift_alerts(drift)
     pred, a = prediction_monitors(rs, cs, threshold, cfg); alerts += a
+    abstention, a = abstention_monitor(rs, cs, cfg); alerts += a
     outcomes, a = outcome_monitors(rs, cs, (ref.events, ref.known_outcomes), (cur.events, cur.known_outcomes), cfg); alerts += a
     order = {"critical": 0, "warning": 1}
     alerts.sort(key=lambda x: (order[x["severity"]], x["monitor"], x["feature"] or ""))
@@ -522,7 +546,7 @@ def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cf
               "sampling": (f"Data-quality counts and the outcome rate use every row of both windows. Drift, alert rate, AUROC and "
                            f"calibration use: reference, {r_how}; current, {c_how}."),
               "data_quality": {"reference": ref.quality, "current": cur.quality} if features_measured else None,
-              "drift": drift, "predictions": pred,
+              "drift": drift, "predictions": pred, "abstention": abstention,
               "outcomes": outcomes, **follow_up, "thresholds": cfg.model_dump(mode="json"),
               "recommendation": recommendation(alerts, window_file, as_of, not features_measured, cur.known_outcomes),
               "notes": [] if features_measured else [
@@ -542,18 +566,18 @@ def read_prediction_log(path: str | Path, since: str | None = None, until: str |
             if not line.strip(): continue
             try:
                 e = json.loads(line)
-                if e.get("risk") is None and e.get("band") is not None: continue   # an abstention: the service gave no risk
-                rows.append((e["time"], float(e["risk"])))
+                if e.get("risk") is None and e.get("band") is not None: rows.append((e["time"], np.nan, True))  # an abstention
+                else: rows.append((e["time"], float(e["risk"]), False))
             except (ValueError, KeyError, TypeError):
                 raise MonitorError(f"{path.name} line {i} is not a prediction-log entry (needs `time` and `risk`)") from None
-    df = pd.DataFrame(rows, columns=["time", "risk"])
+    df = pd.DataFrame(rows, columns=["time", "risk", ABSTAINED])
     t = pd.to_datetime(df["time"], utc=True, format="ISO8601")
     keep = pd.Series(True, index=df.index)
     if since: keep &= t >= pd.Timestamp(since, tz="UTC")
     if until: keep &= t < pd.Timestamp(until, tz="UTC")
     if not keep.any(): raise MonitorError(f"{path.name} has no predictions in the window asked for",
                                           hint="check --since/--until (UTC, half-open [since, until))")
-    return df.loc[keep, ["risk"]].reset_index(drop=True)
+    return df.loc[keep, ["risk", ABSTAINED]].reset_index(drop=True)
 
 def window_chunks(path: str | Path, chunk_rows: int = 100_000, since: str | None = None, until: str | None = None):
     "Chunks of a window file with canonical column names: CSV/Parquet extract, or a prediction log (`.jsonl`)."
@@ -662,8 +686,8 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
     cur = summarise(chunks(), spec, cfg, known_categories(ref), top, as_of=as_of, development=development)
     say("scoring the samples with the verified ONNX model")
     (rs, r_how), (cs, c_how) = ref.sample(), cur.sample()
-    rs = score_sample(scorer, rs, spec)
-    if not log_only: cs = score_sample(scorer, cs, spec)
+    rs = mark_abstentions(scorer, score_sample(scorer, rs, spec))
+    if not log_only: cs = mark_abstentions(scorer, score_sample(scorer, cs, spec))
     say("comparing the windows (Evidently drift, data quality, outcomes)")
     result, snap = compare_windows(ref, cur, threshold, cfg, str(current), samples=((rs, r_how), (cs, c_how)),
                                    features_measured=not log_only, window_file=current)
