@@ -406,7 +406,13 @@ _INDEX_PAGE = """{% extends "base.html" %}
 {% endblock %}"""
 
 def write_index(reports_dir: Path, registry: dict[str, str] | None = None) -> Path:
-    "Write `reports/index.html` listing every filed report version (with its registry version and aliases) and monitoring report."
+    """Write `reports/index.html` listing every filed report version (with its registry version and aliases) and monitoring report.
+
+    `registry` is remembered in `reports/registry.json` (a convenience copy of what the audit log implies, rewritten by
+    every registry action), so a writer that knows nothing of the registry (the monitor) keeps the column."""
+    labels = reports_dir/"registry.json"
+    if registry is not None: write_json(labels, registry)
+    elif labels.exists(): registry = json.loads(labels.read_text())
     page = render_page(_INDEX_PAGE, title="healthml reports", reports=report_index(reports_dir, registry),
                        monitoring=monitoring_index(reports_dir), status_class={"ok": "pass", "warning": "warn", "critical": "fail"})
     return atomic_write(reports_dir/"index.html", page)
