@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,11 +18,13 @@ from ..core.io import atomic_write, sha256_file, write_json
 from ..core.layout import Layout
 from ..core.params import Params
 from ..core.spec import MISSING_CATEGORY, DatasetSpec
+from .explain import (Explainer, build_explainer, explainer_bytes, explainer_parity, global_importance,
+                                        native_log_odds)
 from .scoring import OnnxScorer
 from .train import load_model, model_frame
 
 # %% auto #0
-__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'training_support', 'parity', 'export_models']
+__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'training_support', 'parity', 'explainer_path', 'export_models']
 
 # %% ../../nbs/20_modelling/23_export.ipynb #eea4a70d
 class ParityError(HealthmlError):
@@ -86,11 +90,15 @@ def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetS
     diff = np.abs(scorer.predict_proba(df) - native_pipeline.predict_proba(model_frame(df, spec))[:, 1])
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
 
+def explainer_path(layout: Layout, model: str) -> Path:
+    "The explainer of model `model`, next to its ONNX graph: `models/onnx/<model>.explain.json`."
+    return layout.model_file(model, "onnx").with_suffix(".explain.json")
+
 def export_models(params: Params, layout: Layout, version: str) -> dict:
-    "Convert every model's trained pipeline to ONNX, check parity on the test split, then write it."
-    spec, test = params.dataset, pd.read_parquet(layout.split_file("test"))
+    "Convert every model's trained pipeline to ONNX with its explainer, check both on the test split, then write them."
+    spec, test, train = params.dataset, pd.read_parquet(layout.split_file("test")), pd.read_parquet(layout.split_file("train"))
     data_sha = sha256_file(layout.split_file("train"))
-    support = training_support(pd.read_parquet(layout.split_file("train")), spec)
+    support = training_support(train, spec)
     evaluation = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
     result = {}
     for name, cfg in params.models.items():
@@ -100,16 +108,35 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
                 "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
                 "threshold_rule": (f"sensitivity {params.evaluate.target_sensitivity:g} on the validation split"
                                    if params.evaluate.target_sensitivity else f"risk {params.evaluate.risk_threshold}")}
+        explainer = build_explainer(pipe, model_frame(train, spec), meta["model_name"],
+                                    {n: f.description for n, f in spec.features.items()})
+        explainer_data = explainer_bytes(explainer)
+        meta |= {"explainer_file": explainer_path(layout, name).name,
+                 "explainer_sha256": hashlib.sha256(explainer_data).hexdigest()}
         data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
-        check = parity(pipe, OnnxScorer(data), test, spec)
+        scorer = OnnxScorer(data)
+        check = parity(pipe, scorer, test, spec)
         check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
         result[name] = check
+        if check["passed"]:
+            frame, ex = model_frame(test, spec), Explainer(explainer)
+            reasons = explainer_parity(ex, native_log_odds(pipe, frame), scorer.predict_proba(test), frame,
+                                       params.export.parity_tolerance)
+            check["explainer"] = {"file": meta["explainer_file"], "sha256": meta["explainer_sha256"], "kind": ex.kind,
+                                  "units": "log-odds", **reasons, "global_importance": global_importance(ex, frame)}
+            if not reasons["passed"]:
+                write_json(layout.export_metrics, result)
+                raise ParityError(f"{name}: the explainer's log-odds differ from the model's by up to "
+                                  f"{reasons['max_abs_diff_native_log_odds']:.2e} (native) / "
+                                  f"{reasons['max_abs_diff_onnx_risk']:.2e} (ONNX risk) on {reasons['rows']} test rows",
+                                  hint="neither the ONNX file nor the explainer was written; a disagreeing explainer is refused")
         if not check["passed"]:
             write_json(layout.export_metrics, result)
             raise ParityError(f"{name}: ONNX and native risks differ by up to {check['max_abs_diff']:.2e} "
                               f"(tolerance {params.export.parity_tolerance:g}) on {check['rows']} test rows",
                               hint="the ONNX file was not written; check categorical encoding and the converter version")
         atomic_write(layout.model_file(name, "onnx"), data)
+        atomic_write(explainer_path(layout, name), explainer_data)
         result[name]["sha256"] = sha256_file(layout.model_file(name, "onnx"))
     write_json(layout.export_metrics, result)
     return result
