@@ -67,10 +67,10 @@ def _column(data, name: str) -> list:
 
 class Explainer:
     "Per-row feature contributions (log-odds) of one model, from its explainer artifact."
-    def __init__(self, artifact: dict):
+    def __init__(self, artifact: dict, threads: int = 1):  # LightGBM's threads: 1 for single records (no OpenMP spin-up)
         if artifact.get("format") != EXPLAINER_FORMAT:
             raise ExplainerError(f"not a healthml explainer (format {artifact.get('format')!r})", hint="re-run `healthml export`")
-        self.artifact, self.kind = artifact, artifact["kind"]
+        self.artifact, self.kind, self.threads = artifact, artifact["kind"], threads
         self.numeric, self.categorical = artifact["numeric"], artifact["categorical"]
         self.features = self.numeric + self.categorical
         self.reference, self.missing = np.asarray(artifact["reference"]), artifact["missing_category"]
@@ -96,7 +96,7 @@ class Explainer:
         if self.kind == "tree":
             codes = np.array([[code.get(v, -1) for v in col] for code, col in zip(self.codes, cats)],
                              dtype=np.float64).reshape(len(cats), len(x)).T
-            out = self.booster.predict(np.hstack([x, codes]), pred_contrib=True)
+            out = self.booster.predict(np.hstack([x, codes]), pred_contrib=True, num_threads=self.threads)
             return out[:, -1], out[:, :-1]
         z = (np.where(np.isnan(x), self.median, x) - self.mean) / self.scale
         blocks = [np.array([[v == c for c in code] for v in col], dtype=np.float64).reshape(len(x), len(code))
