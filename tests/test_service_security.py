@@ -79,8 +79,10 @@ def test_an_abstention_is_logged_without_a_risk_and_the_monitor_reads_the_log(se
     assert status == 200 and body["predictions"][0]["band"] == "insufficient data" and body["predictions"][0]["risk"] is None
     entry = json.loads(server.log.read_text().splitlines()[-3])
     assert (entry["risk"], entry["band"]) == (None, "insufficient data")
-    risks = read_prediction_log(server.log)["risk"]                                  # abstentions are no risks to monitor
-    assert risks.notna().all() and len(risks) == sum(1 for x in server.log.read_text().splitlines() if '"risk":null' not in x)
+    log = read_prediction_log(server.log)              # abstentions are kept, flagged and without a risk (the abstention rate)
+    lines = server.log.read_text().splitlines()
+    assert len(log) == len(lines) and log["abstained"].sum() == sum('"risk":null' in x for x in lines) >= 1
+    assert log["risk"].isna().tolist() == log["abstained"].tolist()
 
 
 def test_docs_is_off_and_loads_nothing_from_the_network(server, browser):
