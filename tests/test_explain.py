@@ -83,3 +83,23 @@ def test_the_slim_install_explains_the_logistic_model_and_says_why_not_the_trees
     logistic, trees = r.stdout.strip().split("\n")
     assert logistic.startswith("logistic [[{")
     assert trees.startswith("lightgbm unavailable:") and "healthml[explain]" in trees
+
+
+def test_export_refuses_an_explainer_that_disagrees_with_the_model(project_clone, monkeypatch):
+    import healthml.modelling.export as export
+    from healthml.core.layout import Layout
+    from healthml.modelling.explain import build_explainer
+    from healthml.modelling.export import ParityError, export_models
+
+    def off_by_a_little(pipeline, *args, **kwargs):                          # a logistic explainer one coefficient off
+        artifact = build_explainer(pipeline, *args, **kwargs)
+        if artifact["kind"] == "linear": artifact["coef"][0] += 1e-3
+        return artifact
+    monkeypatch.setattr(export, "build_explainer", off_by_a_little)
+    layout = Layout(project_clone)
+    for f in ("logistic.onnx", "logistic.explain.json"): (layout.onnx_models/f).unlink()
+    with pytest.raises(ParityError, match="logistic: the explainer's log-odds differ"):
+        export_models(load_params(project_clone/"params.yaml"), layout, "test")
+    assert not (layout.onnx_models/"logistic.onnx").exists() and not (layout.onnx_models/"logistic.explain.json").exists()
+    record = json.loads(layout.export_metrics.read_text())["logistic"]
+    assert record["passed"] and not record["explainer"]["passed"]            # the ONNX graph agreed; its explainer did not
