@@ -107,6 +107,11 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
         assert np.abs(np.array([shown_or_raw(p) for p in body["predictions"]]) - expected).max() < 1e-6
         assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high", "insufficient data", "outside training data"}
         assert all(p["alert"] == (p["risk"] is not None and p["risk"] >= body["threshold"]) for p in body["predictions"])
+        features = set(load_params(root/"params.yaml").dataset.features)
+        for p in body["predictions"]:                      # reasons with every score (the explainer beside the model)
+            if p["abstained"]: assert "reasons" not in p
+            else: assert len(p["reasons"]) == 3 and {r["feature"] for r in p["reasons"]} <= features
+        assert "reasons_note" not in body
         status, metrics = server.get("/metrics")
         assert 'healthml_requests_total{endpoint="/v1/predict",status="200"} 1.0' in metrics
         assert "healthml_request_latency_seconds_bucket" in metrics and "healthml_predictions_total 50.0" in metrics

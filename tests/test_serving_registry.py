@@ -119,6 +119,9 @@ def test_a_tampered_registry_artifact_is_refused_and_the_service_keeps_its_model
     records, _ = records_of(root, 5)
     try:
         assert model_in_service(server)["version"] == 2
+        status, body = server.post("/v1/predict", {"records": records}, key=USER_KEY)   # the registry's explainer came too
+        assert status == 200 and "reasons_note" not in body
+        assert all(len(p["reasons"]) == 3 for p in body["predictions"] if not p["abstained"])
         tamper(root, 2)                                            # the model in service, in the store and the cache
         status, body = server.post("/v1/admin/reload")
         assert status == 409 and body["detail"].startswith("reload refused:") and body["registry_version"] == 2

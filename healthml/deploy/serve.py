@@ -29,7 +29,7 @@ from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name
 from .decision import Decisions, DecisionRules, decide as decide_by_rules
 from ..core.rules import compile_rules, frame_problems, record_model, record_problems
-from ..modelling.scoring import OnnxScorer, expected_sha256, load_verified
+from ..modelling.scoring import ModelIntegrityError, OnnxScorer, expected_sha256, load_verified
 
 # %% auto #0
 __all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'predict_file', 'ModelSource',
@@ -52,10 +52,41 @@ class RecordScorer:
         self.rules = compile_rules(self.schema)
         self.decision_rules = DecisionRules.from_metadata(self.metadata)   # when the model gives no score (healthml.deploy.decision)
         self._out = ["probabilities"]
+        self.explainer, self.reasons_note = None, "this model file names no explainer"
+        self._explainer_artifact, self._explainer_lock = None, threading.Lock()
 
     @classmethod
     def from_file(cls, model: str | Path, sha256: str, threads: int = 1, source: ModelSource | None = None) -> "RecordScorer":
-        return cls(load_verified(model, sha256), sha256, threads, source)
+        scorer = cls(load_verified(model, sha256), sha256, threads, source)
+        scorer.attach_explainer(Path(model).parent)
+        return scorer
+
+    def attach_explainer(self, folder: str | Path) -> None:
+        """Read the explainer the (verified) model's metadata names, from `folder`, only if its SHA-256 is the one the
+        model vouches for (`healthml.modelling.explain`); otherwise reasons are left out and `reasons_note` says why.
+        The runtime itself (LightGBM for trees) is started at the first request for reasons, so a service that is
+        never asked for them imports nothing beyond the scoring path."""
+        import json
+        name, sha = self.metadata.get("explainer_file"), self.metadata.get("explainer_sha256")
+        if not (name and sha): return
+        for path in (Path(folder)/name, Path(folder)/f"{sha}.explain.json"):   # beside the model, or the registry cache's name
+            if not path.exists(): continue
+            try: self._explainer_artifact, self.reasons_note = json.loads(load_verified(path, sha)), None
+            except ModelIntegrityError as e: self.reasons_note = f"reasons unavailable: {e}"
+            return
+        self.reasons_note = f"reasons unavailable: the explainer {name} is not beside the model"
+
+    def reasons(self, records: list[dict], top_k: int = 3) -> list[list[dict]] | None:
+        "The top `top_k` contributions (log-odds) per record, or None when the model has no usable explainer."
+        from healthml.modelling.explain import Explainer, ExplainerError, explain
+        if self.explainer is None and self._explainer_artifact is not None:
+            with self._explainer_lock:
+                if self.explainer is None and self._explainer_artifact is not None:
+                    try: self.explainer = Explainer(self._explainer_artifact)
+                    except ExplainerError as e: self.reasons_note = f"reasons unavailable: {e} ({e.hint})"
+                    self._explainer_artifact = None
+        if self.explainer is None: return None
+        return explain(self.explainer, feature_columns(self, records), top_k)
 
     def check(self, record: dict) -> list[dict]:
         "Field-level problems with one record (field and rule; never the value)."
@@ -573,15 +604,19 @@ def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, lo
                 {"field": f"records.{i}.{e['field'] if e['field'] in known else '(unknown)'}", "rule": e["rule"], "type": "spec"}
                 for i, e in problems]}, status_code=422)
         d = decide(scorer, feature_columns(scorer, records), scorer.score(records))
+        reasons = scorer.reasons(records)
         ms = (time.perf_counter() - t0) * 1000
         rid, now, src = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source
         out = d.records()
+        for o, why in zip(out, reasons or [None] * len(out)):     # an abstention gets no reasons: it has no risk to explain
+            if why is not None and not o["abstained"]: o["reasons"] = [{**r, "contribution": round(r["contribution"], 4)} for r in why]
         plog.write([{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
                      "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
                      "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)])
         m["predictions"].inc(len(out))
         return {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
-                                             "alias": src.alias}, "threshold": scorer.threshold, "predictions": out}
+                                             "alias": src.alias}, "threshold": scorer.threshold,
+                **({"reasons_note": scorer.reasons_note} if scorer.reasons_note else {}), "predictions": out}
     predict.__annotations__["body"] = PredictRequest  # a real class, not the postponed string (built at run time)
     app.post("/v1/predict")(predict)
     _info_routes(app, slot, Record, max_records, reg, m, say)

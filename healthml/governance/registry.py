@@ -23,10 +23,11 @@ from ..core.params import Params
 from ..modelling.train import git_commit, mlflow_experiment, using_tracking
 
 # %% auto #0
-__all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'RegistryError', 'synthetic_example',
-           'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync', 'outputs_current', 'verified_verdict',
-           'dvc_hashes', 'register_version', 'verify_artifact', 'evidence_verdict', 'ServedModel', 'parse_model_ref',
-           'registered_entry', 'resolve_model', 'promote', 'rollback', 'lineage', 'verify_audit']
+__all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'RegistryError',
+           'synthetic_example', 'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync',
+           'outputs_current', 'verified_verdict', 'dvc_hashes', 'register_version', 'verify_artifact',
+           'evidence_verdict', 'ServedModel', 'parse_model_ref', 'registered_entry', 'resolve_model', 'promote',
+           'rollback', 'lineage', 'verify_audit']
 
 # %% ../../nbs/40_governance/46_registry.ipynb #84217bd3
 class RegistryError(HealthmlError):
@@ -35,6 +36,7 @@ class RegistryError(HealthmlError):
 CHAMPION, CANDIDATE = "champion", "candidate"
 T_ANCHOR = "healthml.audit_head"                    # the audit log's signed head, on the registered model
 ONNX_ARTIFACT, EVIDENCE_ARTIFACT = "onnx/model.onnx", "evidence/gate.json"
+EXPLAINER_ARTIFACT = "onnx/explain.json"            # the reasons runtime; the ONNX metadata holds its SHA-256
 
 def synthetic_example(spec):
     "One made-up input row from the spec (mid-range numbers, first category): never patient data."
@@ -251,6 +253,7 @@ def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple
             mlflow.log_params(p.models[cand].model_dump() | {"dataset": p.dataset.name})
             mlflow.log_metrics(_flat_metrics(json.loads(L.evaluation.read_text())))
             _log_as(onnx, ONNX_ARTIFACT)
+            if onnx.with_name(f"{cand}.explain.json").exists(): _log_as(onnx.with_name(f"{cand}.explain.json"), EXPLAINER_ARTIFACT)
             _log_as(L.gate, EVIDENCE_ARTIFACT)
             for f in (L.evaluation, L.comparison, L.subgroups):
                 if f.exists(): mlflow.log_artifact(str(f), "evidence")
@@ -379,7 +382,20 @@ def resolve_model(reg: Registry, ref: str | int = CHAMPION, cache: str | Path | 
         data = _fetch(reg, version, ONNX_ARTIFACT, sha, "ONNX artifact")
         with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as f: f.write(data)
         shutil.move(f.name, target)
+    _fetch_explainer(reg, version, target)
     return ServedModel(reg.name, version, sha, target, alias)
+
+def _fetch_explainer(reg: Registry, version: int, model: Path) -> None:
+    """Cache the version's explainer as `<sha256>.explain.json` beside its model, checked against the SHA-256 the
+    (already verified) ONNX metadata vouches for; a version without one, or a refused one, is served without reasons."""
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    sha = meta.get("explainer_sha256")
+    if not sha or (model.parent/f"{sha}.explain.json").exists(): return
+    try: data = _fetch(reg, version, EXPLAINER_ARTIFACT, sha, "explainer")
+    except RegistryError: return                                 # the scorer says "reasons unavailable" and why
+    with tempfile.NamedTemporaryFile(dir=model.parent, delete=False) as f: f.write(data)
+    Path(f.name).replace(model.parent/f"{sha}.explain.json")
 
 # %% ../../nbs/40_governance/46_registry.ipynb #25e30958
 def _need_reason(reason: str, what: str) -> None:
