@@ -68,11 +68,11 @@ class ModelChoice:
 def registry_choice(reg, ref: str) -> ModelChoice:
     "A registry version by alias, number or `models:/` URI; resolved (fetched and verified) at every call."
     from healthml.deploy.serve import ModelSource
-    from healthml.governance.registry import parse_model_ref, registered_entry, resolve_model
+    from healthml.governance.registry import parse_model_ref, resolve_model
     alias, _ = parse_model_ref(ref, reg.name)        # a malformed reference fails here, before anything is loaded
     def resolve():
         m = resolve_model(reg, ref)
-        gate = ((registered_entry(reg, m.version) or {}).get("details") or {}).get("gate")
+        gate = reg.state().versions.get(m.version, {}).get("gate")
         return ModelSource(m.path, m.sha256, str(ref), m.name, m.version, m.alias, gate)
     return ModelChoice(resolve, (lambda: reg.alias(alias)) if alias else None)
 

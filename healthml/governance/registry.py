@@ -26,8 +26,8 @@ from ..modelling.train import git_commit, mlflow_experiment, using_tracking
 __all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'RegistryError',
            'synthetic_example', 'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync',
            'outputs_current', 'verified_verdict', 'dvc_hashes', 'register_version', 'verify_artifact',
-           'evidence_verdict', 'ServedModel', 'parse_model_ref', 'registered_entry', 'resolve_model', 'promote',
-           'rollback', 'lineage', 'verify_audit']
+           'evidence_verdict', 'ServedModel', 'parse_model_ref', 'resolve_model', 'promote', 'rollback', 'lineage',
+           'verify_audit']
 
 # %% ../../nbs/40_governance/46_registry.ipynb #84217bd3
 class RegistryError(HealthmlError):
@@ -116,23 +116,24 @@ class Registry:
         "What the audit log says (read it only after `check_log`)."
         return log_state(self.audit.entries(), self.name)
 
-    def version(self, version: int) -> dict:
+    def version(self, version: int, state: RegistryState | None = None, model=None) -> dict:
         "One version's facts: its registration (from the audit log, not from tags), run and aliases."
         from mlflow.exceptions import MlflowException
         try: mv = self.client.get_model_version(self.name, str(version))
         except MlflowException:
             raise RegistryError(f"{self.name} has no version {version}", hint="list versions with `healthml model list`") from None
-        aliases = [a for a, v in (self._model().aliases or {}).items() if int(v) == int(version)]
-        logged = self.state().versions.get(int(version), {})
+        aliases = [a for a, v in ((model or self._model()).aliases or {}).items() if int(v) == int(version)]
+        logged = (state or self.state()).versions.get(int(version), {})
         return {"version": int(mv.version), "run_id": mv.run_id, "aliases": sorted(aliases), "created": mv.creation_timestamp,
                 **{k.removeprefix("healthml."): v for k, v in mv.tags.items() if k.startswith("healthml.")},
                 **{k: logged[k] for k in ("gate", "onnx_sha256", "report", "git_commit") if k in logged}}
 
     def versions(self) -> list[dict]:
         "Every version, newest first."
-        if self._model() is None: return []
-        mvs = self.client.search_model_versions(f"name = '{self.name}'")
-        return sorted((self.version(int(mv.version)) for mv in mvs), key=lambda v: -v["version"])
+        model = self._model()
+        if model is None: return []
+        mvs, state = self.client.search_model_versions(f"name = '{self.name}'"), self.state()   # the log read once, not per version
+        return sorted((self.version(int(mv.version), state, model) for mv in mvs), key=lambda v: -v["version"])
 
     # -- the log as authority ----------------------------------------------------------------
     def check_log(self) -> None:
@@ -353,12 +354,6 @@ def parse_model_ref(ref: str | int, name: str) -> tuple[str | None, int | None]:
     if ref.isidentifier(): return ref, None
     raise RegistryError(f"{ref!r} is not a registry reference", hint="use champion, candidate, a version number or a models:/ URI")
 
-def registered_entry(reg: Registry, version: int) -> dict | None:
-    "The audit log's `register` entry for a version (the hashes recorded when it was registered)."
-    for e in reg.audit.entries():
-        if e["action"] == "register" and e["details"].get("model") == reg.name and e["details"].get("version") == version: return e
-    return None
-
 def resolve_model(reg: Registry, ref: str | int = CHAMPION, cache: str | Path | None = None) -> ServedModel:
     """Fetch a registry version's ONNX artifact into a local cache, verified against the SHA-256 recorded at its
     registration in the chain-verified audit log (never a tag or a user-supplied manifest). An alias is read
@@ -372,10 +367,7 @@ def resolve_model(reg: Registry, ref: str | int = CHAMPION, cache: str | Path | 
         version = reg.state().aliases.get(alias)
         if version is None: raise RegistryError(f"{reg.name} has no `{alias}` version",
                                                 hint="register and promote a model first (`healthml model list`)")
-    entry = registered_entry(reg, version)
-    if entry is None: raise RegistryError(f"version {version} of {reg.name} has no registration in the audit log",
-                                          hint="only versions registered with `healthml model register` can be served")
-    sha = entry["details"]["onnx_sha256"]
+    sha = _registration(reg, version)["onnx_sha256"]
     target = (Path(cache) if cache else reg.layout.root/".healthml/models")/f"{sha}.onnx"
     if not (target.exists() and sha256_file(target) == sha):
         target.parent.mkdir(parents=True, exist_ok=True)
