@@ -11,7 +11,7 @@ from conftest import ROOT, project_env
 
 from healthml.core.io import sha256_file
 from healthml.core.params import load_params
-from healthml.deploy.decision import INSUFFICIENT, OUTSIDE, DecisionRules, abstention_rate, decide, decide_record, decide_records
+from healthml.modelling.decision import INSUFFICIENT, OUTSIDE, DecisionRules, abstention_rate, decide, decide_record, decide_records
 from healthml.deploy.serve import RecordScorer
 from healthml.modelling.export import training_support
 
@@ -82,7 +82,11 @@ def test_test_split_records_that_pass_score_exactly_as_before(model, test_record
     for i in scored:                                     # the service's risk, band and alert of today
         assert out[i]["risk"] == round(float(raw[i]), 6)
         assert out[i]["alert"] == bool(raw[i] >= scorer.threshold)
-        assert out[i]["band"] in ("low", "medium", "high") and out[i]["fields"] == []
+        assert out[i]["band"] in ("low", "medium", "high", "elevated") and out[i]["fields"] == []
+        above, unsure = raw[i] >= scorer.threshold, raw[i] <= rules.sets.no_event_until_
+        assert (out[i]["band"] == "high") == (above and not unsure) and (out[i]["band"] == "elevated") == (above and unsure)
+        assert out[i]["outcome_set"]["possible"] == ["event"] * bool(raw[i] >= rules.sets.event_from_) + ["no event"] * bool(unsure)
+    assert {"high", "elevated"} <= {o["band"] for o in out}     # both kinds of alert occur on real patients
 
 
 def test_the_batch_form_decides_as_the_per_record_form(model, test_records):
@@ -105,7 +109,7 @@ def test_the_training_support_is_in_the_audited_model_file(model):
 
 
 def test_the_decision_loads_no_pandas_and_no_training_stack():
-    code = ("import sys, healthml.deploy.decision\n"
+    code = ("import sys, healthml.modelling.decision\n"
             "print(sorted(m for m in ('pandas', 'sklearn', 'lightgbm', 'onnxruntime') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=project_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -105,7 +105,7 @@ def test_service_scores_like_the_pipeline_logs_and_exposes_metrics(pipeline_proj
         assert status == 200, body
         expected = OnnxScorer(root/"models/onnx/lightgbm.onnx").predict_proba(test)
         assert np.abs(np.array([shown_or_raw(p) for p in body["predictions"]]) - expected).max() < 1e-6
-        assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high", "insufficient data", "outside training data"}
+        assert {p["band"] for p in body["predictions"]} <= {"low", "medium", "high", "elevated", "insufficient data", "outside training data"}
         assert all(p["alert"] == (p["risk"] is not None and p["risk"] >= body["threshold"]) for p in body["predictions"])
         features = set(load_params(root/"params.yaml").dataset.features)
         for p in body["predictions"]:                      # reasons with every score (the explainer beside the model)
@@ -193,7 +193,7 @@ def test_predict_scores_a_file_in_chunks_and_rejects_bad_rows_with_reasons(pipel
     assert f"{len(test)} of {len(data)} rows scored" in r.stderr and "2 rejected" in r.stderr
     assert "WARNING: models/onnx/lightgbm.onnx is not a registered version" in r.stderr    # no champion yet: the working tree's file
     scores = pd.read_parquet(tmp_path/"scores.parquet")
-    assert list(scores.columns) == ["source_row", "sno", "risk", "band", "alert", "abstained", "fields", "raw_risk", "model_version"]
+    assert list(scores.columns) == ["source_row", "sno", "risk", "band", "alert", "abstained", "fields", "raw_risk", "outcome_set", "model_version"]
     assert len(scores) == len(test) and scores.source_row.tolist() == list(range(1, len(test) + 1))
     reference = pd.read_parquet(root/"data/processed/test_scores.parquet").lightgbm.to_numpy()
     assert np.abs(scores.raw_risk.to_numpy() - reference).max() < 1e-5
@@ -256,7 +256,8 @@ hostile_records = st.lists(st.one_of(st.just({}), st.dictionaries(st.sampled_fro
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(recs=hostile_records)
 def test_empty_sparse_and_oversized_key_records_get_no_5xx_no_alert_and_no_key_back(client, recs):
-    r = client.post("/v1/predict", json={"records": recs})
+    data = json.dumps({"records": recs}, allow_nan=True)       # NaN/Infinity as a careless client sends them
+    r = client.post("/v1/predict", content=data, headers={"content-type": "application/json"})
     assert r.status_code in (200, 413, 422), (r.status_code, r.text)
     assert not any(k[:30] in r.text for rec in recs for k in rec if len(k) >= 40)
     if r.status_code == 200:

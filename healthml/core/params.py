@@ -202,6 +202,7 @@ class EvaluateConfig(StrictModel):
     target_sensitivity: float | None = Field(0.8, gt=0, le=1)  # alert threshold: reach this sensitivity on validation
     risk_threshold: float | None = Field(None, gt=0, lt=1)  # ... or alert at this stated risk instead
     recalibration: Literal["none", "platt", "isotonic"] = "none"  # fitted on the validation split
+    outcome_set_coverage: float = Field(0.9, ge=0.5, lt=1)  # each risk's outcome set holds the true outcome this often (split-conformal on validation)
     slices: dict[str, SensitiveAttribute] = {}  # user-defined slices beyond the sensitive attributes, e.g. {disease: {column: dzclass}}
     intersections: list[list[str]] = []  # e.g. [[age_band, sex]]: subgroups crossed
     min_subgroup_n: int = Field(100, ge=1)  # smaller subgroups report "insufficient n"

@@ -380,7 +380,7 @@ ABSTAINED = "abstained"
 
 def mark_abstentions(scorer, sample: pd.DataFrame) -> pd.DataFrame:
     "Add whether the model abstains on each sampled row: the service's rule, read from the model file's metadata."
-    from healthml.deploy.decision import DecisionRules, decide
+    from healthml.modelling.decision import DecisionRules, decide
     if ABSTAINED in sample or RISK not in sample: return sample
     rules = DecisionRules.from_metadata(scorer.metadata)
     cols = {f: sample[f].to_numpy() if f in sample else None for f in rules.features}

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name
-from .decision import Decisions, DecisionRules, decide as decide_by_rules
+from ..modelling.decision import Decisions, DecisionRules, decide as decide_by_rules
 from ..core.rules import compile_rules, frame_problems, record_model, record_problems
 from ..modelling.scoring import ModelIntegrityError, OnnxScorer, expected_sha256, load_verified
 
@@ -50,7 +50,7 @@ class RecordScorer:
         self.numeric = [n for n, f in self.schema.items() if f["kind"] == "numeric"]
         self.categorical = [n for n, f in self.schema.items() if f["kind"] == "categorical"]
         self.rules = compile_rules(self.schema)
-        self.decision_rules = DecisionRules.from_metadata(self.metadata)   # when the model gives no score (healthml.deploy.decision)
+        self.decision_rules = DecisionRules.from_metadata(self.metadata)   # when the model gives no score (healthml.modelling.decision)
         self._out = ["probabilities"]
         self.explainer, self.reasons_note = None, "this model file names no explainer"
         self._explainer_artifact, self._explainer_lock = None, threading.Lock()
@@ -186,6 +186,7 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
                 res = pd.DataFrame({SOURCE_ROW: good.index.to_numpy(), **{c: good[c].to_numpy() for c in keep},
                                     "risk": d.risk, "band": d.band.astype(str), "alert": d.alert, "abstained": d.abstained,
                                     "fields": [", ".join(f) for f in d.fields], "raw_risk": d.raw_risk,
+                                    **({"outcome_set": d.outcome_set_labels()} if d.sets is not None else {}),
                                     "model_version": scorer.version})
                 write("out", tmp_out, pa.Table.from_pandas(res, preserve_index=False))
                 counts["abstained"] += int(d.abstained.sum())
@@ -607,9 +608,7 @@ def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, lo
         reasons = scorer.reasons(records)
         ms = (time.perf_counter() - t0) * 1000
         rid, now, src = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source
-        out = d.records()
-        for o, why in zip(out, reasons or [None] * len(out)):     # an abstention gets no reasons: it has no risk to explain
-            if why is not None and not o["abstained"]: o["reasons"] = [{**r, "contribution": round(r["contribution"], 4)} for r in why]
+        out = d.records(reasons=reasons)
         plog.write([{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
                      "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
                      "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)])

@@ -14,7 +14,8 @@ from sklearn.isotonic import IsotonicRegression
 # %% auto #0
 __all__ = ['EPS', 'logit', 'weighted_logistic', 'calibration_in_the_large', 'calibration_slope', 'smoothed_calibration',
            'integrated_calibration_index', 'expected_calibration_error', 'Recalibrator', 'brier',
-           'calibration_replicates', 'calibration_metrics', 'calibration_bins', 'calibration_curve', 'risk_histogram']
+           'calibration_replicates', 'calibration_metrics', 'outcome_set_replicates', 'outcome_set_metrics',
+           'calibration_bins', 'calibration_curve', 'risk_histogram']
 
 # %% ../../nbs/30_evaluation/32_calibration.ipynb #5eee1e65
 EPS = 1e-10
@@ -127,6 +128,22 @@ def calibration_metrics(y_true, y_prob, n_bins: int = 10, frac: float = 0.75) ->
     return {**point, "mean_predicted": float(np.mean(y_prob)), "observed_rate": float(np.mean(y_true)),
             **integrated_calibration_index(y_true, y_prob, frac),
             "ece": expected_calibration_error(y_true, y_prob, n_bins, "uniform"), "ece_bins": f"{n_bins} equal-width"}
+
+# %% ../../nbs/30_evaluation/32_calibration.ipynb #360502bf
+def outcome_set_replicates(y_true, y_prob, sets, W) -> dict:
+    "Coverage of the outcome sets (per outcome and overall) and the share of informative sets, for each weight row of W."
+    y = np.asarray(y_true, float)
+    event_ok, no_event_ok = sets.predict(y_prob)
+    covered = np.where(y == 1, event_ok, no_event_ok).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"coverage": (W @ covered) / W.sum(1), "coverage_event": (W @ (covered * y)) / (W @ y),
+                "coverage_no_event": (W @ (covered * (1 - y))) / (W @ (1 - y)),
+                "informative_sets": (W @ (event_ok != no_event_ok).astype(float)) / W.sum(1)}
+
+def outcome_set_metrics(y_true, y_prob, sets) -> dict:
+    "Point estimates of `outcome_set_replicates`, with the sets' coverage and risk cut-offs."
+    point = {k: float(v[0]) for k, v in outcome_set_replicates(y_true, y_prob, sets, np.ones((1, len(y_true)))).items()}
+    return {**point, "nominal_coverage": sets.coverage, "event_from": sets.event_from_, "no_event_until": sets.no_event_until_}
 
 # %% ../../nbs/30_evaluation/32_calibration.ipynb #fca6e74c
 def calibration_bins(y_true, y_prob, n_bins: int = 10) -> pd.DataFrame:

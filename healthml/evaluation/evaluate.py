@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .calibration import Recalibrator, brier, calibration_metrics, calibration_replicates, calibration_slope
+from .calibration import (Recalibrator, brier, calibration_metrics, calibration_replicates, calibration_slope,
+                                             outcome_set_metrics, outcome_set_replicates)
 from ..core.io import write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, Params
 from ..core.spec import DatasetSpec
+from ..modelling.scoring import OutcomeSets
 from .discrimination import (SortedScores, bootstrap, bootstrap_intervals, delong_ci, delong_test,
                                                 discrimination, percentile_ci, ranking_metrics)
 from .result import EvaluationResult
@@ -25,19 +27,22 @@ __all__ = ['COMPARED', 'CHAMPION', 'model_evaluation', 'compare', 'choose_thresh
            'model_predictors', 'evaluate_models']
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #f5a56809
-def _replicates(y, p, threshold, W, st) -> dict:
+def _replicates(y, p, threshold, W, st, sets) -> dict:
     auroc, auprc = ranking_metrics(st, W)
-    return {"auroc": auroc, "auprc": auprc, **calibration_replicates(y, p, W), **threshold_replicates(y, p, threshold, W)}
+    return {"auroc": auroc, "auprc": auprc, **calibration_replicates(y, p, W), **threshold_replicates(y, p, threshold, W),
+            **(outcome_set_replicates(y, p, sets, W) if sets is not None else {})}
 
-def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateConfig) -> dict:
+def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateConfig,
+                     sets: OutcomeSets | None = None) -> dict:  # the outcome sets fitted on validation, when judged
     "Point estimates and patient-level bootstrap CIs of every metric; DeLong CI for AUROC."
     order = np.argsort(-np.asarray(y_prob, float), kind="mergesort")   # every metric is order-free; sorting
     y, p = np.asarray(y_true, float)[order], np.asarray(y_prob, float)[order]   # once spares a gather per replicate
     patients = np.asarray(patients)[order]
     st = SortedScores(y, p)
     point = {**discrimination(y, p), **calibration_metrics(y, p, cfg.calibration_bins, cfg.lowess_frac),
-             **threshold_metrics(y, p, threshold), "threshold": float(threshold)}
-    reps = bootstrap(lambda W: _replicates(y, p, threshold, W, st), y, patients, cfg.n_bootstrap, cfg.seed)
+             **threshold_metrics(y, p, threshold), "threshold": float(threshold),
+             **(outcome_set_metrics(y, p, sets) if sets is not None else {})}
+    reps = bootstrap(lambda W: _replicates(y, p, threshold, W, st, sets), y, patients, cfg.n_bootstrap, cfg.seed)
     point |= bootstrap_intervals(reps, cfg.ci_level)
     _, point["auroc_delong_ci_low"], point["auroc_delong_ci_high"] = delong_ci(y, p, cfg.ci_level)
     return point
@@ -108,7 +113,8 @@ def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str,
         recal = Recalibrator(cfg.recalibration).fit(sv[cand], yv)
         sv[f"{cand}_recalibrated"], st[f"{cand}_recalibrated"] = recal.predict(sv[cand]), recal.predict(st[cand])
     thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
-    models = {m: model_evaluation(yt, s, patients, thr[m], cfg) for m, s in st.items()}
+    sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
+    models = {m: model_evaluation(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
     comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg) for m in st if m != cand}
     return EvaluationResult(models, evaluation_settings(cfg), comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
                             _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))

@@ -29,9 +29,10 @@ __all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance
            'comparison_table', 'subgroup_report_table', 'fairness_table', 'robustness_table', 'review_table',
            'tripod_table', 'gate_table', 'participant_flow', 'table_one', 'sample_size_table', 'leakage_table',
            'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
-           'html_table', 'verdict_banner', 'remote_references', 'add_toc', 'notebook_to_html', 'package_versions',
-           'model_version', 'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report',
-           'file_report', 'verify_report']
+           'html_table', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
+           'prediction_examples', 'example_cards', 'verdict_banner', 'remote_references', 'add_toc', 'notebook_to_html',
+           'package_versions', 'model_version', 'manifest', 'report_index', 'monitoring_index', 'write_index',
+           'build_report', 'file_report', 'verify_report']
 
 # %% ../../nbs/40_governance/45_report.ipynb #cc2d9574
 class ReportError(HealthmlError):
@@ -269,6 +270,91 @@ def html_table(df: pd.DataFrame):
     "Show a table in the report: no index column, full cell text, HTML-escaped."
     from IPython.display import HTML
     return HTML(df.to_html(index=False, escape=True, border=0, classes="dataframe", na_rep=""))
+
+# %% ../../nbs/40_governance/45_report.ipynb #c3e409b3
+def uncertainty_table(evaluation: EvaluationResult, labels: dict | None = None, tolerance: float = 0.02) -> pd.DataFrame:
+    "Per model: the outcome sets' nominal and observed coverage on the test split (95% CIs), informative share, cut-offs."
+    rows = []
+    for n, m in evaluation.models.items():
+        if "nominal_coverage" not in m: continue
+        ok = all(abs(m[k] - m["nominal_coverage"]) <= tolerance for k in ("coverage", "coverage_event", "coverage_no_event"))
+        rows.append({"Model": _label(n, labels), "Nominal": f"{m['nominal_coverage']:.0%}", "Coverage (95% CI)": _ci(m, "coverage"),
+                     "Patients with the event": _ci(m, "coverage_event"), "Without": _ci(m, "coverage_no_event"),
+                     "Informative sets": _ci(m, "informative_sets"), "Event possible from risk": f"{m['event_from']:.3f}",
+                     "No event possible up to risk": f"{m['no_event_until']:.3f}",
+                     f"Within {tolerance * 100:g} points": "yes" if ok else "NO"})
+    return pd.DataFrame(rows)
+
+def importance_table(ctx: ReportContext, top: int = 10) -> pd.DataFrame:
+    "The candidate's global reasons: the `top` features by mean |contribution| (log-odds) on the test split."
+    imp = ctx.export.get(ctx.params.candidate, {}).get("explainer", {}).get("global_importance", [])[:top]
+    desc = {n: f.description for n, f in ctx.params.dataset.features.items()}
+    return pd.DataFrame([{"Feature": r["feature"], "Description": desc.get(r["feature"], ""),
+                          "Mean |contribution| (log-odds)": f"{r['mean_abs_contribution']:.3f}"} for r in imp])
+
+# %% ../../nbs/40_governance/45_report.ipynb #a449a68c
+def typical_record(frame: pd.DataFrame, rules) -> dict:
+    "A record of no one: each numeric feature's median and each categorical feature's most common recorded category in `frame`."
+    rec = {}
+    for f in rules.numeric:
+        x = pd.to_numeric(frame[f], errors="coerce") if f in frame else pd.Series(dtype=float)
+        if x.notna().any(): rec[f] = round(float(x.median()), 2)
+    for f in rules.categorical:
+        x = frame[f][frame[f].notna() & (frame[f].astype(str) != rules.missing)] if f in frame else pd.Series(dtype=object)
+        if len(x): rec[f] = str(x.astype(str).mode().iloc[0])
+    return rec
+
+def worked_examples(rules, typical: dict) -> dict[str, tuple[str, dict]]:
+    "Three records from `typical`: as is; without its required fields (too sparse, if none are required); one measurement beyond the training data."
+    gone = list(rules.required) or list(typical)[rules.min_present - 1:]
+    sparse = {k: v for k, v in typical.items() if k not in gone}
+    f, (lo, hi) = next(((f, b) for f, b in rules.bounds.items() if f in typical and _bounded(b)), (None, (0, 0)))
+    examples = {"A typical record": ("every feature at its median or most common value", typical),
+                "A record missing required data": (f"without {', '.join(gone)}", sparse)}
+    if f is not None:
+        examples["An unfamiliar record"] = (f"{f} set to {round(hi + (hi - lo) / 2, 2):g}, beyond anything seen in training",
+                                            typical | {f: round(hi + (hi - lo) / 2, 2)})
+    return examples
+
+def _bounded(bounds: tuple[float, float]) -> bool: return all(abs(b) < float("inf") for b in bounds)
+
+# %% ../../nbs/40_governance/45_report.ipynb #c9300261
+def prediction_examples(ctx: ReportContext) -> list[dict]:
+    "The worked examples as the service shows them, from the candidate's audited ONNX file and explainer."
+    from healthml.modelling.decision import DecisionRules, decide, record_columns
+    from healthml.modelling.explain import explain, load_explainer
+    from healthml.modelling.scoring import OnnxScorer
+    cand = ctx.params.candidate
+    onnx = ctx.layout.model_file(cand, "onnx")
+    scorer = OnnxScorer(onnx)
+    rules = DecisionRules.from_metadata(scorer.metadata)
+    test = pd.read_parquet(ctx.layout.split_file("test"), columns=list(rules.features))
+    examples = worked_examples(rules, typical_record(test, rules))
+    records = [rec for _, rec in examples.values()]
+    cols = record_columns(rules, records)
+    d = decide(rules, cols, scorer.predict_proba(pd.DataFrame(cols)))
+    meta = scorer.metadata
+    reasons = (explain(load_explainer(onnx.parent/meta["explainer_file"], meta["explainer_sha256"]), cols)
+               if "explainer_file" in meta else None)
+    return [{"title": t, "what": what, "record": rec, "payload": p}
+            for (t, (what, rec)), p in zip(examples.items(), d.records(reasons=reasons))]
+
+def example_cards(examples: list[dict]) -> str:
+    "The worked examples as HTML: what the record holds, what a clinician is shown, and the JSON the service returns."
+    from healthml.modelling.explain import reason_text
+    out = []
+    for e in examples:
+        p = e["payload"]
+        if p["abstained"]:
+            shown = f"<strong>No risk shown: {html.escape(p['band'])}</strong> (because of: {html.escape(', '.join(p['fields']))}); no alert."
+        else:
+            s = p.get("outcome_set")
+            shown = (f"<strong>Risk {p['risk']:.0%}, band {html.escape(p['band'])}</strong>{', ALERT' if p['alert'] else ''}."
+                     + (f" Outcomes it cannot rule out ({s['coverage']:.0%} coverage): {html.escape(' or '.join(s['possible']))}." if s else "")
+                     + "".join(f"<br>&nbsp;&nbsp;{html.escape(reason_text(r))}" for r in p.get("reasons", [])))
+        out.append(f"<div class='example'><h4>{html.escape(e['title'])}</h4><p><em>{html.escape(e['what'])}</em></p>"
+                   f"<p>{shown}</p><pre>{html.escape(json.dumps(p, indent=1))}</pre></div>")
+    return "".join(out)
 
 # %% ../../nbs/40_governance/45_report.ipynb #345f6d7b
 def verdict_banner(verdict: dict | None) -> str:

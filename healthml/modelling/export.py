@@ -108,6 +108,9 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
                 "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
                 "threshold_rule": (f"sensitivity {params.evaluate.target_sensitivity:g} on the validation split"
                                    if params.evaluate.target_sensitivity else f"risk {params.evaluate.risk_threshold}")}
+        if "event_from" in evaluation.get(name, {}):   # the outcome sets evaluate fitted on the validation split
+            meta["outcome_sets"] = json.dumps({"coverage": evaluation[name]["nominal_coverage"], **{
+                k: evaluation[name][k] for k in ("event_from", "no_event_until")}})
         explainer = build_explainer(pipe, model_frame(train, spec), meta["model_name"],
                                     {n: f.description for n, f in spec.features.items()})
         explainer_data = explainer_bytes(explainer)

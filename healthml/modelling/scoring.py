@@ -19,7 +19,7 @@ from ..core.spec import MISSING_CATEGORY
 if TYPE_CHECKING: import pandas as pd  # only for annotations: the HTTP service never loads pandas
 
 # %% auto #0
-__all__ = ['ModelIntegrityError', 'expected_sha256', 'load_verified', 'OnnxScorer', 'risk_bands', 'risk_band']
+__all__ = ['ModelIntegrityError', 'expected_sha256', 'load_verified', 'OnnxScorer', 'OutcomeSets', 'risk_bands', 'risk_band']
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #99a96f95
 class ModelIntegrityError(HealthmlError):
@@ -75,10 +75,41 @@ class OnnxScorer:
         return self.session.run(["probabilities"], self.feed(df))[0][:, 1].astype(np.float64)
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #d6a27610
-def risk_bands(p: np.ndarray, threshold: float) -> np.ndarray:
-    "Per risk: `high` at or above the alert threshold, `medium` from half of it, else `low`."
-    return np.where(p >= threshold, "high", np.where(p >= threshold / 2, "medium", "low"))
+class OutcomeSets:
+    "Split-conformal, class-conditional outcome sets for a yes/no outcome: fitted on validation risks, applied to any risk."
+    def __init__(self, coverage: float = 0.9): self.coverage = coverage
 
-def risk_band(p: float, threshold: float) -> str:
+    def _quantile(self, scores: np.ndarray) -> float:
+        "The conformal quantile of non-conformity scores: the ceil((n+1)c)-th smallest (1.0 when n is too small)."
+        k = int(np.ceil((len(scores) + 1) * self.coverage))
+        return 1.0 if k > len(scores) else float(np.sort(scores)[k - 1])
+
+    def fit(self, y_true, y_prob):
+        y, p = np.asarray(y_true).astype(bool), np.asarray(y_prob, dtype=np.float64)
+        self.event_from_ = 1.0 - self._quantile(1.0 - p[y])      # the event is possible from this risk up
+        self.no_event_until_ = self._quantile(p[~y])            # no event is possible up to this risk
+        return self
+
+    def predict(self, y_prob) -> tuple[np.ndarray, np.ndarray]:
+        "Per risk: (event in the set, no event in the set)."
+        p = np.asarray(y_prob, dtype=np.float64)
+        return p >= self.event_from_, p <= self.no_event_until_
+
+    def to_metadata(self) -> dict:
+        return {"coverage": self.coverage, "event_from": self.event_from_, "no_event_until": self.no_event_until_}
+
+    @classmethod
+    def from_metadata(cls, m: dict) -> OutcomeSets:
+        s = cls(float(m["coverage"]))
+        s.event_from_, s.no_event_until_ = float(m["event_from"]), float(m["no_event_until"])
+        return s
+
+def risk_bands(p: np.ndarray, threshold: float, sets: OutcomeSets | None = None) -> np.ndarray:
+    "Per risk: `high` at or above the alert threshold (`elevated` there if `sets` cannot rule out no event), `medium` from half of it, else `low`."
+    p = np.asarray(p, dtype=np.float64)
+    top = "high" if sets is None else np.where(sets.predict(p)[1], "elevated", "high")
+    return np.where(p >= threshold, top, np.where(p >= threshold / 2, "medium", "low"))
+
+def risk_band(p: float, threshold: float, sets: OutcomeSets | None = None) -> str:
     "The band of one risk (see `risk_bands`)."
-    return str(risk_bands(np.asarray(p), threshold))
+    return str(risk_bands(np.asarray(p), threshold, sets))
