@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from test_slim_install import slim_python, slim_site
 
+from healthml.core.layout import Layout
 from healthml.core.params import load_params
 from healthml.modelling.explain import explain, load_explainer, native_log_odds, reason_text
 from healthml.modelling.scoring import ModelIntegrityError, OnnxScorer
-from healthml.modelling.train import load_model, model_frame
+from healthml.modelling.train import load_trained, model_frame
 
 MODELS = ["lightgbm", "logistic"]
 
@@ -33,7 +34,7 @@ def test_reasons_reconcile_with_the_models_log_odds_on_the_test_split(pipeline_p
     scorer, explainer = audited(root, name)
     base, contributions = explainer.contributions(frame)
     log_odds = base + contributions.sum(axis=1)
-    native = native_log_odds(load_model(root/"models/native"/f"{name}.skops"), frame)
+    native = native_log_odds(load_trained(Layout(root), name), frame)
     assert np.abs(log_odds - native).max() <= 1e-6
     risk = scorer.predict_proba(test)
     assert np.abs(1 / (1 + np.exp(-log_odds)) - risk).max() <= params.export.parity_tolerance

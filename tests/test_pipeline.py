@@ -99,13 +99,14 @@ def test_leaking_columns_never_reach_the_models(pipeline_project):
 def test_onnx_models_match_native_models_on_test_patients(pipeline_project):
     from healthml.core.params import load_params
     from healthml.modelling.scoring import OnnxScorer
-    from healthml.modelling.train import load_model, model_frame
+    from healthml.core.layout import Layout
+    from healthml.modelling.train import load_trained, model_frame
     root, _ = pipeline_project
     spec = load_params(root/"params.yaml").dataset
     test = pd.read_parquet(root/"data/processed/test.parquet")
     for model in ("lightgbm", "logistic"):
         scorer = OnnxScorer(root/f"models/onnx/{model}.onnx")
-        native = load_model(root/f"models/native/{model}.skops").predict_proba(model_frame(test, spec))[:, 1]
+        native = load_trained(Layout(root), model).predict_proba(model_frame(test, spec))[:, 1]
         assert abs(scorer.predict_proba(test) - native).max() < 1e-5
         assert scorer.metadata["model_name"] == f"support2-mortality-{model}"
     export = json.loads((root/"metrics/export.json").read_text())

@@ -122,10 +122,10 @@ def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str,
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #6d079c1e
 def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
     "Each model's risk function, from its file: the candidate, the other models of `params.yaml`, then the champion."
-    from healthml.modelling.train import load_model, model_frame
+    from healthml.modelling.train import load_trained, model_frame
     spec = params.dataset
     def risk_function(model): return lambda d: model.predict_proba(model_frame(d, spec))[:, 1]
-    out = {m: risk_function(load_model(layout.model_file(m))) for m in params.model_names}
+    out = {m: risk_function(load_trained(layout, m)) for m in params.model_names}
     champ = params.evaluate.champion
     if champ is not None:
         from healthml.modelling.scoring import OnnxScorer

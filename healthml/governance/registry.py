@@ -235,11 +235,10 @@ def _log_as(path: Path, artifact: str) -> None:
 def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple[int, str]:
     "Log the run (model, evidence, report) and create the registry version; (version, run id)."
     import mlflow
-    import skops.io as sio
     from mlflow.models import infer_signature
-    from healthml.modelling.train import load_model, model_frame
+    from healthml.modelling.train import MODEL_TYPES, load_trained, model_frame
     L, p, cand = reg.layout, reg.params, reg.params.candidate
-    onnx, pipe = L.model_file(cand, "onnx"), load_model(L.model_file(cand))
+    onnx, pipe = L.model_file(cand, "onnx"), load_trained(L, cand)   # the file train wrote, by its recorded SHA-256
     example = model_frame(synthetic_example(p.dataset), p.dataset)
     tags = {"healthml.gate": verdict["verdict"], "healthml.gate_plan": verdict.get("plan", ""), "healthml.onnx_sha256": onnx_sha,
             "healthml.git_commit": git_commit(L.root), "healthml.train_data_sha256": sha256_file(L.split_file("train")),
@@ -259,8 +258,7 @@ def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple
             for f in (L.evaluation, L.comparison, L.subgroups):
                 if f.exists(): mlflow.log_artifact(str(f), "evidence")
             mlflow.log_artifacts(str(L.report_render), "report")
-            trusted = sio.get_untrusted_types(data=sio.dumps(pipe))
-            info = mlflow.sklearn.log_model(pipe, name="model", serialization_format="skops", skops_trusted_types=trusted,
+            info = mlflow.sklearn.log_model(pipe, name="model", serialization_format="skops", skops_trusted_types=sorted(MODEL_TYPES),
                                             pip_requirements=["scikit-learn", *type(p.models[cand]).packages, "skops", "pandas", "numpy"],
                                             signature=infer_signature(example, pipe.predict_proba(example)[:, 1]),
                                             input_example=example, pyfunc_predict_fn="predict_proba")

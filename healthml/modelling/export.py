@@ -21,7 +21,7 @@ from ..core.spec import MISSING_CATEGORY, DatasetSpec
 from .explain import (Explainer, build_explainer, explainer_bytes, explainer_parity, global_importance,
                                         native_log_odds)
 from .scoring import OnnxScorer
-from .train import load_model, model_frame
+from .train import load_trained, model_frame
 
 # %% auto #0
 __all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'training_support', 'parity', 'explainer_path', 'export_models']
@@ -102,7 +102,7 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
     evaluation = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
     result = {}
     for name, cfg in params.models.items():
-        pipe = load_model(layout.model_file(name))
+        pipe = load_trained(layout, name)
         meta = {"model_name": f"{params.report.model_name}-{name}", "model_kind": cfg.kind, "healthml_version": version,
                 "dataset": spec.name, "train_data_sha256": data_sha, "outcome": spec.outcome,
                 "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),

@@ -30,10 +30,10 @@ from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, T
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['PIPELINES', 'TRUSTED_PREFIXES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
-           'model_pipeline', 'model_pipelines', 'ModelFileError', 'save_model', 'load_model', 'pipeline_outputs',
-           'git_commit', 'using_tracking', 'mlflow_experiment', 'flat_params', 'params_hash', 'run_name',
-           'dvc_experiment', 'run_description', 'train_models']
+__all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
+           'model_pipeline', 'model_pipelines', 'ModelFileError', 'foreign_types', 'save_model', 'load_model',
+           'recorded_sha256', 'load_trained', 'pipeline_outputs', 'git_commit', 'using_tracking', 'mlflow_experiment',
+           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -86,12 +86,28 @@ def model_pipelines(params: Params) -> dict[str, Pipeline]:
     "The unfitted pipeline of every model in `params.yaml` `models:`, by name, in the order listed."
     return {name: model_pipeline(params.dataset, cfg) for name, cfg in params.models.items()}
 
-# %% ../../nbs/20_modelling/21_train.ipynb #b2da7d52
-TRUSTED_PREFIXES = ("sklearn.", "lightgbm.", "numpy.", "builtins.", "collections.", "scipy.")
+# %% ../../nbs/20_modelling/21_train.ipynb #8ea6126f
+MODEL_TYPES = frozenset({  # beyond skops' own safe defaults; each a class, never a function, added only after review
+    "collections.OrderedDict",          # lightgbm: `best_score_` is a defaultdict(OrderedDict)
+    "lightgbm.basic.Booster",           # lightgbm: the fitted trees
+    "lightgbm.sklearn.LGBMClassifier",  # lightgbm: the estimator
+    "numpy.dtype",                      # logistic: SimpleImputer's fitted dtypes
+})
 
 class ModelFileError(HealthmlError):
-    "A model file is missing, unreadable, or holds types healthml does not trust."
+    "A model file is missing, is not the file training wrote, or names types healthml does not load."
 
+def foreign_types(data: bytes) -> list[str]:
+    "The types a skops file names that neither skops' safe defaults nor `MODEL_TYPES` cover."
+    import skops.io as sio
+    return sorted(t for t in sio.get_untrusted_types(data=data) if t not in MODEL_TYPES)
+
+def _names(types: list[str], most: int = 6) -> str:
+    "Type names for a one-line message: escaped (a file chooses them) and shortened."
+    shown = [t.encode("unicode_escape").decode()[:80] for t in types[:most]]
+    return ", ".join(shown) + (f" and {len(types) - most} more" if len(types) > most else "")
+
+# %% ../../nbs/20_modelling/21_train.ipynb #535e93ba
 def _stable_zip(data: bytes) -> bytes:
     "Rewrite a zip archive with fixed timestamps and entry order (no wall-clock time in model files)."
     import io, zipfile
@@ -104,20 +120,44 @@ def _stable_zip(data: bytes) -> bytes:
     return out.getvalue()
 
 def save_model(model, path: str | Path) -> Path:
-    "Serialise a fitted pipeline with skops, atomically."
+    "Serialise a fitted pipeline with skops, atomically; a pipeline needing a type off `MODEL_TYPES` is refused."
     import skops.io as sio
-    return atomic_write(path, _stable_zip(sio.dumps(model)))
+    data = sio.dumps(model)
+    if foreign := foreign_types(data):
+        raise ModelFileError(f"{Path(path).name}: the fitted pipeline needs types not on healthml's allow-list: {_names(foreign)}",
+                             hint="review each (a class, never a function), then add it to MODEL_TYPES in nbs/20_modelling/21_train.ipynb")
+    return atomic_write(path, _stable_zip(data))
 
-def load_model(path: str | Path):
-    "Load a pipeline saved by `save_model`, refusing unexpected types."
+# %% ../../nbs/20_modelling/21_train.ipynb #2f058150
+def load_model(path: str | Path, sha256: str):  # the SHA-256 recorded when the file was written
+    "Load a pipeline saved by `save_model`: the file must have hash `sha256` and name only allow-listed types."
     import skops.io as sio
     path = Path(path)
     if not path.exists(): raise ModelFileError(f"model file {path} not found", hint="run `dvc repro train`")
     data = path.read_bytes()
-    untrusted = sio.get_untrusted_types(data=data)
-    foreign = [t for t in untrusted if not t.startswith(TRUSTED_PREFIXES)]
-    if foreign: raise ModelFileError(f"{path.name} contains types healthml does not load: {', '.join(foreign)}")
-    return sio.loads(data, trusted=untrusted)
+    if (actual := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ModelFileError(f"{path} is not the file training wrote (SHA-256 {actual[:12]}, recorded {sha256[:12]}): refusing to load it",
+                             hint="re-run `dvc repro train` (or `dvc checkout models/native` to restore the trained files)")
+    try: foreign = foreign_types(data)
+    except Exception as e: raise ModelFileError(f"{path} is not a skops model file ({type(e).__name__})",
+                                                hint="re-run `dvc repro train`") from None
+    if foreign: raise ModelFileError(f"{path} names types healthml does not load: {_names(foreign)}: refusing to load it",
+                                     hint="a file healthml did not write: re-run `dvc repro train`; "
+                                          "a new estimator's types go into MODEL_TYPES (nbs/20_modelling/21_train.ipynb) after review")
+    return sio.loads(data, trusted=sorted(MODEL_TYPES))
+
+def recorded_sha256(layout: Layout, model: str) -> str:
+    "The SHA-256 the train stage recorded for model `model`'s file, from `metrics/train.json`."
+    try: entry = json.loads(layout.train_metrics.read_text()).get(model) if layout.train_metrics.exists() else None
+    except (ValueError, AttributeError): entry = None
+    if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
+        raise ModelFileError(f"{layout.train_metrics} records no SHA-256 for model `{model}`",
+                             hint="re-run `dvc repro train` (it records each model file's hash)")
+    return entry["sha256"]
+
+def load_trained(layout: Layout, model: str):
+    "Model `model` as the train stage wrote it: its file checked against the SHA-256 in `metrics/train.json`."
+    return load_model(layout.model_file(model), recorded_sha256(layout, model))
 
 # %% ../../nbs/20_modelling/21_train.ipynb #a67913a3
 def pipeline_outputs(dvc_yaml: str) -> list[str]:
@@ -210,7 +250,7 @@ def run_description(params: Params, model: str, commit: str, experiment: dict) -
 
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
 def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
-    "Fit every model's pipeline on the train split, score the validation split, save, and log to MLflow (`environ`: where a DVC experiment is named)."
+    "Fit every model's pipeline on the train split, score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
     spec = params.dataset
     train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation"))
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
@@ -220,8 +260,8 @@ def train_models(params: Params, layout: Layout, track: bool = True, environ: Ma
         fitted[name] = pipe.fit(X, y)
         seconds = time.perf_counter() - t0
         auc = float(roc_auc_score(yv, pipe.predict_proba(Xv)[:, 1]))
-        save_model(pipe, layout.model_file(name))
-        record[name] = {"validation_auroc": round(auc, 6), "fit_seconds": round(seconds, 3)}
+        path = save_model(pipe, layout.model_file(name))
+        record[name] = {"validation_auroc": round(auc, 6), "fit_seconds": round(seconds, 3), "sha256": sha256_file(path)}
     record["n_train"], record["n_validation"] = len(train), len(val)
     if track: record["mlflow_runs"] = _log_runs(params, layout, record, dvc_experiment(environ))
     write_json(layout.train_metrics, {k: v for k, v in record.items() if k != "mlflow_runs"})
