@@ -19,7 +19,8 @@ from ..core.errors import HealthmlError
 
 # %% auto #0
 __all__ = ['TELEMETRY_OFF', 'console', 'ParamsOpt', 'RootOpt', 'ActorOpt', 'ReasonOpt', 'SETTINGS', 'QUIET_LOGGERS',
-           'telemetry_off', 'verbose', 'quiet_libraries', 'need', 'fail', 'run_stage', 'flags_without_placeholder']
+           'telemetry_off', 'verbose', 'quiet_libraries', 'need', 'fail', 'Caution', 'run_stage',
+           'flags_without_placeholder']
 
 # %% ../../nbs/60_cli/61_common.ipynb #2ec3e81d
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "ORT_DISABLE_TELEMETRY": "1",
@@ -65,13 +66,17 @@ def fail(stage: str, e: HealthmlError) -> None:
     console.print(f"[red]✗ {stage} failed:[/red] {escape(str(e))}", highlight=False)
     if e.hint: console.print(f"  [yellow]hint:[/yellow] {escape(e.hint)}")
 
+class Caution(str):
+    "A stage summary that is no success (the stage wrote its outputs, but they say 'insufficient'): printed with a yellow `!`."
+
 def run_stage(stage: str, fn: Callable[[], str]) -> None:
     "Run one command's work (library INFO lines off unless --verbose), print its summary; errors become one clear line and exit status 1 (2 if unexpected)."
     quiet_libraries(verbose())
     try:
         with console.status(f"[bold]{stage}[/bold] ..."):
             summary = fn()
-        console.print(f"[green]✓[/green] [bold]{stage}[/bold]: {escape(summary)}")
+        mark = "[yellow]![/yellow]" if isinstance(summary, Caution) else "[green]✓[/green]"
+        console.print(f"{mark} [bold]{stage}[/bold]: {escape(summary)}")
     except FileNotFoundError as e:
         fail(stage, HealthmlError(f"{e.filename or e} not found", hint="check the path, or run the stage that writes it"))
         if verbose(): console.print(traceback.format_exc())

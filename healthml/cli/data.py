@@ -99,8 +99,9 @@ def datacard(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
         review_path = p.report.review if p.report.review.is_absolute() else Path(root)/p.report.review
         c = write_dataset_card(p, Layout(root), load_review(review_path))
         r = c["sample_size"]
-        return (f"{c['dataset']}: sample size {'adequate' if r['adequate'] else 'BELOW the Riley minimum'} "
-                f"({r['n_train']} >= {r['n_required']} needed); datacard/dataset_card.html")
+        return (f"{c['dataset']}: sample size {'adequate' if r['adequate'] else 'BELOW the Riley minimum'}: "
+                f"{r['n_train']:,} training {c['unit']}s with {r['events_train']:,} events, {r['n_required']:,} with "
+                f"{r['events_required']:,} events needed; datacard/dataset_card.html")
     run_stage("datacard", go)
 
 # %% ../../nbs/60_cli/62_data.ipynb #d288671a

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from .common import ParamsOpt, RootOpt, run_stage
+from .common import Caution, ParamsOpt, RootOpt, run_stage
 from ..core.layout import Layout
 from ..core.params import load_params
 
@@ -46,6 +46,9 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
     def go():
         from healthml.evaluation.evaluate import evaluate_models
         r = evaluate_models(load_params(params), Layout(root))
+        cand = r.models[r.candidate]
+        if cand.get("status") == "insufficient":
+            return Caution(f"every estimate insufficient: {cand['reason']}; the gate will fail")
         return "; ".join(f"{m} AUROC {v['auroc']:.3f} ({v['auroc_ci_low']:.3f}-{v['auroc_ci_high']:.3f}), "
                          f"slope {v['calibration_slope']:.2f}" for m, v in r.models.items())
     run_stage("evaluate", go)

@@ -207,6 +207,9 @@ class EvaluateConfig(StrictModel):
     intersections: list[list[str]] = []  # e.g. [[age_band, sex]]: subgroups crossed
     min_subgroup_n: int = Field(100, ge=1)  # smaller subgroups report "insufficient n"
     min_subgroup_events: int = Field(10, ge=1)
+    min_subgroup_non_events: int = Field(10, ge=1)  # a subgroup with fewer non-events reports "insufficient n" too
+    min_test_events: int = Field(10, ge=1)  # a test split with fewer events (or non-events) makes every estimate "insufficient"
+    min_test_non_events: int = Field(10, ge=1)  # ... and the gate fail
     champion: Path | None = None  # ONNX file of the current champion, compared on the same patients
     robustness: RobustnessConfig = RobustnessConfig()
     seed: int = 42

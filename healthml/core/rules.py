@@ -18,7 +18,7 @@ from .spec import DatasetSpec
 # %% auto #0
 __all__ = ['MAX_TEXT', 'VALIDATED', 'Column', 'ValueRule', 'IsNumber', 'IsFinite', 'AtLeast', 'AtMost', 'IsText', 'InCategories',
            'feature_rules', 'compile_rules', 'select', 'record_problems', 'any_broken', 'frame_problems',
-           'record_model', 'is_positive', 'dataset_schema']
+           'record_model', 'dataset_schema']
 
 # %% ../../nbs/00_core/07_rules.ipynb #0cfb26c8
 class Column:
@@ -198,13 +198,6 @@ def record_model(features: Mapping, name: str = "PatientRecord"):
     return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), **fields)
 
 # %% ../../nbs/00_core/07_rules.ipynb #a5388cad
-def is_positive(y, positive_value):
-    "Boolean Series: does each outcome value equal the spec's positive value (numerically when both are numbers)?"
-    import pandas as pd
-    if pd.api.types.is_numeric_dtype(y) and not isinstance(positive_value, str):
-        return (y == positive_value).fillna(False).astype(bool)
-    return y.astype("string").str.strip().eq(str(positive_value)).fillna(False).astype(bool)
-
 def _is_time(s):
     import pandas as pd
     if pd.api.types.is_datetime64_any_dtype(s): return pd.Series(True, index=s.index)
@@ -227,9 +220,6 @@ def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig(), so
         if spec.row_id: add(spec.row_id, check(lambda s: s.notna(), "not missing", ignore_na=False))
         what = "one row per encounter" if spec.row_id else "one row per patient"
         add(key, check(lambda s: ~(s.duplicated(keep="first") & s.notna()), f"unique ({what})", ignore_na=False))
-        add(spec.outcome, check(lambda s: s.notna(), "not missing", ignore_na=False))
-        add(spec.outcome, check(lambda s: s.dropna().nunique() == 2 and is_positive(s, spec.positive_value).any(),
-                                f"binary, positive = {spec.positive_value!r}", ignore_na=False))
         for c in spec.time_columns: add(c, check(_is_time, "a date-time", ignore_na=False))
         if spec.index_time: add(spec.index_time, check(lambda s: s.notna(), "not missing", ignore_na=False))
     rules = select(compile_rules(spec.features), *VALIDATED)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator, model_validator
+
+from .outcome import OutcomeRule, OutcomeRuleError, compile_outcome, parse_condition
 
 # %% auto #0
 __all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance', 'Identifier',
@@ -92,7 +94,9 @@ class DatasetSpec(StrictModel):
     provenance: Provenance
     patient_id: str
     outcome: str
-    positive_value: int | str = 1
+    positive_value: int | float | str | list[int | float | str] = 1  # the outcome value meaning the event, or a list of them
+    outcome_rule: str | dict | None = None  # instead: a comparison ("> 0", "!= '-'") or a derived outcome ({any_of: [...]})
+    undefined_values: list[int | float | str] = []  # outcome values that are neither (e.g. invalid): rows excluded, counted
     outcome_description: str = ""
     prediction_time: str = ""  # when, clinically, the prediction is made
     row_id: str | None = None  # unique key of a row (e.g. encounter id) when a patient may have several rows
@@ -104,11 +108,24 @@ class DatasetSpec(StrictModel):
     excluded_columns: dict[str, str] = {}  # column -> why it must never be a predictor
     identifiers: dict[str, Identifier] = {}  # direct identifiers: removed or generalised by `healthml deidentify`
     abstention: Abstention = Abstention()  # when a record is too sparse or too unfamiliar to be scored
+    _outcome: OutcomeRule = PrivateAttr(None)
+
+    @field_validator("outcome_rule")
+    @classmethod
+    def _readable_rule(cls, rule, info):   # here, so that a message names `dataset.outcome_rule`
+        if rule is not None: parse_condition(rule, info.data.get("outcome", ""))
+        return rule
 
     @model_validator(mode="after")
     def _check(self):
         if not self.features:
             raise ValueError("declare at least one feature")
+        if self.outcome_rule is not None and "positive_value" in self.model_fields_set:
+            raise ValueError("set `positive_value` or `outcome_rule`, not both")
+        try: self._outcome = compile_outcome(self.outcome, self.positive_value, self.outcome_rule, self.undefined_values)
+        except OutcomeRuleError as e: raise ValueError(f"outcome rule: {e}") from None
+        if self._outcome.derived and self.outcome in self._outcome.columns:
+            raise ValueError(f"a derived outcome creates the column `{self.outcome}`: name it apart from the columns it reads")
         reserved = {self.patient_id, self.outcome}
         for name, f in self.features.items():
             if name in reserved:
@@ -122,6 +139,11 @@ class DatasetSpec(StrictModel):
         if self.index_time and self.index_time in self.features:
             raise ValueError(f"the index time `{self.index_time}` cannot be a feature")
         return self
+
+    @property
+    def outcome_definition(self) -> OutcomeRule:
+        "The outcome rule, compiled once: which rows are events, non-events or undefined."
+        return self._outcome
 
     @property
     def time_columns(self) -> list[str]:

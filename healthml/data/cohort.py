@@ -20,33 +20,51 @@ from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name, sha256_file, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import ValidateConfig
-from ..core.rules import dataset_schema, is_positive
+from ..core.outcome import HOW_TO_FIX, OutcomeLabels
+from ..core.rules import dataset_schema
 from ..core.spec import DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['CohortError', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
-           'CohortValidationError', 'failure_table', 'clean_cohort', 'validate_cohort', 'validate', 'subgroup_frame']
+__all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
+           'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort', 'validate_cohort', 'validate',
+           'subgroup_frame']
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f2315825
 class CohortError(HealthmlError):
     "The cohort file cannot be read or does not match the dataset spec."
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f0483973
+_DECIMAL_COMMA, _DECIMAL_POINT = re.compile(r"^\s*-?\d+,\d+\s*$"), re.compile(r"^\s*-?\d+\.\d+\s*$")
+
 def _sniff_delimiter(path: Path) -> str | None:
     with open(path, newline="", encoding="utf-8", errors="replace") as f: head = f.readline()
     counts = {d: head.count(d) for d in [",", ";", "\t", "|"]}
     best = max(counts, key=counts.get)
     return best if counts[best] else None
 
+def _sniff_decimal(path: Path, sep: str, lines: int = 200) -> str:
+    "',' when the first rows' numbers are written with decimal commas (possible only when ',' is not the delimiter)."
+    if sep == ",": return "."
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        cells = [c for row in csv.reader((line for _, line in zip(range(lines), f)), delimiter=sep) for c in row]
+    comma, point = sum(map(bool, map(_DECIMAL_COMMA.match, cells))), sum(map(bool, map(_DECIMAL_POINT.match, cells)))
+    return "," if comma and not point else "."
+
+def decimal_comma(values: pd.Series) -> bool:
+    "Do most present values read as numbers written with a decimal comma (`1,5`)?"
+    text = values.dropna().astype(str)
+    return bool(len(text)) and text.str.match(_DECIMAL_COMMA).mean() > 0.5
+
 def _read_csv(path: Path) -> pd.DataFrame:
     sep = _sniff_delimiter(path) or ","
+    decimal = _sniff_decimal(path, sep)
     try:
         with open(path, newline="", encoding="utf-8") as f: header = next(csv.reader(f, delimiter=sep), [])
         names = [canonical_name(h) for h in header]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes: raise CohortError(f"{path.name} has duplicated column names: {', '.join(dupes)}",
                                     hint="rename the columns so each appears once")
-        return pd.read_csv(path, sep=sep, skipinitialspace=True, encoding="utf-8", low_memory=False)
+        return pd.read_csv(path, sep=sep, decimal=decimal, skipinitialspace=True, encoding="utf-8", low_memory=False)
     except UnicodeDecodeError as e:
         raise CohortError(f"{path.name} is not UTF-8 text (byte {e.start} cannot be decoded)",
                           hint="re-save the file as UTF-8 CSV") from None
@@ -84,9 +102,10 @@ def read_cohort(path: str | Path) -> pd.DataFrame:
     return df
 
 # %% ../../nbs/10_data/11_cohort.ipynb #4f7f812f
-def spec_columns(spec: DatasetSpec) -> list[str]:
-    "Columns the pipeline keeps: keys, outcome, features, sensitive-attribute sources, site, times, identifiers."
-    cols = [spec.patient_id, *([spec.row_id] if spec.row_id else []), spec.outcome, *spec.features]
+def spec_columns(spec: DatasetSpec, outcome_sources: bool = True) -> list[str]:
+    "Columns the pipeline keeps: keys, outcome (or the columns a derived outcome reads), features, sensitive-attribute sources, site, times, identifiers."
+    cols = [spec.patient_id, *([spec.row_id] if spec.row_id else []), *(spec.outcome_definition.columns if outcome_sources else ()),
+            *spec.features]
     cols += [a.column for a in spec.sensitive_attributes.values()]
     cols += [c for c in (spec.site, *spec.time_columns) if c] + list(spec.identifiers)
     return list(dict.fromkeys(cols))
@@ -97,6 +116,9 @@ def select_cohort(raw: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, d
     if missing:
         raise CohortError(f"cohort file lacks column(s) the spec needs: {', '.join(missing)}",
                           hint="check the names in params.yaml (canonical: `num.co` is `num_co`) or the file's delimiter")
+    if spec.outcome_definition.derived and spec.outcome in raw.columns:
+        raise CohortError(f"the derived outcome `{spec.outcome}` is also a column of the file",
+                          hint="give `dataset.outcome` a new name for the outcome `dataset.outcome_rule` derives")
     keep = spec_columns(spec)
     excluded = {c: why for c, why in spec.excluded_columns.items() if c in raw.columns}
     unspecified = [c for c in raw.columns if c not in keep and c not in excluded and c != SOURCE_ROW]
@@ -157,6 +179,27 @@ def run_schema(schema: pa.DataFrameSchema, df: pd.DataFrame, severity: str = "ha
             for p in pos: by_row.setdefault(int(p), []).append(f"{column}: {chk.name}")
     return checks, by_row
 
+# %% ../../nbs/10_data/11_cohort.ipynb #c4a8aa40
+def outcome_checks(df: pd.DataFrame, spec: DatasetSpec, labels: OutcomeLabels | None = None,
+                   n_examples: int = 5) -> tuple[list[Check], dict[int, list[str]], dict]:
+    "The outcome rule on `df`: its checks, the failed checks per row position, and a summary (counts, any problem)."
+    rule = spec.outcome_definition
+    labels = rule.classify(df) if labels is None else labels
+    rows = df[SOURCE_ROW].to_numpy() if SOURCE_ROW in df else np.arange(1, len(df) + 1)
+    row_rules = [("not missing", labels.missing)] + ([] if rule.listed else [(f"comparable by `{rule.describe()}`", labels.unreadable)])
+    checks, by_row = [], {}
+    for name, mask in row_rules:
+        pos = np.flatnonzero(mask)
+        checks.append(Check(rule.outcome, name, len(pos), [int(r) for r in rows[pos][:n_examples]]))
+        for p in pos: by_row.setdefault(int(p), []).append(f"{rule.outcome}: {name}")
+    problem = rule.problem(df, labels)
+    others = df[rule.outcome][labels.negative].astype(str).str.strip() if rule.listed else pd.Series(dtype=str)
+    failed = 0 if not problem else max(1, int((others != others.mode()[0]).sum()) if others.nunique() > 1
+                                       else int((labels.positive | labels.negative).sum()))
+    checks.append(Check(rule.outcome, f"binary ({rule.describe()})", failed, []))
+    summary = {"rule": rule.describe(), "events": int(labels.positive.sum()), "non_events": int(labels.negative.sum()), "problem": problem}
+    return checks, by_row, summary
+
 # %% ../../nbs/10_data/11_cohort.ipynb #92777d84
 class CohortValidationError(CohortError):
     "Rows break the dataset spec; the message is a table of failed checks."
@@ -177,15 +220,25 @@ def clean_cohort(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     for name in spec.numeric: out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
     for name in spec.categorical: out[name] = out[name].astype("string").astype(object).where(out[name].notna(), None)
     for name in spec.time_columns: out[name] = pd.to_datetime(out[name], errors="coerce", format="mixed")
-    out[spec.outcome] = is_positive(out[spec.outcome], spec.positive_value).astype("int8")
+    rule = spec.outcome_definition
+    out[spec.outcome] = rule.labels(out).astype("int8")
+    if rule.derived:   # the columns a derived outcome was read from are no predictors: they leave with the raw file
+        out = out.drop(columns=[c for c in rule.columns if c not in spec_columns(spec, outcome_sources=False)])
     return out
 
 # %% ../../nbs/10_data/11_cohort.ipynb #80d5b908
 def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig()
                     ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     "Check `df` against `spec`; return the typed cohort, the JSON-ready result and quarantined rows."
-    df = df.reset_index(drop=True)
+    df, rows_in = df.reset_index(drop=True), len(df)
+    labels = spec.outcome_definition.classify(df)
+    undefined = spec.outcome_definition.undefined_counts(df)   # rows whose outcome is neither: excluded, counted
+    df, labels = df[~labels.undefined].reset_index(drop=True), labels[~labels.undefined]
     hard, by_row = run_schema(dataset_schema(spec, cfg), df)
+    keys = sum(c.column in (spec.patient_id, spec.row_id) for c in hard)
+    outcome, outcome_rows, summary = outcome_checks(df, spec, labels)
+    hard = hard[:keys] + outcome + hard[keys:]
+    for p, why in outcome_rows.items(): by_row[p] = why + by_row.get(p, [])
     soft, _ = run_schema(dataset_schema(spec, cfg, soft=True), df, severity="soft")
     failed = [c for c in hard if not c.passed]
     column_level = [c for c in failed if not c.example_rows]
@@ -195,8 +248,9 @@ def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = V
     keep = np.ones(len(df), dtype=bool); keep[bad_pos] = False
     q = df.iloc[bad_pos].assign(reasons=["; ".join(by_row[p]) for p in bad_pos])
     passed = not failed or bool(quarantine)
-    result = {"rows": len(df), "passed": passed, "rows_kept": int(keep.sum()) if passed else 0,
-              "rows_quarantined": len(bad_pos), "on_failure": cfg.on_failure,
+    result = {"rows": rows_in, "passed": passed, "rows_kept": int(keep.sum()) if passed else 0,
+              "rows_outcome_undefined": rows_in - len(df), "rows_quarantined": len(bad_pos), "on_failure": cfg.on_failure,
+              "outcome": summary | {"undefined": undefined},
               "n_checks": len(hard), "n_failed": len(failed), "n_warnings": sum(not c.passed for c in soft),
               "checks": [asdict(c) | {"passed": c.passed} for c in hard],
               "warnings": [asdict(c) | {"passed": c.passed} for c in soft]}
@@ -216,11 +270,15 @@ def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateCo
     write_json(layout.validation, result)
     if not result["passed"]:
         layout.validated.unlink(missing_ok=True)
+        if result["outcome"]["problem"]: raise CohortValidationError(result["outcome"]["problem"], hint=HOW_TO_FIX)
         why = f" (quarantine refused: {result['quarantine_refused']})" if "quarantine_refused" in result else ""
+        commas = [c["column"] for c in result["checks"] if not c["passed"] and c["rule"] == "numeric" and decimal_comma(df[c["column"]])]
         raise CohortValidationError(
             f"{result['n_failed']} validation check(s) failed on {len(df)} rows of {spec.name}{why}:\n"
             f"{failure_table(_checks(result['checks']))}",
-            hint=f"fix the rows listed (full result in {layout.validation}), correct the spec if a range is wrong, "
+            hint=(f"{', '.join(commas)} hold(s) numbers with a decimal comma (1,5): re-save the file with '.' decimals, "
+                  "or with ';' between fields so ingest reads the comma as the decimal separator; " if commas else "")
+                 + f"fix the rows listed (full result in {layout.validation}), correct the spec if a range is wrong, "
                  "or set `validation.on_failure: quarantine` to set failing rows aside")
     if result["rows_quarantined"]: write_parquet(layout.quarantine, quarantined)
     else: layout.quarantine.unlink(missing_ok=True)

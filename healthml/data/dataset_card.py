@@ -95,10 +95,15 @@ def subgroup_sizes(splits: dict[str, pd.DataFrame], spec: DatasetSpec, slices: d
 # %% ../../nbs/10_data/16_dataset_card.ipynb #d829a4f1
 def participant_flow(ingest: dict, validation: dict, deid: dict, split: dict) -> list[dict]:
     "Rows (and patients, once split) at each step, raw file to each split."
-    steps = [{"step": "rows in the source file", "rows": ingest.get("rows")},
-             {"step": "passed validation", "rows": validation.get("rows_kept", validation.get("rows")),
-              "note": f"{validation.get('rows_quarantined', 0)} row(s) quarantined" if validation.get("rows_quarantined") else ""},
-             {"step": "de-identified", "rows": deid.get("rows"), "note": f"{len(deid.get('actions', []))} identifier action(s)"}]
+    steps = [{"step": "rows in the source file", "rows": ingest.get("rows")}]
+    if validation.get("rows_outcome_undefined"):
+        undefined = (validation.get("outcome") or {}).get("undefined") or {}
+        steps.append({"step": "outcome defined", "rows": validation["rows"] - validation["rows_outcome_undefined"],
+                      "note": f"{validation['rows_outcome_undefined']:,} row(s) excluded, outcome undefined: "
+                              + ", ".join(f"{v} {n:,}" for v, n in undefined.items())})
+    steps += [{"step": "passed validation", "rows": validation.get("rows_kept", validation.get("rows")),
+               "note": f"{validation.get('rows_quarantined', 0)} row(s) quarantined" if validation.get("rows_quarantined") else ""},
+              {"step": "de-identified", "rows": deid.get("rows"), "note": f"{len(deid.get('actions', []))} identifier action(s)"}]
     steps += [{"step": f"{s} split", "rows": split[s]["rows"], "patients": split[s]["patients"], "events": split[s]["events"]}
               for s in SPLITS if s in split]
     return steps
@@ -122,7 +127,7 @@ def dataset_card(splits: dict[str, pd.DataFrame],  # the train, validation and t
     spec, c = params.dataset, params.dataset_card
     ingest, validation, deid, split, leakage = (r or {} for r in (ingest, validation, deidentification, split, leakage))
     all_rows = pd.concat([d.assign(split=s) for s, d in splits.items()], ignore_index=True)
-    all_rows["outcome"] = np.where(all_rows[spec.outcome] == 1, f"{spec.outcome} = {spec.positive_value}", "other")
+    all_rows["outcome"] = np.where(all_rows[spec.outcome] == 1, spec.outcome_definition.describe(), "other")
     train = splits["train"]
     riley = riley_sample_size(predictor_parameters(train, spec), float(train[spec.outcome].mean()), r2_nagelkerke=c.anticipated_r2_nagelkerke,
                               shrinkage=c.shrinkage, r2_optimism=c.r2_optimism, risk_margin=c.risk_margin)
@@ -136,7 +141,8 @@ def dataset_card(splits: dict[str, pd.DataFrame],  # the train, validation and t
         "dataset": spec.name, "unit": "encounter" if spec.row_id else "patient",
         "provenance": {**spec.provenance.model_dump(), "file": str(spec.file), "sha256": ingest.get("sha256"),
                        "bytes": ingest.get("bytes")},
-        "outcome": {"column": spec.outcome, "positive_value": spec.positive_value, "definition": spec.outcome_description,
+        "outcome": {"column": spec.outcome, "positive_value": spec.positive_value, "rule": spec.outcome_definition.describe(),
+                    "definition": spec.outcome_description,
                     "prediction_time": spec.prediction_time,
                     "prevalence": {s: round(float(d[spec.outcome].mean()), 4) for s, d in splits.items()}},
         "flow": participant_flow(ingest, validation, deid, split),
@@ -168,7 +174,7 @@ def card_sections(card: dict) -> list[tuple[str, str, list[dict] | str]]:
         ("Provenance", f"{prov['source']}", [{"file": prov["file"], "SHA-256": prov["sha256"], "licence": prov.get("licence", ""),
                                              "version": prov.get("version", "")}]),
         ("Participant flow", "Rows at each step; patients and events once split.", card["flow"]),
-        ("Outcome", f"{card['outcome']['column']} = {card['outcome']['positive_value']}: {card['outcome']['definition']}. "
+        ("Outcome", f"{card['outcome'].get('rule') or card['outcome']['column']}: {card['outcome']['definition']}. "
                     f"Prediction time: {card['outcome']['prediction_time']}",
          [{"split": k, "prevalence": v} for k, v in card["outcome"]["prevalence"].items()]),
         ("Table 1 by outcome", "mean (SD), median [Q1,Q3] for skewed variables, n (%); Missing = count.", card["table1_by_outcome"]),

@@ -22,7 +22,7 @@ from ..core.errors import HealthmlError
 from ..core.io import atomic_write, write_json
 from ..core.layout import Layout
 from ..core.params import MonitorConfig, Params
-from ..core.rules import Column, InCategories, any_broken, compile_rules, is_positive, select
+from ..core.rules import Column, InCategories, any_broken, compile_rules, select
 from ..core.spec import DatasetSpec
 
 # %% auto #0
@@ -52,9 +52,8 @@ def window_frame(df: pd.DataFrame, spec: DatasetSpec, age_top_code: int = 90) ->
         if name not in df: continue
         col = pd.to_numeric(df[name], errors="coerce") if f.kind == "numeric" else df[name].astype(object).where(df[name].notna())
         out[name] = top_code_age(col, age_top_code) if name in ages else col
-    if spec.outcome in df:
-        y = df[spec.outcome]
-        out[OUTCOME] = np.where(y.isna(), np.nan, is_positive(y, spec.positive_value).astype(float))
+    if all(c in df for c in spec.outcome_definition.columns):   # NaN while unknown, and where undefined
+        out[OUTCOME] = spec.outcome_definition.labels(df)
     out[PATIENT] = df[spec.patient_id].to_numpy() if spec.patient_id in df else np.arange(len(df))
     if "risk" in df: out[RISK] = pd.to_numeric(df["risk"], errors="coerce")
     return pd.DataFrame(out, index=df.index)

@@ -78,7 +78,7 @@ def support2_windows(test: pd.DataFrame, params: Params, risk: np.ndarray, seed:
     in_ref = test[spec.patient_id].isin(half).to_numpy()
     ref, base = test[in_ref].reset_index(drop=True), test[~in_ref].reset_index(drop=True)
     p = risk[~in_ref]
-    y = (base[spec.outcome] == spec.positive_value).to_numpy()
+    y = spec.outcome_definition.classify(base).positive
     age = pd.to_numeric(base["age"], errors="coerce").fillna(base["age"].median()).to_numpy()
     lp = np.log(p / (1 - p))
     weak = 0.35 * (lp - lp.mean())  # the same inputs matter less for who dies
@@ -88,7 +88,7 @@ def support2_windows(test: pd.DataFrame, params: Params, risk: np.ndarray, seed:
         shift -= (q.mean() - y.mean()) / (q * (1 - q)).mean()
     concept = base.copy()
     negative = base.loc[~y, spec.outcome].iloc[0]
-    concept[spec.outcome] = np.where(rng.uniform(size=len(base)) < 1 / (1 + np.exp(-(shift + weak))), spec.positive_value, negative)
+    concept[spec.outcome] = np.where(rng.uniform(size=len(base)) < 1 / (1 + np.exp(-(shift + weak))), base.loc[y, spec.outcome].iloc[0], negative)
     broken = base.copy()
     broken["crea"] = pd.to_numeric(broken["crea"], errors="coerce") * 88.4
     broken["meanbp"] = np.nan

@@ -5,6 +5,9 @@
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #1a1da5f9
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
 import pandas as pd
 
@@ -23,8 +26,8 @@ from .subgroups import fairness_columns, fairness_gaps, subgroup_table
 from .utility import threshold_for_sensitivity, threshold_metrics, threshold_replicates
 
 # %% auto #0
-__all__ = ['COMPARED', 'CHAMPION', 'model_evaluation', 'compare', 'choose_threshold', 'evaluation_settings', 'evaluate',
-           'model_predictors', 'evaluate_models']
+__all__ = ['COMPARED', 'CHAMPION', 'INSUFFICIENT', 'model_evaluation', 'compare', 'choose_threshold', 'evaluation_settings',
+           'test_shortfall', 'quiet_numerics', 'evaluate', 'model_predictors', 'evaluate_models']
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #f5a56809
 def _replicates(y, p, threshold, W, st, sets) -> dict:
@@ -92,15 +95,39 @@ def _subgroups(test: pd.DataFrame, y, risk, threshold: float, spec: DatasetSpec,
     from healthml.data.cohort import subgroup_frame
     groups, patients = subgroup_frame(test, spec, cfg.intersections, cfg.slices), test[spec.patient_id].to_numpy()
     table = subgroup_table(y, risk, groups, patients, threshold, cfg.min_subgroup_n, cfg.min_subgroup_events,
-                           cfg.n_bootstrap, cfg.ci_level, cfg.seed)
+                           cfg.n_bootstrap, cfg.ci_level, cfg.seed, cfg.min_subgroup_non_events)
     fair = fairness_columns(groups, spec)
     gaps = fairness_gaps(y, risk, groups[fair], threshold, table[table.attribute.isin(fair)])
     return {"fairness_gaps": gaps, "groups": table.to_dict(orient="records"), "min_n": cfg.min_subgroup_n,
-            "min_events": cfg.min_subgroup_events}
+            "min_events": cfg.min_subgroup_events, "min_non_events": cfg.min_subgroup_non_events}
 
 def _robustness(predict: Predict, test: pd.DataFrame, y, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
     out = robustness_checks(predict, test, y, spec, cfg.robustness, cfg.seed)
     return out | {"direction": direction_checks(predict, test, spec, cfg.robustness.direction_tolerance, cfg.seed)}
+
+INSUFFICIENT = "insufficient"  # a model's status when the test split is too small for any estimate
+
+def test_shortfall(y_test, cfg: EvaluateConfig) -> str | None:
+    "Why the test split is too small for any estimate (too few events or non-events), or None."
+    events = int(np.sum(y_test)); non_events = len(y_test) - events
+    if events >= cfg.min_test_events and non_events >= cfg.min_test_non_events: return None
+    return (f"the test split has {events:,} events and {non_events:,} non-events; an estimate needs at least {cfg.min_test_events:,} "
+            f"events and {cfg.min_test_non_events:,} non-events (evaluate.min_test_events, evaluate.min_test_non_events)")
+
+@contextmanager
+def quiet_numerics():
+    "No numpy RuntimeWarning reaches the user: a degenerate replicate gives NaN, reported as a missing estimate, not a warning."
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+def _insufficient(models, why: str, y, cfg: EvaluateConfig) -> EvaluationResult:
+    "Every estimate 'insufficient': each model's record states the counts and why, and no analysis is run."
+    record = {"status": INSUFFICIENT, "reason": why, "n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
+    subgroups = {"fairness_gaps": {}, "groups": [], "min_n": cfg.min_subgroup_n, "min_events": cfg.min_subgroup_events,
+                 "min_non_events": cfg.min_subgroup_non_events, "status": INSUFFICIENT}
+    return EvaluationResult({m: dict(record) for m in models}, evaluation_settings(cfg) | {"status": INSUFFICIENT, "reason": why},
+                            {}, subgroups, {"status": INSUFFICIENT}, pd.DataFrame({"outcome": y, **models}))
 
 def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str, Predict], spec: DatasetSpec,
              cfg: EvaluateConfig) -> EvaluationResult:
@@ -108,16 +135,19 @@ def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str,
     from healthml.modelling.train import outcome
     cand = next(iter(predictors))
     yv, yt, patients = outcome(validation, spec), outcome(test, spec), test[spec.patient_id].to_numpy()
-    sv, st = ({m: risk(d) for m, risk in predictors.items()} for d in (validation, test))
-    if cfg.recalibration != "none":
-        recal = Recalibrator(cfg.recalibration).fit(sv[cand], yv)
-        sv[f"{cand}_recalibrated"], st[f"{cand}_recalibrated"] = recal.predict(sv[cand]), recal.predict(st[cand])
-    thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
-    sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
-    models = {m: model_evaluation(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
-    comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg) for m in st if m != cand}
-    return EvaluationResult(models, evaluation_settings(cfg), comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
-                            _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))
+    with quiet_numerics():
+        sv, st = ({m: risk(d) for m, risk in predictors.items()} for d in (validation, test))
+        short = test_shortfall(yt, cfg)
+        if short: return _insufficient(st, short, yt, cfg)
+        if cfg.recalibration != "none":
+            recal = Recalibrator(cfg.recalibration).fit(sv[cand], yv)
+            sv[f"{cand}_recalibrated"], st[f"{cand}_recalibrated"] = recal.predict(sv[cand]), recal.predict(st[cand])
+        thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
+        sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
+        models = {m: model_evaluation(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
+        comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg) for m in st if m != cand}
+        return EvaluationResult(models, evaluation_settings(cfg), comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
+                                _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #6d079c1e
 def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
@@ -143,7 +173,8 @@ def evaluate_models(params: Params, layout: Layout) -> EvaluationResult:
     result = evaluate(val, test, model_predictors(params, layout), params.dataset, params.evaluate)
     for path, content in result.outputs(layout).items(): write_json(path, content)
     s = result.scores
-    write_plots(layout, s["outcome"].to_numpy(), {m: s[m].to_numpy() for m in s.columns if m != "outcome"},
-                pd.DataFrame(result.subgroups["groups"]), params.evaluate)
+    with quiet_numerics():
+        write_plots(layout, s["outcome"].to_numpy(), {m: s[m].to_numpy() for m in s.columns if m != "outcome"},
+                    pd.DataFrame(result.subgroups["groups"]), params.evaluate)
     write_parquet(layout.test_scores, s)
     return result

@@ -38,7 +38,8 @@ def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, s
     return point | bootstrap_intervals(bootstrap(stats, y, patients, n_boot, seed), level)
 
 def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: float, min_n: int = 100,
-                   min_events: int = 10, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                   min_events: int = 10, n_boot: int = 200, level: float = 0.95, seed: int = 0,
+                   min_non_events: int = 10) -> pd.DataFrame:
     "Metrics with CIs for every group of every attribute; 'insufficient n' below the guards."
     y, p, patients = np.asarray(y_true, float), np.asarray(y_prob, float), np.asarray(patients)
     rows = []
@@ -46,8 +47,9 @@ def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: fl
         for label, idx in groups.groupby(attribute, sort=True).indices.items():
             n, events = len(idx), int(y[idx].sum())
             row = {"attribute": attribute, "group": label, "n": n, "events": events, "prevalence": events / n}
-            if n < min_n or events < min_events or events == n:
-                row["status"] = f"insufficient n (n={n}, events={events}; needs n>={min_n}, events>={min_events})"
+            if n < min_n or events < min_events or n - events < min_non_events:
+                row["status"] = (f"insufficient n (n={n}, events={events}, non-events={n - events}; "
+                                 f"needs n>={min_n}, events>={min_events}, non-events>={min_non_events})")
             else:
                 row["status"] = "ok"
                 row.update(group_metrics(y[idx], p[idx], patients[idx], threshold, n_boot, level, seed))

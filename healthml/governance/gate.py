@@ -95,9 +95,11 @@ def _result(evidence: dict, candidate: str) -> EvaluationResult:
 def evaluate_gate(cfg: GateConfig, evidence: dict) -> dict:
     "Apply every rule to the evidence; the verdict passes when no applicable rule fails."
     r = _result(evidence, cfg.candidate)
+    short = r.models[cfg.candidate].get("reason") if r.models[cfg.candidate].get("status") == "insufficient" else None
     results = []
-    for rule in cfg.rules:
-        passed, detail, reason = _check(rule, r, evidence.get("export", {}), cfg.candidate)
+    for rule in cfg.rules:   # fail closed: with too small a test split no rule can pass
+        passed, detail, reason = (False, {}, f"no estimate: {short}") if short else \
+            _check(rule, r, evidence.get("export", {}), cfg.candidate)
         results.append({"name": rule.name, "kind": rule.kind, "passed": passed,
                         "status": {True: "pass", False: "FAIL", None: "not applicable"}[passed],
                         "reason": reason, "why": rule.why, "evidence": detail})
