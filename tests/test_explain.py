@@ -104,3 +104,21 @@ def test_export_refuses_an_explainer_that_disagrees_with_the_model(project_clone
     assert not (layout.onnx_models/"logistic.onnx").exists() and not (layout.onnx_models/"logistic.explain.json").exists()
     record = json.loads(layout.export_metrics.read_text())["logistic"]
     assert record["passed"] and not record["explainer"]["passed"]            # the ONNX graph agreed; its explainer did not
+
+
+def test_batch_scoring_writes_the_same_reasons_as_text_columns(pipeline_project, tmp_path):
+    from conftest import run
+    root, _ = pipeline_project
+    test = pd.read_parquet(root/"data/processed/test.parquet").head(300)
+    test.to_parquet(tmp_path/"in.parquet")
+    run(["healthml", "predict", str(tmp_path/"in.parquet"), "-o", str(tmp_path/"out.csv"), "--reasons", "2"], root)
+    out = pd.read_csv(tmp_path/"out.csv", keep_default_na=False)
+    assert [c for c in out.columns if c.startswith("reason_")] == ["reason_1", "reason_2"]
+    _, explainer = audited(root, "lightgbm")
+    params = load_params(root/"params.yaml")
+    expected = explain(explainer, model_frame(test, params.dataset), 2)
+    abstained = out.abstained.astype(str) == "True"
+    assert (~abstained).sum() > 290
+    for i in np.flatnonzero(~abstained.to_numpy()):
+        assert [out.reason_1[i], out.reason_2[i]] == [reason_text(r) for r in expected[i]]
+    assert (out.loc[abstained, "reason_1"] == "").all()

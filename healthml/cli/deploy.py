@@ -129,6 +129,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
                                                            "`source_row`, the row's number in the input, is always written.")] = None,
             chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per chunk (bounds memory).")] = 100_000,
             rejects: Annotated[Path | None, typer.Option(help="Rejected rows with reasons (default: <out>.rejects.<ext>).")] = None,
+            reasons: Annotated[int, typer.Option(min=0, max=10, help="Top reasons per scored row, as text columns reason_1.. "
+                                                 "(`aps high: +0.42 log-odds`; from the model's verified explainer); 0: none.")] = 0,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Score a file in chunks with a verified model version: source row, risk, band, alert and model version per row.
 
@@ -138,7 +140,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
     spec go to the rejects file with row numbers and reasons (never values).
 
     Examples: healthml predict new_admissions.parquet -o scores.parquet --keep encounter_id   (the champion)
-              healthml predict new_admissions.parquet -o scores.parquet --model models:/support2-mortality/3"""
+              healthml predict new_admissions.parquet -o scores.parquet --model models:/support2-mortality/3
+              healthml predict new_admissions.csv -o scores.csv --reasons 3   (the top three reasons per row)"""
     def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from healthml.deploy.serve import RecordScorer, file_rows, predict_file
@@ -150,7 +153,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
         with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                       transient=True) as bar:
             task = bar.add_task("rows", total=file_rows(input))
-            r = predict_file(scorer, input, out, rejects, keep or [], chunk_rows, progress=lambda n: bar.advance(task, n))
+            r = predict_file(scorer, input, out, rejects, keep or [], chunk_rows, progress=lambda n: bar.advance(task, n),
+                             reasons=reasons)
         rej = f"; {r['rejected']} rejected -> {r['rejects']}" if r["rejected"] else ""
         rej = (f"; {r['abstained']} abstained (insufficient or unfamiliar data: no risk, no alert)" if r["abstained"] else "") + rej
         return f"{r['scored']} of {r['rows']} rows scored with {source.label}, model {r['model_version']} -> {out}{rej}"

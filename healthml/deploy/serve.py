@@ -78,6 +78,10 @@ class RecordScorer:
 
     def reasons(self, records: list[dict], top_k: int = 3) -> list[list[dict]] | None:
         "The top `top_k` contributions (log-odds) per record, or None when the model has no usable explainer."
+        return self.column_reasons(feature_columns(self, records), top_k)
+
+    def column_reasons(self, columns: dict, top_k: int = 3) -> list[list[dict]] | None:
+        "`reasons` for records given as feature columns (a batch file's chunk)."
         from healthml.modelling.explain import Explainer, ExplainerError, explain
         if self.explainer is None and self._explainer_artifact is not None:
             with self._explainer_lock:
@@ -86,7 +90,7 @@ class RecordScorer:
                     except ExplainerError as e: self.reasons_note = f"reasons unavailable: {e} ({e.hint})"
                     self._explainer_artifact = None
         if self.explainer is None: return None
-        return explain(self.explainer, feature_columns(self, records), top_k)
+        return explain(self.explainer, columns, top_k)
 
     def check(self, record: dict) -> list[dict]:
         "Field-level problems with one record (field and rule; never the value)."
@@ -138,6 +142,11 @@ def file_rows(path: Path) -> int | None:
     return None
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #38021e64
+def _reason_columns(why: list[list[dict]], abstained, k: int) -> dict:
+    "Reasons as text columns `reason_1`..`reason_k` (`aps high: +0.42 log-odds`); empty for an abstention."
+    from healthml.modelling.explain import reason_text
+    return {f"reason_{j + 1}": ["" if a or j >= len(w) else reason_text(w[j]) for w, a in zip(why, abstained)] for j in range(k)}
+
 def _columns(df, src: Path, scorer: RecordScorer, keep: list[str]):
     "`df` with names canonicalised as at ingest; every feature column and every kept column must be there."
     names = [canonical_name(c) for c in df.columns]
@@ -155,7 +164,8 @@ def _columns(df, src: Path, scorer: RecordScorer, keep: list[str]):
     return df
 
 def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects: str | Path | None = None,
-                 keep: list[str] = (), chunk_rows: int = 100_000, progress=None) -> dict:
+                 keep: list[str] = (), chunk_rows: int = 100_000, progress=None,
+                 reasons: int = 0) -> dict:  # top reasons per scored row, as text columns `reason_1`..; 0: none
     """Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`. Every row
     of both carries `source_row`, its 1-based row number in `src`."""
     import pandas as pd
@@ -166,6 +176,8 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
     rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects" + out.suffix)
     tmp_out, tmp_rej = out.with_name(f".{out.name}.tmp"), rejects.with_name(f".{rejects.name}.tmp")
     writers, counts, start = {}, {"rows": 0, "scored": 0, "rejected": 0, "abstained": 0}, 0
+    if reasons and scorer.reasons([{}], 1) is None:                  # before anything is written
+        raise HealthmlError(scorer.reasons_note or "this model has no explainer", hint="score without --reasons, or install `healthml[explain]`")
     def write(kind, path, table):
         if out.suffix.lower() == ".csv":
             table.to_pandas().to_csv(path, mode="a", header=kind not in writers, index=False)
@@ -182,11 +194,13 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             bad = why != ""
             good = df[~bad]
             if len(good):
-                d = decide(scorer, {f: good[f].to_numpy() for f in scorer.schema}, scorer.model.predict_proba(good))
+                cols = {f: good[f].to_numpy() for f in scorer.schema}
+                d = decide(scorer, cols, scorer.model.predict_proba(good))
                 res = pd.DataFrame({SOURCE_ROW: good.index.to_numpy(), **{c: good[c].to_numpy() for c in keep},
                                     "risk": d.risk, "band": d.band.astype(str), "alert": d.alert, "abstained": d.abstained,
                                     "fields": [", ".join(f) for f in d.fields], "raw_risk": d.raw_risk,
                                     **({"outcome_set": d.outcome_set_labels()} if d.sets is not None else {}),
+                                    **(_reason_columns(scorer.column_reasons(cols, reasons), d.abstained, reasons) if reasons else {}),
                                     "model_version": scorer.version})
                 write("out", tmp_out, pa.Table.from_pandas(res, preserve_index=False))
                 counts["abstained"] += int(d.abstained.sum())
