@@ -129,3 +129,15 @@ def test_the_monitor_warns_when_the_abstention_rate_rises(model, tmp_path):
     ab = r["abstention"]
     assert ab["reference"] < 0.01 and 0.25 < ab["current"] < 0.4 and ab["change_ci"][0] > 0.2
     assert [a for a in r["alerts"] if a["monitor"] == "abstention rate"]
+
+
+def test_outcome_sets_keep_their_coverage_on_the_test_split_and_are_in_the_audited_model(model):
+    root, scorer, rules = model
+    evaluation = json.loads((root/"metrics/evaluate.json").read_text())
+    cand = load_params(root/"params.yaml").candidate
+    m = evaluation[cand]
+    for k in ("coverage", "coverage_event", "coverage_no_event"):        # the promise, on patients the sets never saw
+        assert abs(m[k] - m["nominal_coverage"]) <= 0.02, (k, m[k])
+    assert 0.5 < m["informative_sets"] < 1
+    sets = json.loads(scorer.metadata["outcome_sets"])                   # what the service applies is what was checked
+    assert (sets["event_from"], sets["no_event_until"], sets["coverage"]) == (m["event_from"], m["no_event_until"], m["nominal_coverage"])
