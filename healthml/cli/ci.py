@@ -35,7 +35,7 @@ def metrics_diff(root: Path, base: str | None) -> str:
     return r.stdout.strip() or f"_No metrics in `{base}` or here._"
 
 # %% ../../nbs/60_cli/66_summary_ci.ipynb #e61c07f7
-STATUS = {"pass": "pass", "fail": "**FAIL**", "not_applicable": "not applicable"}
+STATUS = {"pass": "pass", "fail": "**FAIL**", "not applicable": "not applicable"}   # gate.json: pass, FAIL, not applicable
 
 def _cell(text) -> str: return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -45,8 +45,8 @@ def gate_section(gate: dict | None) -> str:
     lines = [f"**Gate: {gate_verdict(gate)}** for candidate `{gate.get('candidate', '?')}` under plan: {_cell(gate.get('plan', '?'))}",
              "", "| rule | kind | status | evidence |", "|---|---|---|---|"]
     for rule in gate.get("rules", []):
-        status = rule.get("status") or ("pass" if rule.get("passed") else "fail")
-        lines.append(f"| {_cell(rule['name'])} | {_cell(rule.get('kind', ''))} | {STATUS.get(status, _cell(status))} "
+        status = str(rule.get("status") or ("pass" if rule.get("passed") else "fail"))
+        lines.append(f"| {_cell(rule['name'])} | {_cell(rule.get('kind', ''))} | {STATUS.get(status.lower(), _cell(status))} "
                      f"| {_cell(rule.get('reason', ''))} |")
     return "\n".join(lines)
 
