@@ -45,11 +45,13 @@ run: setup  ## run the pipeline (dvc repro), register its candidate (healthml mo
 plots: setup  ## draw the pipeline's plots into dvc_plots/index.html (one file, opens offline)
 	dvc plots show
 
-export-check: setup  ## fail if nbdev-export changes healthml/ (nbs/ is the source of truth) or dvc.yaml's code deps are not the import graph's
+export-check: setup  ## fail if a notebook is saved with outputs, nbdev-export changes healthml/ (nbs/ is the source of truth), ruff finds an error, or dvc.yaml's code deps are not the import graph's
+	python .ci/notebooks-clean
 	nbdev-export
 	@if [ -n "$$(git status --porcelain -- healthml)" ]; then \
 	  echo "nbdev-export changed healthml/: edit nbs/, export, and commit both:"; git status --porcelain -- healthml; exit 1; fi
 	@echo "nbdev-export: healthml/ matches nbs/"
+	ruff check --select F healthml
 	healthml dvc deps
 
 architecture: setup  ## redraw docs/architecture.md from the import graph
