@@ -16,6 +16,7 @@ from healthml.deploy.monitor import OUTCOME, PATIENT, RISK, compare_windows, kno
 from healthml.deploy.monitor_scenarios import SCENARIOS, caught, synthetic_setup, synthetic_window
 
 CANARY_NAME, CANARY_KEY = "Quillon Zebrowski-Fairweather", "CANARY-PT-7731904"
+GLUED_SSN = "ref-ann-lee-123-45-6789"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,8 @@ def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(project_cl
     window.to_csv(tmp_path/"ward_2026_11.csv", index=False)
     broken = window.copy()
     broken["crea"] *= 88.4                                              # creatinine sent in umol/L
+    broken.loc[:199, "race"] = CANARY_NAME                              # a name typed into a coded field
+    broken.loc[200:399, "dzgroup"] = GLUED_SSN                          # free text glued to an SSN
     broken.to_parquet(tmp_path/"ward_2026_12.parquet", index=False)
 
     r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2026_11.csv")], root, check=False)
@@ -127,6 +130,8 @@ def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(project_cl
     alert = next(a for a in broken_result["alerts"] if a["feature"] == "crea" and a["monitor"] == "data quality")
     assert alert["severity"] == "critical" and alert["statistic"] == "out-of-range fraction" and alert["value"] > 0.9
     assert alert["threshold"] == 0.01 and broken_result["recommendation"]["action"] == "fix the data feed"
+    for col in ("race", "dzgroup"):                                     # counted as one unseen level, never named
+        assert "(unseen category) 17%" in broken_result["drift"][col]["current"]
 
     assert result["overlap"]["duplicate_rows"] == 1200 and result["warnings"] == [result["overlap"]["text"]]  # rows of the development file
     assert "overlaps the data the model was developed on" in r.stderr + (folder/"monitoring.html").read_text()
@@ -143,8 +148,9 @@ def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(project_cl
     assert f'href="monitoring/{today}/ward_2026_11-2/monitoring.html"' in index
     for name in ("ward_2026_11", "ward_2026_12"):                     # the planted identifiers reached no output
         text = all_output_text(root/"reports/monitoring"/today/name)
-        assert CANARY_NAME not in text and CANARY_KEY not in text
+        assert CANARY_NAME not in text and CANARY_KEY not in text and "123-45-6789" not in text
     assert CANARY_KEY not in r.stderr + r.stdout and CANARY_NAME not in r.stderr + r.stdout
+    assert "123-45-6789" not in r.stderr + r.stdout
 
 
 def test_monitor_report_renders_offline_in_chromium(project_clone, browser, tmp_path):

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, fie
 from .outcome import OutcomeRule, OutcomeRuleError, compile_outcome, parse_condition
 
 # %% auto #0
-__all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance', 'Identifier',
-           'Abstention', 'DatasetSpec', 'category_labels']
+__all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance',
+           'Identifier', 'Abstention', 'DatasetSpec', 'category_labels', 'observed_spec']
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
 class StrictModel(BaseModel):
@@ -108,6 +108,7 @@ class DatasetSpec(StrictModel):
     excluded_columns: dict[str, str] = {}  # column -> why it must never be a predictor
     identifiers: dict[str, Identifier] = {}  # direct identifiers: removed or generalised by `healthml deidentify`
     abstention: Abstention = Abstention()  # when a record is too sparse or too unfamiliar to be scored
+    rare_category_min: int = Field(10, ge=1)  # a category level held by fewer patients is pooled into `(other)` at de-identification
     _outcome: OutcomeRule = PrivateAttr(None)
 
     @field_validator("outcome_rule")
@@ -165,7 +166,21 @@ class DatasetSpec(StrictModel):
 
 # %% ../../nbs/00_core/03_spec.ipynb #15e3720f
 MISSING_CATEGORY = "(missing)"
+RARE_CATEGORY = "(other)"  # the pooled level of categories too rare to keep (fewer than `rare_category_min` patients)
 
 def category_labels(col):
     "A column's values as text labels, `(missing)` where unrecorded."
     return col.astype(object).where(col.notna(), MISSING_CATEGORY).astype(str)
+
+# %% ../../nbs/00_core/03_spec.ipynb #ad71641a
+def observed_spec(spec: DatasetSpec, df) -> DatasetSpec:
+    """The spec as the de-identified data `df` bears it out: each declared category list narrowed to the levels
+    `df` holds, plus `(other)` when rare levels were pooled into it (features without a list are left as they are)."""
+    features = {}
+    for name, f in spec.features.items():
+        if f.kind == "categorical" and f.categories is not None and name in df:
+            present = set(df[name].dropna().astype(str))
+            kept = [c for c in f.categories if c in present] + ([RARE_CATEGORY] if RARE_CATEGORY in present else [])
+            if kept != list(f.categories): f = f.model_copy(update={"categories": kept})
+        features[name] = f
+    return spec.model_copy(update={"features": features})

@@ -21,13 +21,14 @@ from ..core.errors import HealthmlError
 from ..core.io import write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import DeidentifyConfig
-from ..core.spec import DatasetSpec
+from ..core.spec import RARE_CATEGORY, DatasetSpec
 
 # %% auto #0
 __all__ = ['PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS', 'DeidentificationError',
-           'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'deidentify_cohort', 'PhiHit',
-           'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts', 'scan_file', 'scan_paths', 'scan_mlflow',
-           'PhiLeakError', 'identifier_values', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'deidentify',
+           'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'pool_rare_categories',
+           'deidentify_cohort', 'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts',
+           'without_static_styles', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter',
+           'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'deidentify',
            'phi_scan']
 
 # %% ../../nbs/10_data/13_phi.ipynb #c6bfe23f
@@ -74,6 +75,26 @@ _DROP = {"name", "address", "city", "phone", "fax", "email", "ssn", "mrn", "heal
 
 def _days(later: pd.Series, index: pd.Series) -> pd.Series:
     return ((pd.to_datetime(later) - pd.to_datetime(index)).dt.total_seconds() / 86400).round(3)
+
+def pool_rare_categories(df: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, list[dict]]:
+    """Pool each category level fewer than `spec.rare_category_min` patients hold into `(other)`: categorical
+    features and unbanded sensitive attributes (not the site, which splits and reports name). Actions say how many
+    levels and rows, never which."""
+    k, out, actions = spec.rare_category_min, df, []
+    cols = list(spec.categorical) + [a.column for a in spec.sensitive_attributes.values()
+                                     if a.bins is None and a.column not in spec.numeric]
+    for col in dict.fromkeys(c for c in cols if c in df and c != spec.site):
+        text = df[col].astype("string")
+        patients = df[spec.patient_id].groupby(text).nunique()
+        rare = patients.index[patients < k]
+        if not len(rare): continue
+        mask = text.isin(rare).fillna(False).to_numpy()
+        out = out.copy() if out is df else out
+        out[col] = out[col].astype(object).where(~mask, RARE_CATEGORY)
+        actions.append({"column": col, "kind": "rare category",
+                        "action": f"{len(rare)} level(s) held by fewer than {k} patients pooled into {RARE_CATEGORY} "
+                                  f"({int(mask.sum())} row(s))"})
+    return out, actions
 
 # %% ../../nbs/10_data/13_phi.ipynb #974bafd2
 def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig = DeidentifyConfig()
@@ -127,26 +148,30 @@ def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig
                                             "sensitive attribute or site", hint="remove it from those, or from `identifiers`")
             out = out.drop(columns=col)
             actions.append({"column": col, "kind": ident.kind, "action": "removed"})
+    out, pooled = pool_rare_categories(out, spec)
+    actions += pooled
     record = {"method": "HIPAA Safe Harbor, 45 CFR 164.514(b)(2)", "rows": len(out), "columns": list(out.columns),
-              "actions": actions, "outside_safe_harbor": outside,
+              "rare_category_min": spec.rare_category_min, "actions": actions, "outside_safe_harbor": outside,
               "restricted_zip3": {k: restricted[k] for k in ("version", "census", "source")},
               "attestation": "required: a person confirms no actual knowledge of re-identification risk "
                              "(governance file, `deidentification_attestation`)"}
     return out.reset_index(drop=True), record
 
 # %% ../../nbs/10_data/13_phi.ipynb #167cf6e9
-PHI_PATTERNS = {
-    "ssn": r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])",
-    "phone": r"(?<![\w.-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?![\w-])",
-    "email": r"[\w.+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}",
-    "mrn": r"(?i)\b(?:MRN|medical record (?:number|no))[\s:#-]*\d[\dA-Z]{4,}\b",
+PHI_PATTERNS = {  # a value glued to other text by - _ . still matches; digits around it never do (dates, versions, hashes)
+    "ssn": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",
+    "phone": r"(?<!\d)(?<!\d[.-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?!\d)(?![.-]\d)",
+    "email": r"[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}",
+    "mrn": r"(?i)(?<![a-z])(?:MRN|medical record (?:number|no))[\s:#_.-]*\d[\dA-Z]{4,}(?![a-z0-9])",
 }
 DATE_PATTERN = r"\b(?:19|20)\d\d-[01]\d-[0-3]\d\b|\b[01]?\d/[0-3]?\d/(?:19|20)\d\d\b"
-_TOKEN = re.compile(r"[A-Za-z0-9@.+_'/-]+")
+_WORD = re.compile(r"[^\W_]+")                    # a token: letters and digits; `-`, `_`, `.`, `@` ... separate tokens
+_GLUE = re.compile(r"[ \t\-_.,/'@:+]{1,3}")       # what may join the tokens of one value in text (never a line break)
 _DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=\s]+")
+_STYLE = re.compile(r"(<style[^>]*>)(.*?)(</style>)", re.S | re.I)
 
 def _tokens(text: str) -> list[str]:
-    return [t.strip(".,'_-/") for t in _TOKEN.findall(text.lower())]
+    return _WORD.findall(text.lower())
 
 @dataclass
 class PhiHit:
@@ -157,30 +182,50 @@ class PhiHit:
 
 # %% ../../nbs/10_data/13_phi.ipynb #da372835
 class PhiScanner:
-    "Find identifier patterns and known identifier values in text and tables."
-    def __init__(self, values: dict[str, Iterable] | None = None, min_length: int = 5, recent_days: int = 2):
-        self.values: dict[str, str] = {}  # normalised value -> kind
+    """Find identifier patterns and known identifier values in text and tables.
+
+    `values`: identifier values by kind; `people`: for each person (row), the single-word name parts that are
+    evidence only together (first and last name columns); `not_searched`: columns left out, with the reason."""
+    def __init__(self, values: dict[str, Iterable] | None = None, min_length: int = 5, recent_days: int = 2,
+                 people: Iterable[tuple[str, ...]] = (), not_searched: dict[str, str] | None = None):
+        self.values: dict[tuple, str] = {}  # value as a tuple of tokens -> kind
         self.skipped = 0
+        self.not_searched = dict(not_searched or {})
         cutoff = (date.today() - timedelta(days=recent_days)).isoformat()
         for kind, vals in (values or {}).items():
             for v in vals:
-                for norm in self._forms(v, cutoff):
-                    distinctive = len(norm) >= min_length and not (norm.isdigit() and len(norm) < 6)
-                    if distinctive: self.values[norm] = kind
+                for toks in self._forms(v, cutoff):
+                    if self.searchable(toks, min_length): self.values[toks] = kind
                     else: self.skipped += 1
-        self.first = {k.split(" ")[0] for k in self.values}
-        self.width = max([len(k.split(" ")) for k in self.values] + [1])
+        for parts in people:  # Will + Black: searched as "will black" and "black will", never "will" alone
+            parts = [tuple(_tokens(str(x))) for x in parts if x is not None and str(x).strip()]
+            for a in parts:
+                for b in parts:
+                    if a is not b and a and b and self.searchable(a + b, min_length): self.values.setdefault(a + b, "name")
+        self.first = {k[0] for k in self.values}
+        self.width = max([len(k) for k in self.values] + [1])
         self.patterns = {k: re.compile(p) for k, p in PHI_PATTERNS.items()}
         self.date = re.compile(DATE_PATTERN)
 
     @staticmethod
-    def _forms(v, cutoff: str) -> list[str]:
+    def searchable(tokens: tuple, min_length: int = 5) -> bool:
+        """Is this value evidence on its own? Two or more tokens (a full name, an address, a date, an e-mail): yes, when
+        `min_length` characters long. One word of letters (a lone first name, surname or city: Will, Mark, Black, Grey,
+        Three): never, it is a common word. One token with digits (an MRN, a record number): 5 characters, or 6 digits."""
+        if not tokens: return False
+        if len(tokens) > 1: return len(" ".join(tokens)) >= min_length
+        t = tokens[0]
+        if t.isalpha(): return False
+        return len(t) >= 6 if t.isdigit() else len(t) >= min_length
+
+    @staticmethod
+    def _forms(v, cutoff: str) -> list[tuple]:
         if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT: return []
         if isinstance(v, (pd.Timestamp, np.datetime64)):
             d = pd.Timestamp(v)
             iso = d.strftime("%Y-%m-%d")
-            return [] if iso >= cutoff else [iso, f"{d.month}/{d.day}/{d.year}", d.strftime("%m/%d/%Y")]
-        return [" ".join(_tokens(str(v)))]
+            return [] if iso >= cutoff else [tuple(_tokens(s)) for s in (iso, f"{d.month}/{d.day}/{d.year}", d.strftime("%m/%d/%Y"))]
+        return [tuple(_tokens(str(v)))]
 
     def scan_text(self, text: str, tabular: bool = False) -> list[tuple[int, str]]:
         "Offsets and kinds of suspected identifiers in `text` (dates by pattern only when `tabular`)."
@@ -188,13 +233,15 @@ class PhiScanner:
         hits = [(m.start(), kind) for kind, p in self.patterns.items() for m in p.finditer(text)]
         if tabular: hits += [(m.start(), "date") for m in self.date.finditer(text)]
         if self.values:
-            for m in _TOKEN.finditer(text.lower()):
-                tok = m.group().strip(".,'_-/")
-                if tok not in self.first: continue
-                rest = _tokens(text[m.end():m.end() + 200])[: self.width - 1]
-                for k in range(len(rest) + 1):
-                    cand = " ".join([tok, *rest[:k]])
-                    if cand in self.values: hits.append((m.start(), self.values[cand])); break
+            words = list(_WORD.finditer(text.lower()))
+            for i, m in enumerate(words):
+                if m.group() not in self.first: continue
+                seq, j = [m.group()], i
+                while True:
+                    if tuple(seq) in self.values: hits.append((m.start(), self.values[tuple(seq)])); break
+                    if len(seq) >= self.width or j + 1 >= len(words): break
+                    if not _GLUE.fullmatch(text[words[j].end():words[j + 1].start()]): break
+                    j += 1; seq.append(words[j].group())
         return sorted(set(hits))
 
 # %% ../../nbs/10_data/13_phi.ipynb #d714e6ab
@@ -276,6 +323,11 @@ def without_vendored_scripts(page: str) -> str:
         return m.group(1) + re.sub(r"[^\n]", " ", body) + m.group(3)
     return _SCRIPT.sub(blank, page) if known else page
 
+# %% ../../nbs/10_data/13_phi.ipynb #d29fea0d
+def without_static_styles(page: str) -> str:
+    "The page with each `<style>` body blanked (same length and lines, so hit positions hold): CSS is never data."
+    return _STYLE.sub(lambda m: m.group(1) + re.sub(r"[^\n]", " ", m.group(2)) + m.group(3), page)
+
 # %% ../../nbs/10_data/13_phi.ipynb #cbdebbe0
 def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple[list[PhiHit], bool]:
     "Scan one file; return its hits and whether it could be scanned."
@@ -287,7 +339,7 @@ def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple
     data = path.read_bytes()
     if suffix not in TEXT_SUFFIXES and b"\x00" in data[:4096]: return [], False
     text = data.decode("utf-8", "replace")
-    if suffix in (".html", ".htm"): text = without_vendored_scripts(text)
+    if suffix in (".html", ".htm", ".svg"): text = without_static_styles(without_vendored_scripts(text))
     return list(_text_hits(scanner, text, file, tabular=suffix in (".csv", ".tsv"))), True
 
 def scan_paths(scanner: PhiScanner, paths: Iterable[Path], root: Path = Path(".")) -> dict:
@@ -302,7 +354,7 @@ def scan_paths(scanner: PhiScanner, paths: Iterable[Path], root: Path = Path("."
             hits += h; scanned += ok
             if not ok: skipped.append(rel)
     return {"files_scanned": scanned, "files_not_scanned": skipped, "identifier_values": len(scanner.values),
-            "values_too_short_to_search": scanner.skipped, "patterns": sorted(PHI_PATTERNS) + ["date (tabular)"],
+            "values_too_short_to_search": scanner.skipped, "columns_not_searched": scanner.not_searched, "patterns": sorted(PHI_PATTERNS) + ["date (tabular)"],
             "hits": [asdict(h) for h in hits], "passed": not hits}
 
 # %% ../../nbs/10_data/13_phi.ipynb #323b8d05
@@ -331,20 +383,52 @@ def scan_mlflow(scanner: PhiScanner, uri: str) -> list[PhiHit]:
 class PhiLeakError(HealthmlError):
     "A suspected identifier was found in an output."
 
-def identifier_values(spec: DatasetSpec, df: pd.DataFrame) -> dict[str, list]:
-    "The raw cohort's identifier values by kind (patient and row keys included), for the scanner."
+def _identifier_columns(spec: DatasetSpec) -> dict[str, str]:
     cols = {c: "date" for c in spec.time_columns}
     cols |= {c: i.kind for c, i in spec.identifiers.items()} | {spec.patient_id: "patient key"}
     if spec.row_id: cols[spec.row_id] = "row key"
+    return {c: k for c, k in cols.items() if k not in ("age", "zip")}
+
+def row_counter(values: pd.Series) -> bool:
+    """Is this key a small integer sequence (1..N, or near it: at most twice as many numbers as values)? Such a key
+    is the row number under another name: it identifies nobody outside the file, is replaced by surrogates, and
+    every count a report prints equals one of its values, so it is not searched as text."""
+    v = values.dropna()
+    if v.empty: return False
+    if pd.api.types.is_numeric_dtype(v) and not pd.api.types.is_bool_dtype(v):
+        x = v.astype(float)
+        if not np.all(np.mod(x, 1) == 0): return False
+    else:
+        s = v.astype(str)
+        if not s.str.fullmatch(r"[1-9]\d{0,11}|0").all(): return False
+        x = s.astype(np.int64)
+    n = len(pd.unique(x))
+    return bool(x.max() - x.min() + 1 <= 2 * n)
+
+def identifier_values(spec: DatasetSpec, df: pd.DataFrame, not_searched: dict | None = None) -> dict[str, list]:
+    """The raw cohort's identifier values by kind (patient and row keys included), for the scanner. A key that is a
+    small integer sequence (`row_counter`) is left out and named in `not_searched` (column -> reason), if given."""
     out: dict[str, list] = {}
-    for c, kind in cols.items():
-        if c in df and kind not in ("age", "zip"): out.setdefault(kind, []).extend(df[c].dropna().unique().tolist())
+    for c, kind in _identifier_columns(spec).items():
+        if c not in df: continue
+        if kind != "date" and row_counter(df[c]):
+            if not_searched is not None: not_searched[c] = "integer sequence (a row number): its values are counts in any report"
+            continue
+        out.setdefault(kind, []).extend(df[c].dropna().unique().tolist())
     return out
+
+def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
+    "A scanner for the identifiers of `df` (raw rows): whole values by kind, and each person's name columns as pairs."
+    not_searched: dict[str, str] = {}
+    values = identifier_values(spec, df, not_searched)
+    names = [c for c, i in spec.identifiers.items() if i.kind == "name" and c in df]
+    people = df[names].drop_duplicates().itertuples(index=False, name=None) if len(names) > 1 else ()
+    return PhiScanner(values, people=people, not_searched=not_searched)
 
 def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
     "A scanner loaded with the identifier values of the validated (restricted) cohort."
     df = pd.read_parquet(layout.validated) if layout.validated.exists() else pd.DataFrame()
-    return PhiScanner(identifier_values(spec, df))
+    return identifier_scanner(spec, df)
 
 def leak_message(hits: list[dict], n: int = 8) -> str:
     lines = [f"  {h['file']}: {h['location']} ({h['kind']})" for h in hits[:n]]
@@ -369,7 +453,7 @@ def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout) -> dict
     df = pd.read_parquet(layout.validated)
     out, record = deidentify_cohort(df, spec, cfg)
     write_parquet(layout.deidentified, out)
-    scan = keep_only_if_clean(PhiScanner(identifier_values(spec, df)), layout.deidentified,
+    scan = keep_only_if_clean(identifier_scanner(spec, df), layout.deidentified,
                               "{n} suspected identifier(s) remain after de-identification",
                               hint="declare the column in `dataset.identifiers` (or drop it from the features)", root=layout.root)
     record["scan"] = {k: v for k, v in scan.items() if k != "hits"}

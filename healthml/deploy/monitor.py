@@ -26,14 +26,14 @@ from ..core.rules import Column, InCategories, any_broken, compile_rules, select
 from ..core.spec import DatasetSpec
 
 # %% auto #0
-__all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'ABSTAINED', 'MonitorError', 'window_frame',
-           'as_of_date', 'outcome_cutoff', 'index_times', 'Development', 'row_fingerprints', 'development_footprint',
-           'WindowSummary', 'summarise', 'known_categories', 'maturity_summary', 'overlap_summary',
-           'data_quality_alerts', 'feature_drift', 'drift_alerts', 'wilson', 'newcombe_difference',
-           'prediction_monitors', 'mark_abstentions', 'abstention_monitor', 'outcome_rate', 'outcome_monitors',
-           'retrain_command', 'recommendation', 'overall_status', 'compare_windows', 'read_prediction_log',
-           'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring', 'monitor', 'drift_chart',
-           'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
+__all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'UNSEEN_CATEGORY', 'ABSTAINED', 'MonitorError',
+           'window_frame', 'as_of_date', 'outcome_cutoff', 'index_times', 'Development', 'row_fingerprints',
+           'development_footprint', 'WindowSummary', 'summarise', 'known_categories', 'maturity_summary',
+           'overlap_summary', 'data_quality_alerts', 'category_view', 'feature_drift', 'drift_alerts', 'wilson',
+           'newcombe_difference', 'prediction_monitors', 'mark_abstentions', 'abstention_monitor', 'outcome_rate',
+           'outcome_monitors', 'retrain_command', 'recommendation', 'overall_status', 'compare_windows',
+           'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring',
+           'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #8db8c321
 OUTCOME, PATIENT, RISK = "_outcome", "_patient", "_risk"
@@ -274,6 +274,13 @@ def data_quality_alerts(ref: dict, cur: dict, spec: DatasetSpec, cfg: MonitorCon
     return alerts
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #c9607b21
+UNSEEN_CATEGORY = "(unseen category)"  # every value outside the categories the model was trained on, counted together
+
+def category_view(s: pd.Series, shown) -> pd.Series:
+    "A categorical column as the monitor may show it: text, missing kept, every value outside `shown` one `(unseen category)`."
+    text = s.astype(str).where(s.notna())
+    return text if shown is None else text.where(text.isin(set(shown)) | text.isna(), UNSEEN_CATEGORY)
+
 def _describe(s: pd.Series, kind: str) -> str:
     s = s.dropna()
     if s.empty: return "no values"
@@ -284,9 +291,11 @@ def _describe(s: pd.Series, kind: str) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #f9c8c911
-def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig, report: bool = True):
+def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig, report: bool = True,
+                  shown: dict | None = None):
     """Per-column drift (Evidently's `ValueDrift`): method, threshold, score, drifted, and each window's summary; and the
-    Evidently snapshot (None when `report=False`, for studies over many windows: the same numbers, no HTML)."""
+    Evidently snapshot (None when `report=False`, for studies over many windows: the same numbers, no HTML).
+    `shown`: per categorical feature, the categories that may be named; every other value is `(unseen category)`."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
     usable = lambda c: c in ref and c in cur and ref[c].notna().any() and cur[c].notna().any()
@@ -295,7 +304,9 @@ def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: 
     r, c = ref[numeric + categorical].copy(), cur[numeric + categorical].copy()
     if usable(RISK):
         numeric.append(PREDICTED_RISK); r[PREDICTED_RISK], c[PREDICTED_RISK] = ref[RISK], cur[RISK]
-    for n in categorical: r[n], c[n] = r[n].astype(str).where(r[n].notna()), c[n].astype(str).where(c[n].notna())
+    for n in categorical:
+        keep = None if shown is None else shown.get(n, ())
+        r[n], c[n] = category_view(r[n], keep), category_view(c[n], keep)
     if not numeric + categorical: return {}, None
     dd = DataDefinition(numerical_columns=numeric, categorical_columns=categorical)
     threshold = lambda col: cfg.prediction_drift_threshold if col == PREDICTED_RISK else cfg.drift_threshold
@@ -515,19 +526,21 @@ def overall_status(alerts: list[dict]) -> str:
 
 def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cfg: MonitorConfig,
                     current_name: str = "current window", today: str | None = None, samples=None,
-                    features_measured: bool = True, report: bool = True, window_file: str | Path | None = None):
+                    features_measured: bool = True, report: bool = True, window_file: str | Path | None = None,
+                    shown: dict | None = None):
     """Every monitor on two summarised windows; (result, Evidently snapshot or None).
 
     `samples`: the two (sample, how) pairs when already drawn and scored; `features_measured=False` for a
     window without features (a prediction log): no data-quality monitors, and the report says why. `report=False`:
     the numbers only, no Evidently snapshot (studies over many windows). `window_file`: the window's file, for the
-    retraining command (None: no command)."""
+    retraining command (None: no command). `shown`: the categories a report may name, per feature (default: the
+    reference's own and the spec's); every other value is counted as `(unseen category)`, never named."""
     today = today or datetime.now(timezone.utc).date().isoformat()
     as_of = cur.as_of or today
     spec = ref.spec
     (rs, r_how), (cs, c_how) = samples or (ref.sample(), cur.sample())
     alerts = data_quality_alerts(ref.quality, cur.quality, spec, cfg) if features_measured else []
-    drift, snap = feature_drift(rs, cs, spec, cfg, report)
+    drift, snap = feature_drift(rs, cs, spec, cfg, report, known_categories(ref) if shown is None else shown)
     alerts += drift_alerts(drift)
     pred, a = prediction_monitors(rs, cs, threshold, cfg); alerts += a
     abstention, a = abstention_monitor(rs, cs, cfg); alerts += a
@@ -660,7 +673,7 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
             out_dir: str | Path | None = None, render: bool = True, kernel: str = "python3", progress=None,
             registry: dict | None = None, as_of: str | None = None) -> dict:
     "Monitor `current` (whose outcomes are read as of `as_of`, default today) against `reference`; file the report; the result (with `report_dir`)."
-    from healthml.data.phi import PhiScanner, identifier_values
+    from healthml.data.phi import identifier_scanner
     spec, cfg, top = params.dataset, params.monitor, params.deidentify.age_top_code
     say = progress or (lambda msg: None)
     as_of = as_of_date(as_of)
@@ -677,10 +690,10 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
         say(f"reading the development cohort {dev_file.name} (overlap check)")
         development = development_footprint(window_chunks(dev_file), spec, top)
     say(f"reading the current window {Path(current).name} in chunks")
-    ids: dict[str, list] = {}
+    ids: list[pd.DataFrame] = []
     def chunks():
         for ch in window_chunks(current, since=since, until=until):
-            for k, v in identifier_values(spec, ch.iloc[:1000]).items(): ids.setdefault(k, []).extend(v)  # canaries for the PHI scan
+            ids.append(ch.iloc[:1000])  # canaries for the PHI scan
             yield ch
     cur = summarise(chunks(), spec, cfg, known_categories(ref), top, as_of=as_of, development=development)
     say("scoring the samples with the verified ONNX model")
@@ -688,8 +701,10 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
     rs = mark_abstentions(scorer, score_sample(scorer, rs, spec))
     if not log_only: cs = mark_abstentions(scorer, score_sample(scorer, cs, spec))
     say("comparing the windows (Evidently drift, data quality, outcomes)")
+    support = json.loads(scorer.metadata.get("training_support", "{}"))  # the categories a report may name: the model's
+    shown = {n: set(v["categories"]) for n, v in support.items() if v.get("kind") == "categorical"} or None
     result, snap = compare_windows(ref, cur, threshold, cfg, str(current), samples=((rs, r_how), (cs, c_how)),
-                                   features_measured=not log_only, window_file=current)
+                                   features_measured=not log_only, window_file=current, shown=shown)
     result["model"] = {"file": model.name, "sha256": sha, "threshold": threshold,
                        "name": scorer.metadata.get("model_name", "model"),
                        "registry": registry}  # the caller's record of the version (number, alias, gate, registered)
@@ -698,7 +713,8 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
         dest = Path(out_dir) if out_dir else layout.monitoring/result["date"]/window_name(current, since, until)
         template = layout.root/cfg.template
         if not template.exists(): raise MonitorError(f"monitoring template {template} not found", hint="check monitor.template in params.yaml")
-        result["report_dir"] = str(file_monitoring(result, snap, dest, template, PhiScanner(ids), kernel))
+        result["report_dir"] = str(file_monitoring(result, snap, dest, template,
+                                                     identifier_scanner(spec, pd.concat(ids) if ids else pd.DataFrame()), kernel))
         from healthml.governance.report import write_index
         write_index(layout.reports)
     return result

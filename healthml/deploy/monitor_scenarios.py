@@ -106,7 +106,7 @@ def demo_folder(layout: Layout) -> Path:
 def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", datasets=("synthetic", "support2"),
              n_patients: int = 4000, seed: int = 0, render: bool = True, kernel: str = "python3", progress=None) -> list[dict]:
     "Run every scenario on each dataset; file the reports; one summary row per scenario."
-    from healthml.data.phi import PhiScanner, identifier_values, scanner_for
+    from healthml.data.phi import identifier_scanner, scanner_for
     root = Path(root)
     layout = Layout(root)
     project = load_params(params_path)
@@ -138,7 +138,7 @@ def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", da
             result["model"] = {"file": "(trained in memory by the demo)", "sha256": "synthetic-demo", "threshold": threshold,
                                "name": f"synthetic-ehr demo {sp.candidate}, {sp.models[sp.candidate].description}"}
             result["windows"]["reference"]["name"] = "synthetic reference sample"
-            file("synthetic", key, result, snap, PhiScanner(identifier_values(sp.dataset, raw)))
+            file("synthetic", key, result, snap, identifier_scanner(sp.dataset, raw))
     if "support2" in datasets:
         test_file = layout.split_file("test")
         if not test_file.exists(): raise MonitorError(f"{test_file} not found", hint="run `dvc repro` first (the SUPPORT2 scenarios monitor the project's model)")

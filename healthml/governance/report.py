@@ -22,6 +22,7 @@ from ..core.io import atomic_write, quiet_stderr, sha256_file, staged_dir, write
 from ..core.layout import Layout
 from ..core.pages import render_page
 from ..core.params import MODEL_PACKAGES, Params, load_params
+from ..core.spec import observed_spec
 from ..evaluation.result import EvaluationResult
 
 # %% auto #0
@@ -69,6 +70,9 @@ class ReportContext:
         from healthml.governance.model_card import load_review
         layout = Layout(root)
         params = load_params(Path(root)/params_path)
+        if layout.split_file("train").exists():  # the category lists the models were trained with: no pooled level named
+            train = pd.read_parquet(layout.split_file("train"), columns=params.dataset.categorical)
+            params = params.model_copy(update={"dataset": observed_spec(params.dataset, train)})
         evaluation = EvaluationResult.read(layout, params.model_names)
         export = _models_first(_read_json(layout.export_metrics), params.model_names)
         verdict = evaluate_gate(params.gate, {"evaluation": evaluation, "export": export}) if params.gate else None

@@ -27,7 +27,7 @@ from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.layout import Layout
 from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
-from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
+from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed_spec
 
 # %% auto #0
 __all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
@@ -82,9 +82,9 @@ def model_pipeline(spec: DatasetSpec, cfg: ModelConfig) -> Pipeline:
     "The unfitted pipeline of one model, built by its `kind`."
     return PIPELINES[type(cfg)](spec, cfg)
 
-def model_pipelines(params: Params) -> dict[str, Pipeline]:
-    "The unfitted pipeline of every model in `params.yaml` `models:`, by name, in the order listed."
-    return {name: model_pipeline(params.dataset, cfg) for name, cfg in params.models.items()}
+def model_pipelines(params: Params, spec: DatasetSpec | None = None) -> dict[str, Pipeline]:
+    "The unfitted pipeline of every model in `params.yaml` `models:`, by name, in the order listed (`spec`: the observed spec)."
+    return {name: model_pipeline(spec or params.dataset, cfg) for name, cfg in params.models.items()}
 
 # %% ../../nbs/20_modelling/21_train.ipynb #8ea6126f
 MODEL_TYPES = frozenset({  # beyond skops' own safe defaults; each a class, never a function, added only after review
@@ -251,11 +251,11 @@ def run_description(params: Params, model: str, commit: str, experiment: dict) -
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
 def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
     "Fit every model's pipeline on the train split, score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
-    spec = params.dataset
     train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation"))
+    spec = observed_spec(params.dataset, train)  # category lists as the de-identified data bears them out (rare levels pooled)
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
     record, fitted = {}, {}
-    for name, pipe in model_pipelines(params).items():
+    for name, pipe in model_pipelines(params, spec).items():
         t0 = time.perf_counter()
         fitted[name] = pipe.fit(X, y)
         seconds = time.perf_counter() - t0
