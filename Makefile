@@ -67,7 +67,7 @@ browser:  ## headless Chromium for the report tests (Debian package; needs root 
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test-integration: setup browser  ## pipeline, CLI, registry and browser tests (pytest, both cores, random order)
-	python -m pytest -n 2 --dist worksteal --durations=30
+	python -m pytest -n 2 --dist worksteal --prebuild --durations=30
 
 test-fast: export-check test-notebooks  ## the edit loop (<= 2 min): export drift, notebook tests, pytest without slow tests
 	python -m pytest -n 2 -m "not slow"

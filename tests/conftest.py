@@ -21,6 +21,27 @@ os.environ.setdefault("HEALTHML_AUDIT_KEY", "healthml-test-suite-audit-key")
 HEAVY_FIXTURES = {"pipeline_project", "project_clone", "three_versions", "registry_clone", "synthetic_project", "browser"}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--prebuild", action="store_true", help="build the shared pipeline projects in the background from "
+                     "the start (make test-integration), so no worker idles while the first test that needs one waits")
+
+
+@pytest.hookimpl(trylast=True)      # after the tmp_path plugin has made the run's base folder
+def pytest_configure(config):
+    "With --prebuild, the controller builds the shared projects in a background thread while the workers run tests."
+    if not config.getoption("prebuild") or hasattr(config, "workerinput"): return
+    import threading
+    shared = config._tmp_path_factory.getbasetemp()             # the folder xdist workers share (`shared_dir`)
+    def build(*steps):
+        try:
+            for step in steps: step(shared)
+        except BaseException as e:                               # the fixture that needs it builds it again and fails there
+            (shared/f"prebuild-failed-{threading.get_ident()}.txt").write_text(repr(e))
+    from test_cohort import build_synthetic_project
+    for steps in ((build_pipeline_project, build_three_versions), (build_synthetic_project,)):
+        threading.Thread(target=build, args=steps, daemon=True, name="prebuild").start()
+
+
 def pytest_collection_modifyitems(items):
     "A test that needs a pipeline run or a browser is `slow` (`make test-fast` leaves it out)."
     for item in items:
@@ -68,12 +89,10 @@ def shared_dir(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
-def pipeline_project(tmp_path_factory):
+def build_pipeline_project(shared: Path) -> Path:
     """A copy of the project on which `dvc repro` has run once and whose run was then registered (`healthml model
-    register`, the explicit step CI on main takes), with their output. Built once per test run (xdist workers share it
-    through a file lock) and never changed by a test: a test that changes files works on `clone_project(root, ...)`."""
-    shared = shared_dir(tmp_path_factory)
+    register`, the explicit step CI on main takes), with their output, in `shared`. Built once per test run (xdist
+    workers and the prebuild share it through a file lock)."""
     root, record = shared/"pipeline-project", shared/"pipeline-project.json"
     with FileLock(str(shared/"pipeline-project.lock")):
         if not record.exists():
@@ -82,7 +101,16 @@ def pipeline_project(tmp_path_factory):
             reg = run(["healthml", "model", "register"], root)
             record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode,
                                           "register_stderr": reg.stderr}))
-    return root, SimpleNamespace(**json.loads(record.read_text()))
+    return record
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory):
+    """The shared pipeline project (`build_pipeline_project`) and its run's output. Never changed by a test: a test
+    that changes files works on `clone_project(root, ...)`."""
+    shared = shared_dir(tmp_path_factory)
+    record = build_pipeline_project(shared)
+    return shared/"pipeline-project", SimpleNamespace(**json.loads(record.read_text()))
 
 
 def clone_project(src: Path, dest: Path) -> Path:
@@ -121,17 +149,15 @@ def set_params(root: Path, **changes) -> None:
 SNAPSHOT = ("models", "metrics", "plots", "report", "reports", "datacard", "data/processed", "dvc.lock", "params.yaml")
 
 
-@pytest.fixture(scope="session")
-def three_versions(pipeline_project, tmp_path_factory):
+def build_three_versions(shared: Path) -> Path:
     """A project whose registry holds v1 (gate PASS), v2 (PASS, a smaller model) and v3 (FAIL under a stricter plan),
-    with the output of the v2 run (a hyperparameter change) and a copy of the v2 outputs. Built once per run and never
-    changed by a test (a test that promotes or deletes works on `clone_project` of it)."""
+    with the output of the v2 run (a hyperparameter change) and a copy of the v2 outputs, in `shared`."""
     import yaml
-    shared = shared_dir(tmp_path_factory)
+    build_pipeline_project(shared)
     root, record = shared/"three-versions", shared/"three-versions.json"
     with FileLock(str(shared/"three-versions.lock")):
         if not record.exists():
-            clone_project(pipeline_project[0], root)                   # v1 was registered after the first run
+            clone_project(shared/"pipeline-project", root)             # v1 was registered after the first run
             # 100 bootstrap replicates (not 500): these versions exist for the registry; their statistics are tested elsewhere
             set_params(root, **{"models.lightgbm.n_estimators": 120, "evaluate.n_bootstrap": 100})
             v2 = run(["dvc", "repro"], root)
@@ -149,7 +175,16 @@ def three_versions(pipeline_project, tmp_path_factory):
             assert v3.returncode != 0 and "gate FAILED" in v3.stderr    # the pipeline stops at the gate...
             run(["healthml", "model", "register"], root)                # ...and a person registers it anyway: v3, gate FAIL
             record.write_text(json.dumps({"v2_stdout": v2.stdout}))
-    return SimpleNamespace(root=root, v2_outputs=shared/"v2-outputs", **json.loads(record.read_text()))
+    return record
+
+
+@pytest.fixture(scope="session")
+def three_versions(pipeline_project, tmp_path_factory):
+    """The three-version project (`build_three_versions`). Built once per run and never changed by a test (a test that
+    promotes or deletes works on `clone_project` of it)."""
+    shared = shared_dir(tmp_path_factory)
+    record = build_three_versions(shared)
+    return SimpleNamespace(root=shared/"three-versions", v2_outputs=shared/"v2-outputs", **json.loads(record.read_text()))
 
 
 @pytest.fixture

@@ -31,11 +31,9 @@ GLUED_NOTES = ["ref-will-black-123-45-6789", "x_123-45-6780_y", "cc.mark.brown@e
 RESTRICTED = ("data/raw", "data/interim", ".dvc/cache", ".dvc/tmp", ".git")  # hold identifiers by design
 
 
-@pytest.fixture(scope="session")
-def synthetic_project(tmp_path_factory):
-    """The example synthetic-EHR project, with canaries planted, run end to end by `dvc repro`. Built once per test run
-    (xdist workers share it through a file lock); tests only read it."""
-    shared = shared_dir(tmp_path_factory)
+def build_synthetic_project(shared: Path) -> Path:
+    """The example synthetic-EHR project, with canaries planted, run end to end by `dvc repro`, in `shared`. Built once
+    per test run (xdist workers and the prebuild share it through a file lock)."""
     root, record = shared/"synthetic-project", shared/"synthetic-project.json"
     with FileLock(str(shared/"synthetic-project.lock")):
         if not record.exists():
@@ -62,8 +60,15 @@ def synthetic_project(tmp_path_factory):
             df.to_parquet(shared/"synthetic-planted.parquet")
             r = run(["dvc", "repro"], root, timeout=1500)
             record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}))
-    result = SimpleNamespace(**json.loads(record.read_text()))
-    return root, result, pd.read_parquet(shared/"synthetic-planted.parquet")
+    return record
+
+
+@pytest.fixture(scope="session")
+def synthetic_project(tmp_path_factory):
+    "The canary project (`build_synthetic_project`); tests only read it."
+    shared = shared_dir(tmp_path_factory)
+    result = SimpleNamespace(**json.loads(build_synthetic_project(shared).read_text()))
+    return shared/"synthetic-project", result, pd.read_parquet(shared/"synthetic-planted.parquet")
 
 
 def _outputs(root: Path) -> list[Path]:
