@@ -156,8 +156,8 @@ def fairness_table(subgroups: dict) -> pd.DataFrame:
                           "TPR gap (missed cases)": fmt(g["tpr_gap"]), "FPR gap (false alarms)": fmt(g["fpr_gap"]),
                           "Calibration-in-the-large gap": fmt(g["citl_gap"])} for a, g in subgroups["fairness_gaps"].items()])
 
-def robustness_table(robustness: dict) -> pd.DataFrame:
-    "Change in AUROC and in risk under each stress test of the candidate."
+def robustness_table(robustness: dict, top_evasion: int = 5) -> pd.DataFrame:
+    "Change in AUROC and in risk under each stress test of the candidate (the `top_evasion` features a plausible nudge moves most)."
     rows = [{"Test": f"{f} missing", "AUROC": f"{v['auroc']:.3f}", "Change": f"{v['auroc_change']:+.3f}",
              "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}", "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
             for f, v in robustness["missing"].items()]
@@ -170,6 +170,11 @@ def robustness_table(robustness: dict) -> pd.DataFrame:
     rows += [{"Test": f"direction: risk {v['direction']} with {f}", "AUROC": "", "Change": "",
               "Mean |risk change|": f"largest wrong-way drop {v['largest_wrong_way_drop']:.4f}", "Risks moved >5 points": "pass" if v["passed"] else "FAIL"}
              for f, v in robustness.get("direction", {}).items()]
+    ev = robustness.get("evasion") or {}
+    rows += [{"Test": f"evasion: {f} +/- {v['step']:g} ({ev['fraction']:.0%} of its plausible range)", "AUROC": "",
+              "Change": f"largest {v['max_abs_risk_change']:.3f}", "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}",
+              "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
+             for f, v in list(ev.get("features", {}).items())[:top_evasion]]
     return pd.DataFrame(rows)
 
 def review_table(review: dict) -> str:
