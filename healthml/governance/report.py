@@ -178,7 +178,7 @@ def robustness_table(robustness: dict, top_evasion: int = 5) -> pd.DataFrame:
     rows += [{"Test": f"evasion: {f} +/- {v['step']:g} ({ev['fraction']:.0%} of its plausible range)", "AUROC": "",
               "Change": f"largest {v['max_abs_risk_change']:.3f}", "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}",
               "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
-             for f, v in list(ev.get("features", {}).items())[:top_evasion]]
+             for f, v in sorted(ev.get("features", {}).items(), key=lambda kv: -kv[1]["max_abs_risk_change"])[:top_evasion]]
     return pd.DataFrame(rows)
 
 def review_table(review: dict) -> str:
