@@ -239,7 +239,8 @@ def training_data_screen(train: pd.DataFrame, fit, spec: DatasetSpec, folds: int
     y, risk = outcome(train, spec), out_of_fold_risk(train, fit, spec, folds, seed)
     flagged, thresholds = confident_learning(y, risk)
     p_given = np.where(y == 1, risk, 1 - risk)
-    listed = pd.DataFrame({spec.patient_id: train[spec.patient_id].to_numpy()[flagged], "given_label": y[flagged],
+    keys = [spec.patient_id] + ([spec.row_id] if spec.row_id else [])      # surrogate keys only: the row's encounter too
+    listed = pd.DataFrame({**{k: train[k].to_numpy()[flagged] for k in keys}, "given_label": y[flagged],
                            "out_of_fold_risk": risk[flagged], "probability_of_given_label": p_given[flagged]}
                           ).sort_values("probability_of_given_label", kind="mergesort")
     summary = {"method": f"confident learning (Northcutt et al. 2021) on {folds}-fold out-of-fold risks of the candidate's pipeline",
