@@ -9,8 +9,8 @@ from conftest import ROOT, run
 
 from healthml.governance.report import remote_references
 
-STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "report", "phi_scan",
-          "gate"]
+STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "privacy", "export", "report",
+          "phi_scan", "gate"]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -188,7 +188,7 @@ def test_second_repro_has_nothing_to_do(pipeline_project):
 
 def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(pipeline_project, three_versions):
     # three_versions' second version is `dvc repro` after models.lightgbm.n_estimators 300 -> 120 on this project
-    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "export", "report", "phi_scan", "gate"]
+    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "privacy", "export", "report", "phi_scan", "gate"]
     before = json.loads((pipeline_project[0]/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     after = json.loads((three_versions.v2_outputs/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     assert after != before

@@ -9,7 +9,7 @@ from healthml.core.io import sha256_file
 
 SECTIONS = ["0. Items a person must supply", "1. Data source", "2. Participant flow", "4. Discrimination", "5. Calibration",
             "6. Clinical utility", "7. Subgroups and fairness", "8. Comparison on the same patients", "9. Robustness",
-            "11. Promotion gate", "12. TRIPOD+AI reporting items"]
+            "10. Privacy risk", "12. Promotion gate", "13. TRIPOD+AI reporting items"]
 
 
 def filed_report(root: Path) -> Path:

@@ -34,6 +34,8 @@ class Layout:
         self.comparison = r/"metrics/comparison.json"           # evaluate: candidate vs baseline/champion
         self.subgroups = r/"metrics/subgroups.json"             # evaluate: per-group metrics, fairness gaps
         self.robustness = r/"metrics/robustness.json"           # evaluate: stress tests, direction checks
+        self.privacy = r/"metrics/privacy.json"                 # privacy: membership/attribute inference, levers, label screen
+        self.label_screen = r/"data/processed/label_screen.parquet"  # privacy: training rows flagged as likely label errors (surrogate keys)
         self.gate = r/"metrics/gate.json"                       # gate: verdict and evidence per rule
         self.summary = r/"metrics/summary.json"                 # gate: headline metrics per model and the verdict (dvc exp show)
         self.report_render = r/"report"                         # report: the rendered report of this run (not yet filed)

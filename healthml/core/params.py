@@ -17,10 +17,11 @@ from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 
 # %% auto #0
 __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'ThresholdRule', 'SubgroupRule',
-           'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'GateConfig', 'LightGBMConfig',
-           'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig', 'DeidentifyConfig',
-           'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'ExportConfig', 'project_root', 'TrackingConfig',
-           'ReportConfig', 'MonitorConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
+           'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'PrivacyRule', 'GateConfig',
+           'LightGBMConfig', 'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig',
+           'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'PrivacyConfig',
+           'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig', 'Params', 'parse_params',
+           'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
@@ -67,7 +68,14 @@ class DirectionRule(_Rule):
     "Risk must move in each feature's clinically known `direction`."
     kind: Literal["direction"]
 
-Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule],
+class PrivacyRule(_Rule):
+    "A privacy-risk figure of the candidate (`metrics/privacy.json` `summary`, the worst attack) must lie within [min, max]."
+    kind: Literal["privacy"]
+    metric: str = "mia_auc_ci_high"  # e.g. mia_auc_ci_high, mia_tpr_at_fpr_1pct_ci_high, attribute_advantage
+    min: float | None = None
+    max: float | None = None
+
+Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule, PrivacyRule],
                  Field(discriminator="kind")]
 
 class GateConfig(StrictModel):
@@ -191,6 +199,7 @@ class RobustnessConfig(StrictModel):
     noise_sd_fraction: float = Field(0.1, ge=0)  # Gaussian noise, as a fraction of each numeric feature's SD
     unit_errors: dict[str, float] = {}  # feature -> factor, e.g. {crea: 88.4} for mg/dL sent as umol/L
     direction_tolerance: float = Field(0.005, ge=0)  # allowed drop in mean risk along a feature's known direction
+    evasion_fraction: float = Field(0.05, gt=0, le=0.5)  # evasion check: each numeric moved by this share of its plausible range
 
 # %% ../../nbs/00_core/04_params.ipynb #b73b3cd2
 class EvaluateConfig(StrictModel):
@@ -219,6 +228,15 @@ class EvaluateConfig(StrictModel):
         if (self.target_sensitivity is None) == (self.risk_threshold is None):
             raise ValueError("set exactly one of target_sensitivity and risk_threshold")
         return self
+
+class PrivacyConfig(StrictModel):
+    "The privacy stage: membership- and attribute-inference risk of the candidate, and the training-data screen."
+    sensitive_attribute: str | None = None  # a key of dataset.sensitive_attributes an attacker tries to infer from the risk
+    reference_models: int = Field(4, ge=2, multiple_of=2)  # reference-model attack: models of the candidate's kind, each on half the held-out patients
+    fpr: list[float] = [0.001, 0.01]  # each attack's true-positive rate is reported at these false-positive rates
+    n_bootstrap: int = Field(500, ge=10)  # patient-level bootstrap replicates for every CI
+    screen_folds: int = Field(5, ge=2)  # training-data screen: out-of-fold risks from this many folds of the candidate's pipeline
+    seed: int = 42
 
 class ExportConfig(StrictModel):
     "ONNX export and its parity check against the native model."
@@ -294,6 +312,7 @@ class Params(StrictModel):
     split: SplitConfig = SplitConfig()
     models: dict[str, ModelConfig] = Field(default_factory=default_models)  # name -> config; `kind` picks the estimator
     evaluate: EvaluateConfig = EvaluateConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig
@@ -333,6 +352,10 @@ class Params(StrictModel):
             unknown = [a for a in combo if a not in names]
             if unknown: raise ValueError(f"evaluate.intersections names unknown attribute(s) or slice(s): {', '.join(unknown)}")
             if len(combo) < 2: raise ValueError("an intersection crosses at least two sensitive attributes")
+        attr = self.privacy.sensitive_attribute
+        if attr is not None and attr not in self.dataset.sensitive_attributes:
+            raise ValueError(f"privacy.sensitive_attribute: `{attr}` is not in dataset.sensitive_attributes "
+                             f"({', '.join(self.dataset.sensitive_attributes) or 'none declared'})")
         return self
 
 # %% ../../nbs/00_core/04_params.ipynb #5add78a6

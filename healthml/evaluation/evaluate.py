@@ -21,7 +21,7 @@ from ..modelling.scoring import OutcomeSets
 from .discrimination import (SortedScores, bootstrap, bootstrap_intervals, delong_ci, delong_test,
                                                 discrimination, percentile_ci, ranking_metrics)
 from .result import EvaluationResult
-from .robustness import Predict, direction_checks, robustness_checks
+from .robustness import Predict, direction_checks, evasion_check, robustness_checks
 from .subgroups import fairness_columns, fairness_gaps, subgroup_table
 from .utility import threshold_for_sensitivity, threshold_metrics, threshold_replicates
 
@@ -103,7 +103,8 @@ def _subgroups(test: pd.DataFrame, y, risk, threshold: float, spec: DatasetSpec,
 
 def _robustness(predict: Predict, test: pd.DataFrame, y, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
     out = robustness_checks(predict, test, y, spec, cfg.robustness, cfg.seed)
-    return out | {"direction": direction_checks(predict, test, spec, cfg.robustness.direction_tolerance, cfg.seed)}
+    return out | {"direction": direction_checks(predict, test, spec, cfg.robustness.direction_tolerance, cfg.seed),
+                  "evasion": evasion_check(predict, test, spec, cfg.robustness.evasion_fraction, seed=cfg.seed)}
 
 INSUFFICIENT = "insufficient"  # a model's status when the test split is too small for any estimate
 

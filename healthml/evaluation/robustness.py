@@ -17,7 +17,7 @@ from ..core.spec import DatasetSpec
 Predict = Callable[[pd.DataFrame], np.ndarray]
 
 # %% auto #0
-__all__ = ['Predict', 'top_features', 'robustness_checks', 'direction_curve', 'direction_checks']
+__all__ = ['Predict', 'top_features', 'robustness_checks', 'direction_curve', 'direction_checks', 'evasion_check']
 
 # %% ../../nbs/30_evaluation/35_robustness.ipynb #3b5c054b
 class _Risk:
@@ -92,3 +92,27 @@ def direction_checks(predict: Predict, df: pd.DataFrame, spec: DatasetSpec, tole
         out[f] = {"direction": feat.direction, "largest_wrong_way_drop": worst, "passed": worst <= tolerance,
                   "curve": curve.round(6).to_dict(orient="list")}
     return out
+
+# %% ../../nbs/30_evaluation/35_robustness.ipynb #cd0834d3
+def evasion_check(predict: Predict, df: pd.DataFrame, spec: DatasetSpec, fraction: float = 0.05, sample: int = 2000,
+                  seed: int = 0) -> dict:
+    "Largest risk change from moving one numeric feature by +/- `fraction` of its plausible range (kept inside it)."
+    base_df = df if len(df) <= sample else df.sample(sample, random_state=seed)
+    feats = [f for f in spec.numeric if spec.features[f].min is not None and spec.features[f].max is not None
+             and spec.features[f].max > spec.features[f].min]
+    if not feats: return {"fraction": fraction, "features": {}, "largest": None}
+    moved = []
+    for f in feats:
+        lo, hi = spec.features[f].min, spec.features[f].max
+        x = pd.to_numeric(base_df[f], errors="coerce")
+        for sign in (-1, 1): moved.append(base_df.assign(**{f: (x + sign * fraction * (hi - lo)).clip(lo, hi)}))
+    base = predict(base_df)
+    change = np.abs(predict(pd.concat(moved, ignore_index=True)).reshape(len(moved), len(base_df)) - base)
+    per_patient = change.reshape(len(feats), 2, len(base_df)).max(axis=1)    # the worse direction for each patient
+    out = {f: {"step": fraction * (spec.features[f].max - spec.features[f].min), "max_abs_risk_change": float(c.max()),
+               "mean_abs_risk_change": float(c.mean()), "share_risk_moved_5pts": float((c > 0.05).mean())}
+           for f, c in zip(feats, per_patient)}
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1]["max_abs_risk_change"]))
+    top = next(iter(out))
+    return {"fraction": fraction, "patients": len(base_df), "features": out,
+            "largest": {"feature": top, "max_abs_risk_change": out[top]["max_abs_risk_change"]}}

@@ -10,7 +10,8 @@ import json
 from ..core.errors import HealthmlError
 from ..core.io import write_json
 from ..core.layout import Layout
-from ..core.params import DirectionRule, FairnessRule, GateConfig, NonInferiorityRule, ParityRule, SubgroupRule, ThresholdRule
+from ..core.params import (DirectionRule, FairnessRule, GateConfig, NonInferiorityRule, ParityRule, PrivacyRule, SubgroupRule,
+                                  ThresholdRule)
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
@@ -47,8 +48,23 @@ def _fairness(rule: FairnessRule, r: EvaluationResult) -> tuple[bool | None, dic
                if bad else f"{rule.gap} <= {rule.max:g} for every attribute (largest {max(v['gap'] for v in gaps.values()):.3f})")
     return not bad, {"gaps": gaps, "min_events": rule.min_events, "judge": rule.judge}, why
 
+def _privacy(rule: PrivacyRule, privacy: dict, candidate: str) -> tuple[bool | None, dict, str]:
+    "A figure of `metrics/privacy.json`'s summary within bounds; a failure cites what each mitigation lever buys and costs."
+    if not privacy: return False, {}, "no privacy evidence (metrics/privacy.json): run `dvc repro privacy`"
+    if privacy.get("candidate", candidate) != candidate:
+        return False, {}, f"metrics/privacy.json measured `{privacy['candidate']}`, not the candidate `{candidate}`: run `dvc repro privacy`"
+    v = privacy.get("summary", {}).get(rule.metric)
+    ok = _within(v, rule.min, rule.max)
+    why = f"{rule.metric} = {v} (must be {_bounds(rule.min, rule.max)}; worst of the attacks)"
+    levers = [m for m in privacy.get("mitigation", []) if m.get("lever") != "as configured"]
+    if not ok and levers:
+        why += "; levers (attack AUC, validation AUROC change): " + "; ".join(
+            f"{m['lever']} {m['mia_auc']:.3f} ({m['auroc_change']:+.3f})" for m in levers)
+    return ok, {"metric": rule.metric, "value": v, "levers": levers}, why
+
 # %% ../../nbs/40_governance/41_gate.ipynb #92c1dc04
-def _check(rule, r: EvaluationResult, export: dict, candidate: str) -> tuple[bool | None, dict, str]:
+def _check(rule, r: EvaluationResult, export: dict, candidate: str, privacy: dict | None = None) -> tuple[bool | None, dict, str]:
+    if isinstance(rule, PrivacyRule): return _privacy(rule, privacy or {}, candidate)
     cand = r.models[candidate]
     if isinstance(rule, ThresholdRule):
         v = cand.get(rule.metric)
@@ -99,7 +115,7 @@ def evaluate_gate(cfg: GateConfig, evidence: dict) -> dict:
     results = []
     for rule in cfg.rules:   # fail closed: with too small a test split no rule can pass
         passed, detail, reason = (False, {}, f"no estimate: {short}") if short else \
-            _check(rule, r, evidence.get("export", {}), cfg.candidate)
+            _check(rule, r, evidence.get("export", {}), cfg.candidate, evidence.get("privacy"))
         results.append({"name": rule.name, "kind": rule.kind, "passed": passed,
                         "status": {True: "pass", False: "FAIL", None: "not applicable"}[passed],
                         "reason": reason, "why": rule.why, "evidence": detail})
@@ -114,7 +130,9 @@ def gate_evidence(layout: Layout) -> dict:
              "robustness": layout.robustness, "export": layout.export_metrics}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing: raise HealthmlError(f"gate needs {', '.join(missing)}", hint="run `dvc repro evaluate export` first")
-    return {k: json.loads(p.read_text()) for k, p in paths.items()}
+    out = {k: json.loads(p.read_text()) for k, p in paths.items()}
+    # read when present: a privacy rule without it fails, saying so; a plan without one does not need the stage
+    return out | ({"privacy": json.loads(layout.privacy.read_text())} if layout.privacy.exists() else {})
 
 SUMMARY_METRICS = ("auroc", "auroc_ci_low", "auroc_ci_high", "calibration_slope", "calibration_intercept", "observed_expected",
                    "brier", "alerts_per_100")

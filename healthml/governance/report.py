@@ -30,7 +30,8 @@ __all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance
            'comparison_table', 'subgroup_report_table', 'fairness_table', 'robustness_table', 'review_table',
            'tripod_table', 'gate_table', 'participant_flow', 'table_one', 'sample_size_table', 'leakage_table',
            'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
-           'html_table', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
+           'html_table', 'membership_table', 'membership_subgroup_table', 'attribute_table', 'mitigation_table',
+           'screen_text', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
            'prediction_examples', 'example_cards', 'verdict_banner', 'remote_references', 'add_toc', 'notebook_to_html',
            'package_versions', 'model_version', 'manifest', 'report_index', 'monitoring_index', 'write_index',
            'build_report', 'file_report', 'verify_report']
@@ -63,6 +64,7 @@ class ReportContext:
     gate: dict | None
     review: dict
     dataset_card: dict
+    privacy: dict | None = None  # metrics/privacy.json: membership and attribute inference, levers, training-data screen
 
     @classmethod
     def load(cls, root: str | Path = ".", params_path: str | Path = "params.yaml") -> "ReportContext":
@@ -75,11 +77,13 @@ class ReportContext:
             params = params.model_copy(update={"dataset": observed_spec(params.dataset, train)})
         evaluation = EvaluationResult.read(layout, params.model_names)
         export = _models_first(_read_json(layout.export_metrics), params.model_names)
-        verdict = evaluate_gate(params.gate, {"evaluation": evaluation, "export": export}) if params.gate else None
+        privacy = json.loads(layout.privacy.read_text()) if layout.privacy.exists() else None
+        evidence = {"evaluation": evaluation, "export": export} | ({"privacy": privacy} if privacy else {})
+        verdict = evaluate_gate(params.gate, evidence) if params.gate else None
         review_path = params.report.review if params.report.review.is_absolute() else layout.root/params.report.review
         return cls(params, layout, _read_json(layout.ingest_record), _read_json(layout.validation),
                    _read_json(layout.split_metrics), _read_json(layout.train_metrics), evaluation, export, verdict,
-                   load_review(review_path), _read_json(layout.dataset_card/"dataset_card.json"))
+                   load_review(review_path), _read_json(layout.dataset_card/"dataset_card.json"), privacy)
 
     @property
     def models(self) -> list[str]:
@@ -160,8 +164,8 @@ def fairness_table(subgroups: dict) -> pd.DataFrame:
                           "TPR gap (missed cases)": fmt(g["tpr_gap"]), "FPR gap (false alarms)": fmt(g["fpr_gap"]),
                           "Calibration-in-the-large gap": fmt(g["citl_gap"])} for a, g in subgroups["fairness_gaps"].items()])
 
-def robustness_table(robustness: dict) -> pd.DataFrame:
-    "Change in AUROC and in risk under each stress test of the candidate."
+def robustness_table(robustness: dict, top_evasion: int = 5) -> pd.DataFrame:
+    "Change in AUROC and in risk under each stress test of the candidate (the `top_evasion` features a plausible nudge moves most)."
     rows = [{"Test": f"{f} missing", "AUROC": f"{v['auroc']:.3f}", "Change": f"{v['auroc_change']:+.3f}",
              "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}", "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
             for f, v in robustness["missing"].items()]
@@ -174,6 +178,11 @@ def robustness_table(robustness: dict) -> pd.DataFrame:
     rows += [{"Test": f"direction: risk {v['direction']} with {f}", "AUROC": "", "Change": "",
               "Mean |risk change|": f"largest wrong-way drop {v['largest_wrong_way_drop']:.4f}", "Risks moved >5 points": "pass" if v["passed"] else "FAIL"}
              for f, v in robustness.get("direction", {}).items()]
+    ev = robustness.get("evasion") or {}
+    rows += [{"Test": f"evasion: {f} +/- {v['step']:g} ({ev['fraction']:.0%} of its plausible range)", "AUROC": "",
+              "Change": f"largest {v['max_abs_risk_change']:.3f}", "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}",
+              "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
+             for f, v in sorted(ev.get("features", {}).items(), key=lambda kv: -kv[1]["max_abs_risk_change"])[:top_evasion]]
     return pd.DataFrame(rows)
 
 def review_table(review: dict) -> str:
@@ -191,12 +200,12 @@ TRIPOD_AI = [("Data source and dates", "1. Data source"), ("Participants and set
              ("Sample size", "2. Participant flow; Sample size (Riley et al. 2020 criteria)"),
              ("Missing data handling", "2. Table 1 (missing counts); missing numerics kept by LightGBM models, median-imputed by logistic ones; missing categories as their own level"),
              ("Data splitting", "2. Participant flow: patient-level (random, temporal or by site) train/validation/test; Leakage audit"),
-             ("Data preparation and privacy", "2. De-identification (HIPAA Safe Harbor); 0. attestation"),
-             ("Model specification and tuning", "params.yaml `models:` (in the manifest's params hash); 10. Deployment artefact"),
+             ("Data preparation and privacy", "2. De-identification (HIPAA Safe Harbor); 0. attestation; 10. Privacy risk"),
+             ("Model specification and tuning", "params.yaml `models:` (in the manifest's params hash); 11. Deployment artefact"),
              ("Performance measures with uncertainty", "4. Discrimination; 5. Calibration; 6. Clinical utility"),
              ("Fairness", "7. Subgroups and fairness"), ("Comparison with existing models", "8. Comparison on the same patients"),
              ("Model output and threshold", "6. Clinical utility (alert threshold, alerts per 100)"), ("Robustness", "9. Robustness"),
-             ("Promotion decision", "11. Promotion gate"), ("Ethics approval, intended use, limitations", "0. Items a person must supply")]
+             ("Promotion decision", "12. Promotion gate"), ("Ethics approval, intended use, limitations", "0. Items a person must supply")]
 
 def tripod_table() -> pd.DataFrame:
     "Where this report answers each TRIPOD+AI reporting item that software can fill."
@@ -274,6 +283,57 @@ def html_table(df: pd.DataFrame):
     "Show a table in the report: no index column, full cell text, HTML-escaped."
     from IPython.display import HTML
     return HTML(df.to_html(index=False, escape=True, border=0, classes="dataframe", na_rep=""))
+
+# %% ../../nbs/40_governance/45_report.ipynb #1e34298b
+def _pct_ci(m: dict, k: str) -> str:
+    if m.get(k) is None: return "n/a (too few non-members)"
+    return f"{m[k]:.1%} ({m[k + '_ci_low']:.1%} to {m[k + '_ci_high']:.1%})"
+
+def membership_table(privacy: dict) -> pd.DataFrame:
+    "Each membership attack: AUC and TPR at each FPR, with 95% CIs (train patients against held-out patients)."
+    from healthml.evaluation.privacy import fpr_key
+    fprs, attacks = privacy["settings"]["fpr"], privacy["membership"]["attacks"]
+    return pd.DataFrame([{"Attack": attacks[a], "Members / non-members": f"{m['members']:,} / {m['non_members']:,}",
+                          "AUC (95% CI)": _ci(m, "auc"), **{f"TPR at {f:.1%} FPR": _pct_ci(m, fpr_key(f)) for f in fprs}}
+                         for a, m in privacy["membership"]["overall"].items()])
+
+def membership_subgroup_table(privacy: dict) -> pd.DataFrame:
+    "Each attack's AUC and TPR at 1% FPR per subgroup; small groups say 'insufficient n'."
+    attacks = list(privacy["membership"]["attacks"])
+    rows = []
+    for g in privacy["membership"]["subgroups"]:
+        ok = g["status"] == "ok"
+        rows.append({"Attribute": g["attribute"], "Group": g["group"], "Members": g["members"], "Non-members": g["non_members"],
+                     **{f"{a} AUC (95% CI)": _ci(g[a], "auc") if ok else g["status"] for a in attacks},
+                     **{f"{a} TPR at 1% FPR": _pct_ci(g[a], "tpr_at_fpr_1pct") if ok and "tpr_at_fpr_1pct" in g[a] else "" for a in attacks}})
+    return pd.DataFrame(rows)
+
+def attribute_table(privacy: dict) -> pd.DataFrame:
+    "Attribute inference: how well an attacker infers the declared sensitive attribute, against the base rate."
+    a = privacy.get("attribute")
+    if not a: return pd.DataFrame()
+    rows = [{"Attacker uses": "nothing (always the commonest value)", "Accuracy": f"{a['base_rate']:.3f}", "AUROC": "0.500"}]
+    rows += [{"Attacker uses": what, "Accuracy": f"{a[k]['accuracy']:.3f}",
+              "AUROC": _ci({"v": a[k]["auroc"], "v_ci_low": a.get(f"{k}_auroc_ci_low"), "v_ci_high": a.get(f"{k}_auroc_ci_high")}, "v")
+                       if f"{k}_auroc_ci_low" in a else f"{a[k]['auroc']:.3f}"}
+             for k, what in (("risk_only", "the model's risk"), ("features_only", "the other features"),
+                             ("features_and_risk", "the other features and the risk"))]
+    return pd.DataFrame(rows)
+
+def mitigation_table(privacy: dict) -> pd.DataFrame:
+    "Each lever refitted on the train split: what it buys (attack AUC) and what it costs (validation AUROC)."
+    return pd.DataFrame([{"Lever": m["lever"], "Change": ", ".join(f"{k} = {v:g}" for k, v in m["change"].items()) or "",
+                          "Loss attack AUC": f"{m['loss_auc']:.3f}", "Reference attack AUC": f"{m['reference_auc']:.3f}",
+                          "Validation AUROC": f"{m['validation_auroc']:.3f}", "AUROC change": f"{m['auroc_change']:+.3f}"}
+                         for m in privacy["mitigation"]])
+
+def screen_text(privacy: dict) -> str:
+    "One paragraph: how many training rows the screen flags, by given label, and where the list is."
+    s = privacy["screen"]
+    return (f"{s['flagged']:,} of {s['rows']:,} training rows ({s['flagged_share']:.1%}) flagged as likely label errors or poisoned rows "
+            f"({s['flagged_by_given_label']['1']:,} labelled as events, {s['flagged_by_given_label']['0']:,} as non-events; "
+            f"out-of-fold AUROC {s['out_of_fold_auroc']:.3f}); method: {s['method']}. The rows are listed by surrogate patient key "
+            f"in data/processed/label_screen.parquet for review; they are not removed.")
 
 # %% ../../nbs/40_governance/45_report.ipynb #c3e409b3
 def uncertainty_table(evaluation: EvaluationResult, labels: dict | None = None, tolerance: float = 0.02) -> pd.DataFrame:
