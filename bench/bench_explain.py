@@ -45,7 +45,7 @@ def main(n=2000):
     from healthml.core.params import parse_params
     from healthml.data.cohort import clean_cohort, select_cohort
     from healthml.data.synthetic import synthetic_ehr
-    from healthml.deploy.serve import RecordScorer
+    from healthml.deploy.serve import RecordScorer, decide, feature_columns
     from healthml.modelling.explain import Explainer, build_explainer, explain, native_log_odds
     from healthml.modelling.export import to_onnx
     from healthml.modelling.train import model_frame, model_pipelines, outcome
@@ -60,15 +60,24 @@ def main(n=2000):
     with tempfile.TemporaryDirectory() as tmp:
         for name, pipe in model_pipelines(params).items():
             pipe.fit(model_frame(df, spec), outcome(df, spec))
-            data = to_onnx(pipe, spec, {"model_name": f"bench-{name}", "decision_threshold": 0.2}).SerializeToString()
+            sets = {"coverage": 0.9, "event_from": 0.1, "no_event_until": 0.45}          # outcome sets, as export writes them
+            data = to_onnx(pipe, spec, {"model_name": f"bench-{name}", "decision_threshold": 0.2,
+                                        "outcome_sets": json.dumps(sets)}).SerializeToString()
             (Path(tmp)/f"{name}.onnx").write_bytes(data)
             scorer = RecordScorer.from_file(Path(tmp)/f"{name}.onnx", hashlib.sha256(data).hexdigest())
             explainer = Explainer(build_explainer(pipe, model_frame(df, spec), name))
             t_score = timed(scorer.score_one, records)
             t_reasons = timed(lambda r: explain(explainer, [r], top_k=3), records)
             t_both = timed(lambda r: (scorer.score_one(r), explain(explainer, [r], top_k=3)), records)
+            def decided(r):             # the service's answer without reasons: score, abstention rules, outcome set, band
+                return decide(scorer, feature_columns(scorer, [r]), scorer.score([r])).records()
+            def full(r):                # ... and with reasons: the whole per-record payload
+                return decide(scorer, feature_columns(scorer, [r]), scorer.score([r])).records(reasons=explain(explainer, [r], top_k=3))
+            assert "outcome_set" in decided(records[0])[0]
+            t_decided, t_full = timed(decided, records), timed(full, records)
             r = {"kind": explainer.kind, "scoring_alone": percentiles(t_score), "reasons_alone": percentiles(t_reasons),
-                 "scoring_and_reasons": percentiles(t_both),
+                 "scoring_and_reasons": percentiles(t_both), "payload_with_interval": percentiles(t_decided),
+                 "payload_with_interval_and_reasons": percentiles(t_full),
                  "max_abs_diff_log_odds_vs_native": float(np.abs(explainer.log_odds(rows) - native_log_odds(pipe, rows)).max())}
             if explainer.kind == "tree":
                 booster = pipe.steps[-1][1].booster_
@@ -77,6 +86,8 @@ def main(n=2000):
                 r["anchor_booster_predict_numpy_row"] = percentiles(timed(lambda a: booster.predict(a, num_threads=1), ready))
                 r["anchor_booster_pred_contrib_numpy_row"] = percentiles(timed(lambda a: booster.predict(a, pred_contrib=True, num_threads=1), ready))
             r["ratio_scoring_and_reasons_to_scoring_p50"] = round(r["scoring_and_reasons"]["p50_ms"] / r["scoring_alone"]["p50_ms"], 2)
+            r["ratio_full_payload_to_payload_without_reasons_p50"] = round(r["payload_with_interval_and_reasons"]["p50_ms"]
+                                                                          / r["payload_with_interval"]["p50_ms"], 2)
             results[name] = r
     out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
            "records": n, "top_k": 3, "models": results,

@@ -227,6 +227,7 @@ def test_the_retrain_command_the_monitor_prints_runs_as_printed(project_clone, t
     ward_with_more_deaths(root).to_csv(tmp_path/"ward_2027_01.csv", index=False)
     r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2027_01.csv"), "--out", str(tmp_path/"report")],
             root, check=False)
+    assert (tmp_path/"report/monitor.json").exists(), r.stderr
     result = json.loads((tmp_path/"report/monitor.json").read_text())
     assert "prevalence" in {a["monitor"] for a in result["alerts"]}, r.stderr
     command = result["recommendation"]["command"]

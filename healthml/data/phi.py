@@ -27,9 +27,9 @@ from ..core.spec import RARE_CATEGORY, DatasetSpec
 __all__ = ['PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS', 'DeidentificationError',
            'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'pool_rare_categories',
            'deidentify_cohort', 'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts',
-           'without_static_styles', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter',
-           'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'deidentify',
-           'phi_scan']
+           'without_static_styles', 'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError',
+           'row_counter', 'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message',
+           'keep_only_if_clean', 'deidentify', 'phi_scan']
 
 # %% ../../nbs/10_data/13_phi.ipynb #c6bfe23f
 class DeidentificationError(HealthmlError):
@@ -328,6 +328,13 @@ def without_static_styles(page: str) -> str:
     "The page with each `<style>` body blanked (same length and lines, so hit positions hold): CSS is never data."
     return _STYLE.sub(lambda m: m.group(1) + re.sub(r"[^\n]", " ", m.group(2)) + m.group(3), page)
 
+_EMBEDDED_IMAGE = re.compile(r'(data:image/[a-z+.-]+;base64,|"image/(?:png|jpeg|gif)":\s*")([A-Za-z0-9+/=\s]*(?:\\n[A-Za-z0-9+/=]*)*)')
+
+def without_embedded_images(text: str) -> str:
+    """The text with each base64 image payload blanked (HTML `data:` URIs, notebook `image/png` outputs): pixels are
+    not text a pattern can judge (image files are skipped the same way), and random base64 can spell `MRN123ab`."""
+    return _EMBEDDED_IMAGE.sub(lambda m: m.group(1) + re.sub(r"[^\n]", " ", m.group(2)), text)
+
 # %% ../../nbs/10_data/13_phi.ipynb #cbdebbe0
 def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple[list[PhiHit], bool]:
     "Scan one file; return its hits and whether it could be scanned."
@@ -340,6 +347,7 @@ def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple
     if suffix not in TEXT_SUFFIXES and b"\x00" in data[:4096]: return [], False
     text = data.decode("utf-8", "replace")
     if suffix in (".html", ".htm", ".svg"): text = without_static_styles(without_vendored_scripts(text))
+    if suffix in (".html", ".htm", ".ipynb"): text = without_embedded_images(text)
     return list(_text_hits(scanner, text, file, tabular=suffix in (".csv", ".tsv"))), True
 
 def scan_paths(scanner: PhiScanner, paths: Iterable[Path], root: Path = Path(".")) -> dict:
