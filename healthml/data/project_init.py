@@ -14,6 +14,7 @@ import yaml
 
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write
+from ..core.spec import Abstention
 from ..core.params import (DatasetCardConfig, DeidentifyConfig, EvaluateConfig, ExportConfig, MonitorConfig,
                                   RobustnessConfig, parse_params)
 from .spec_draft import draft_cohort
@@ -56,7 +57,7 @@ def gate_plan(model_name: str, has_subgroups: bool) -> dict:
 def init_params(path: str | Path, name: str | None = None, file_ref: str | None = None) -> tuple[dict, list[str]]:
     "A complete params mapping for the cohort at `path` (`file_ref`: how params.yaml names the file) and the reviewer's list."
     d = draft_cohort(path, name)
-    spec = {**d.spec, "file": file_ref or d.spec["file"]}
+    spec = {**d.spec, "file": file_ref or d.spec["file"], "abstention": Abstention().model_dump(mode="json")}
     if spec["outcome"] is None or spec["patient_id"] is None:
         raise HealthmlError(f"{Path(path).name}: the draft found no {'outcome' if spec['outcome'] is None else 'patient key'} column",
                             hint="run `healthml spec draft` on the file, name it in the YAML, and write params.yaml from that")
