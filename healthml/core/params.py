@@ -20,8 +20,8 @@ __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAM
            'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'PrivacyRule', 'GateConfig',
            'LightGBMConfig', 'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig',
            'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'PrivacyConfig',
-           'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig', 'Params', 'parse_params',
-           'read_yaml', 'load_params']
+           'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig', 'column_problems',
+           'Params', 'parse_params', 'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
@@ -302,6 +302,58 @@ class MonitorConfig(StrictModel):
     n_bootstrap: int = Field(200, ge=50)  # patient-level bootstrap replicates for the calibration CIs
     template: Path = Path("nbs/templates/monitoring.ipynb")  # Papermill template of the monitoring report
 
+# %% ../../nbs/00_core/04_params.ipynb #4913278b
+_KEPT_IDENTIFIERS = ("age", "zip", "date")  # generalised by de-identification; every other identifier is removed
+
+def _column_problem(spec: DatasetSpec, col: str, role: str) -> str | None:
+    "Why `col` cannot serve as `role` (a subgroup column), or None."
+    if col in (spec.patient_id, spec.row_id, spec.outcome): return f"'{col}' is the dataset's patient id, row id or outcome, not a {role}"
+    if col in spec.excluded_columns: return f"'{col}' is an excluded column of the dataset spec ({spec.excluded_columns[col]})"
+    ident = spec.identifiers.get(col)
+    if ident is not None and ident.kind not in _KEPT_IDENTIFIERS:
+        return f"'{col}' is a direct identifier ({ident.kind}), removed by de-identification"
+    return None
+
+def _group_problems(spec: DatasetSpec, key: str, attr: SensitiveAttribute, known: set[str], role: str) -> list[str]:
+    problem = _column_problem(spec, attr.column, role)
+    if problem is None and attr.column not in known:
+        problem = (f"'{attr.column}' is not a column of the dataset spec (declare it under dataset.features or "
+                   "dataset.sensitive_attributes, or remove the setting)")
+    if problem: return [f"{key}.column: {problem}"]
+    if attr.bins is not None and spec.features.get(attr.column) is not None and spec.features[attr.column].kind != "numeric":
+        return [f"{key}.bins: '{attr.column}' is a categorical feature; bins cut a number"]
+    return []
+
+def column_problems(p) -> list[str]:
+    "Every column a setting names, checked against the dataset spec: one `dotted.key: problem` line each."
+    spec, ev, out = p.dataset, p.evaluate, []
+    for name, attr in spec.sensitive_attributes.items():   # a sensitive attribute declares its column (ingest keeps it)
+        out += _group_problems(spec, f"dataset.sensitive_attributes.{name}", attr, {attr.column}, "subgroup column")
+    kept = set(spec.features) | {a.column for a in spec.sensitive_attributes.values()} | ({spec.site} - {None})
+    for name, attr in ev.slices.items():
+        if name in spec.sensitive_attributes: out.append(f"evaluate.slices.{name}: reuses a sensitive attribute's name; rename the slice")
+        out += _group_problems(spec, f"evaluate.slices.{name}", attr, kept, "slice column")
+    groups = set(spec.sensitive_attributes) | set(ev.slices)
+    for i, combo in enumerate(ev.intersections):
+        unknown = [a for a in combo if a not in groups]
+        if unknown: out.append(f"evaluate.intersections.{i}: {', '.join(map(repr, unknown))} is not a sensitive attribute or slice "
+                               f"({', '.join(sorted(groups)) or 'none declared'})")
+        elif len(combo) < 2: out.append(f"evaluate.intersections.{i}: an intersection crosses at least two sensitive attributes")
+    for f in ev.robustness.unit_errors:
+        feat = spec.features.get(f)
+        if feat is None: out.append(f"evaluate.robustness.unit_errors.{f}: '{f}' is not a feature of the dataset spec")
+        elif feat.kind != "numeric": out.append(f"evaluate.robustness.unit_errors.{f}: '{f}' is a categorical feature; a unit error scales a number")
+    need = {"temporal": ("index_time", spec.index_time), "site": ("site", spec.site)}.get(p.split.method)
+    if need and not need[1]: out.append(f"split.method: '{p.split.method}' needs dataset.{need[0]} (or use method: random)")
+    crossed = groups | {" & ".join(c) for c in ev.intersections}
+    for i, rule in enumerate(p.gate.rules if p.gate else []):   # rule fields that name subgroup attributes: `attributes`, `*_attributes`
+        for field in (f for f in type(rule).model_fields if f == "attributes" or f.endswith("_attributes")):
+            value = getattr(rule, field) or []
+            for a in (value if isinstance(value, (list, tuple, dict, set)) else [value]):
+                if a not in crossed: out.append(f"gate.rules.{i}.{field}: '{a}' is not a sensitive attribute, slice or intersection "
+                                                f"({', '.join(sorted(crossed)) or 'none declared'})")
+    return out
+
 # %% ../../nbs/00_core/04_params.ipynb #61a4ad02
 class Params(StrictModel):
     "Everything in `params.yaml`."
@@ -345,17 +397,12 @@ class Params(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        names = set(self.dataset.sensitive_attributes) | set(self.evaluate.slices)
-        clash = set(self.dataset.sensitive_attributes) & set(self.evaluate.slices)
-        if clash: raise ValueError(f"evaluate.slices reuses sensitive attribute name(s): {', '.join(sorted(clash))}")
-        for combo in self.evaluate.intersections:
-            unknown = [a for a in combo if a not in names]
-            if unknown: raise ValueError(f"evaluate.intersections names unknown attribute(s) or slice(s): {', '.join(unknown)}")
-            if len(combo) < 2: raise ValueError("an intersection crosses at least two sensitive attributes")
+        problems = column_problems(self)
         attr = self.privacy.sensitive_attribute
         if attr is not None and attr not in self.dataset.sensitive_attributes:
-            raise ValueError(f"privacy.sensitive_attribute: `{attr}` is not in dataset.sensitive_attributes "
-                             f"({', '.join(self.dataset.sensitive_attributes) or 'none declared'})")
+            problems.append(f"privacy.sensitive_attribute: `{attr}` is not in dataset.sensitive_attributes "
+                            f"({', '.join(self.dataset.sensitive_attributes) or 'none declared'})")
+        if problems: raise ValueError("\n".join(problems))
         return self
 
 # %% ../../nbs/00_core/04_params.ipynb #5add78a6
@@ -366,23 +413,28 @@ def _key(loc) -> str:
     if tag is not None and len(loc) > tag: del loc[tag]
     return ".".join(loc)
 
-def _describe(errors) -> str:
+_KEYED = re.compile(r"[a-z_]+\.\S*: ")  # a line that starts with the dotted key it is about
+
+def _describe(errors) -> list[str]:
     lines = []
     for e in errors:
         key, msg = _key(e["loc"]), e["msg"].removeprefix("Value error, ")
+        if not key and all(_KEYED.match(line) for line in msg.split("\n")):   # cross-checks name their own keys
+            lines += msg.split("\n"); continue
         if e["type"] == "extra_forbidden": msg = "unknown key (check its spelling)"
         if e["type"] == "string_type" and isinstance(e.get("input"), bool):
             msg = f"yes/no value {str(e['input']).lower()} where text is expected: quote it (\"no\", \"yes\")"
         if e["type"] == "union_tag_not_found":
             msg = "`kind` missing" + (f": one of {', '.join(MODEL_KINDS)}" if key.startswith("models.") else "")
         lines.append(msg if key and msg.startswith(f"{key}.") else f"{key or '(top level)'}: {msg}")  # the message names a finer key
-    return "\n".join(lines)
+    return lines
 
 def parse_params(raw: dict) -> Params:
     "Validate a params mapping; raise `ConfigError` naming each bad key."
     try: return Params.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"params.yaml has {e.error_count()} problem(s):\n{_describe(e.errors())}",
+        lines = _describe(e.errors())
+        raise ConfigError(f"params.yaml has {len(lines)} problem(s):\n" + "\n".join(lines),
                           hint="fix the keys named above; see README 'Bring your own cohort'") from None
 
 def read_yaml(text: str):

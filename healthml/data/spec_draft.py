@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -17,36 +19,59 @@ from ..core.io import sha256_file
 from .phi import PHI_PATTERNS
 
 # %% auto #0
-__all__ = ['IDENTIFIER_NAMES', 'OUTCOME_WORDS', 'ID_WORDS', 'PATIENT_WORDS', 'INDEX_WORDS', 'draft_spec', 'spec_yaml']
+__all__ = ['IDENTIFIER_NAMES', 'EVENT_WORDS', 'WEAK_OUTCOME_WORDS', 'DEMOGRAPHIC_WORDS', 'POST_OUTCOME_WORDS', 'ID_WORDS',
+           'PATIENT_WORDS', 'INDEX_WORDS', 'DAY_WORDS', 'SITE_WORDS', 'FACILITY_VALUES', 'SENTINELS', 'SpecDraft',
+           'draft_cohort', 'draft_spec', 'spec_yaml']
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #80579d1e
 IDENTIFIER_NAMES = [  # (pattern on the canonical, lower-cased column name, Safe Harbor kind)
-    (r"(^|_)(first|last|given|family|middle|full|patient|maiden)?_?name$|^surname$", "name"),
+    (r"(^|_)(first|last|given|family|middle|full|maiden|sur)_?name$|^(patient_|person_|pt_)?name$|^surname$", "name"),
     (r"address|street|addr_?line", "address"), (r"^(city|town)$|_city$", "city"),
     (r"^zip|postcode|postal_?code|zipcode", "zip"), (r"fax", "fax"),
-    (r"phone|^tel(ephone)?$|mobile|cell", "phone"), (r"e_?mail", "email"), (r"^ssn$|social_?sec", "ssn"),
+    (r"phone|^tel(ephone)?$|mobile|(^|_)cell($|_)", "phone"), (r"e_?mail", "email"), (r"^ssn$|social_?sec", "ssn"),
     (r"^mrn$|medical_?record|^mrn_|_mrn$", "mrn"), (r"^dob$|birth", "date"),
     (r"insurance|health_?plan|member_?id|policy|beneficiary", "health_plan"), (r"account|acct", "account"),
     (r"licen[cs]e|certificate", "licence"), (r"^vin$|plate|vehicle", "vehicle"), (r"device|serial", "device"),
     (r"^url$|website|web_?page", "url"), (r"^ip$|ip_?addr", "ip"), (r"photo|image|face", "photo"),
 ]
-OUTCOME_WORDS = r"death|dead|died|mortality|outcome|event|readmi|label|target|status|expire"
+EVENT_WORDS = r"death|dead|died|mortal|expire|readmi|outcome|event|label|target|(^|_)y($|_)|icu_?admi|intubat|sepsis|arrest"
+WEAK_OUTCOME_WORDS = r"status|flag|positive|result"
+DEMOGRAPHIC_WORDS = r"(^|_)(sex|gender|race|ethnic\w*|marital\w*|language|religion|insur\w*)($|_)"
+POST_OUTCOME_WORDS = (r"turnaround|result|(^|_)(vital|discharge|final|outcome|survival|alive)_?status|^status$|discharg|"
+                      r"(^|_)[a-z]?los($|_)|length_?of_?stay|death_?(date|time|day)|date_?of_?death|(^|_)dod($|_)|follow_?up|"
+                      r"(^|_)surv(\d|ival|_)|cost|charges|billing")
 ID_WORDS = r"(^|_)(id|mrn|patient|pid|subject|sno|person|member)($|_|id)"
 PATIENT_WORDS = r"mrn|patient|pid|subject|person|sno|member"
-INDEX_WORDS = r"admi|index|start|arriv|encounter|visit|triage"
+INDEX_WORDS = r"admi|index|start|arriv|encounter|visit|triage|present"
+DAY_WORDS = r"(^|_)(day|days|date|week)($|_)"  # a bare integer `time` is as often a follow-up time
+SITE_WORDS = r"(^|_)(site|centre|center|hospital|hosp|clinic|facility|institution|practice|provider_?org)s?($|_)"
+FACILITY_VALUES = r"(?i)\b(?:hospital|clinic|centre|center|medical|health|infirmary|hospice|practice|surgery)\b"
+SENTINELS = (9999, 99999, 999999, 65535, 65526, 999, 9999.9, -1, -9, -99, -999, -9999)
 
 def _name_kind(col: str) -> str | None:
     c = col.lower()
     if c == "age" or c.startswith("age_"): return "age"
     return next((kind for pat, kind in IDENTIFIER_NAMES if re.search(pat, c)), None)
 
+def _text(s: pd.Series, n: int = 2000) -> pd.Series:
+    return s.dropna().astype(str).head(n)
+
+def _is_facility(s: pd.Series) -> bool:
+    "Values naming places of care (St Mary's Hospital, Riverside Clinic), not people."
+    v = _text(s)
+    return bool(len(v)) and v.str.contains(FACILITY_VALUES).mean() > 0.5
+
 def _value_kind(s: pd.Series) -> str | None:
-    "An identifier kind when most non-missing text values match one identifier pattern."
-    v = s.dropna().astype(str).head(2000)
+    "An identifier kind when most non-missing text values are shaped like one: SSN, e-mail, phone, a person's name, an id code."
+    v = _text(s)
     if v.empty or pd.api.types.is_numeric_dtype(s): return None
     for kind in ("ssn", "email", "phone"):
         if v.str.fullmatch(PHI_PATTERNS[kind].replace("(?<![\\w-])", "").replace("(?![\\w-])", "")
                            .replace("(?<![\\w.-])", "")).mean() > 0.5: return kind
+    unique = v.nunique() / len(v)
+    if unique > 0.5 and not _is_facility(s) and v.str.fullmatch(r"[A-Z][a-z'\-]+(?: [A-Z][a-z'\-]+){1,2}").mean() > 0.8:
+        return "name"
+    if unique > 0.5 and v.str.fullmatch(r"[A-Za-z]{0,5}[-_]?\d{5,}").mean() > 0.9: return "other_id"
     return None
 
 def _is_time(s: pd.Series) -> bool:
@@ -55,6 +80,12 @@ def _is_time(s: pd.Series) -> bool:
     v = s.dropna().astype(str).head(500)
     return bool(len(v)) and v.str.contains(r"\d{4}-\d\d-\d\d|\d{1,2}/\d{1,2}/\d{4}").mean() > 0.9 and \
         pd.to_datetime(v, errors="coerce", format="mixed").notna().mean() > 0.9
+
+def _is_day_axis(col: str, s: pd.Series) -> bool:
+    "An integer day (or week) count named like an index time: `day`, `admit_day`, `visit_week`."
+    x = pd.to_numeric(s, errors="coerce")
+    return (pd.api.types.is_numeric_dtype(s) and x.notna().all() and bool((x.dropna() % 1 == 0).all())
+            and x.nunique() > 2 and bool(re.search(f"{INDEX_WORDS}|{DAY_WORDS}", col.lower())) and not _name_kind(col))
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #705cceb2
 def _pick_keys(df: pd.DataFrame, cols: list[str]) -> tuple[str | None, str | None, list[str]]:
@@ -71,74 +102,188 @@ def _pick_keys(df: pd.DataFrame, cols: list[str]) -> tuple[str | None, str | Non
 def _is_float(s: pd.Series) -> bool:
     return pd.api.types.is_float_dtype(s) and not (s.dropna() % 1 == 0).all()
 
+def _outcome_score(col: str, s: pd.Series) -> float:
+    "How much a two-valued column looks like a clinical outcome: its name (an event word), then its shape (0/1, yes/no, a minority class)."
+    name = col.lower()
+    score = 3.0 if re.search(EVENT_WORDS, name) else 1.0 if re.search(WEAK_OUTCOME_WORDS, name) else 0.0
+    values = {str(v).strip().lower() for v in s.dropna().unique()}
+    if values <= {"0", "1", "0.0", "1.0", "yes", "no", "y", "n", "true", "false", "positive", "negative"}: score += 1
+    share = s.value_counts(normalize=True).min()
+    if 0.005 <= share < 0.5: score += 0.5
+    return score
+
 def _outcomes(df: pd.DataFrame, cols: list[str]) -> list[str]:
-    binary = [c for c in cols if df[c].dropna().nunique() == 2]
-    return sorted(binary, key=lambda c: (not re.search(OUTCOME_WORDS, c.lower()), cols.index(c)))
+    "Two-valued columns ranked as outcomes; demographics (sex, gender, race...) are never proposed."
+    binary = [c for c in cols if df[c].dropna().nunique() == 2 and not re.search(DEMOGRAPHIC_WORDS, c.lower())]
+    return sorted(binary, key=lambda c: (-_outcome_score(c, df[c]), cols.index(c)))
 
-def _nice(x: float) -> float:
-    return float(np.format_float_positional(x, precision=4, unique=True, trim="-")) if np.isfinite(x) else x
+def _outward(x: float, up: bool, digits: int = 4) -> float:
+    "`x` rounded to `digits` significant digits away from the data (down for a minimum, up for a maximum): never inside it."
+    if not np.isfinite(x) or x == 0: return 0 if x == 0 else float(x)
+    d = Decimal(float(x))                       # exact: the double the validator compares with
+    step = Decimal(1).scaleb(d.adjusted() - digits + 1)
+    r = d.quantize(step, rounding=ROUND_CEILING if up else ROUND_FLOOR)
+    return int(r) if r == r.to_integral_value() else float(r)
 
-def _feature(s: pd.Series) -> tuple[dict, list[str]]:
-    notes = []
-    num = pd.to_numeric(s, errors="coerce")
-    missing = s.isna().mean()
-    if missing > 0.95: notes.append(f"{missing:.0%} missing")
+# %% ../../nbs/10_data/14_spec_draft.ipynb #a63622d3
+def _sentinels(col: str, x: pd.Series) -> dict[float, int]:
+    "Values that look like missing-value codes (9999, 65526, -1 in an age...): far outside the rest of the column."
+    v = x.dropna()
+    age = _name_kind(col) == "age"
+    out = {}
+    for s in v.unique():
+        rest = v[v != s]
+        if rest.empty: continue
+        implausible_age = age and (s < 0 or s > 130)
+        code = s in SENTINELS and ((s > 0 and s > 1.5 * rest.max()) or (s < 0 and rest.min() >= 0))
+        if implausible_age or code: out[float(s)] = int((v == s).sum())
+    return out
+
+def _feature(col: str, s: pd.Series) -> tuple[dict | None, list[str], str | None, pd.Series]:
+    """One column's draft: its feature entry (or None and the reason to exclude it), notes for the reviewer,
+    and the rows whose value the proposed spec rejects on purpose (missing-value codes, text in a numeric column)."""
+    notes, flagged = [], pd.Series(False, index=s.index)
+    present = s.notna()
+    if present.mean() < 0.05: notes.append(f"{1 - present.mean():.0%} missing")
     if s.dropna().nunique() <= 1: notes.append("constant")
-    mostly_numbers = s.notna().any() and num.notna().sum() >= 0.95 * s.notna().sum()
-    if pd.api.types.is_numeric_dtype(s) or (mostly_numbers and s.dropna().nunique() > 2):
-        lo, hi = num.min(), num.max()
-        notes.append(f"observed {_nice(lo)} to {_nice(hi)}: replace with the clinically plausible range and unit")
-        return {"kind": "numeric", "min": _nice(lo), "max": _nice(hi)}, notes
-    cats = sorted(s.dropna().astype(str).unique())
-    if len(cats) > 30:
-        notes.append(f"{len(cats)} distinct values: free text or a code list? consider excluding it")
-        return {"kind": "categorical"}, notes
-    return {"kind": "categorical", "categories": cats}, notes
+    num = pd.to_numeric(s, errors="coerce")
+    text = present & num.isna()
+    if pd.api.types.is_numeric_dtype(s) or (num.notna().any() and text.sum() <= 0.05 * present.sum() and s.dropna().nunique() > 2):
+        if text.any():
+            notes.append(f"mixed type: {int(text.sum())} value(s) ({text.sum() / present.sum():.1%}) are text, not numbers; typed numeric, "
+                         "so those rows fail validation: recode them upstream (or as missing)")
+            flagged |= text
+        for value, n in _sentinels(col, num).items():
+            notes.append(f"{n} row(s) hold {value:g}, a missing-value code or an error? left out of the proposed range, so those rows "
+                         "fail validation: recode them as missing upstream, or widen the range if they are real")
+            flagged |= num == value
+        kept = num[~flagged].dropna()
+        if kept.empty: return {"kind": "numeric"}, notes, None, flagged
+        lo, hi = _outward(kept.min(), False), _outward(kept.max(), True)
+        notes.append(f"observed {lo:g} to {hi:g} (rounded outward, all {len(s):,} rows): replace with the clinically plausible range and unit")
+        return {"kind": "numeric", "min": lo, "max": hi}, notes, None, flagged
+    values = s.dropna().astype(str)
+    cats = sorted(values.unique())
+    if len(cats) > 30 or (len(cats) > 10 and len(cats) > 0.5 * len(values)):
+        long = values.str.len().mean() > 30
+        return None, notes, (f"free text or a code list ({len(cats):,} distinct values{', long strings' if long else ''}): never a "
+                             "predictor as it stands; code it upstream into a few categories if it should be one"), flagged
+    return {"kind": "categorical", "categories": cats}, notes, None, flagged
+
+# %% ../../nbs/10_data/14_spec_draft.ipynb #a1e0670c
+@dataclass
+class SpecDraft:
+    "A drafted `dataset:` block, the reviewer's list, and how many rows the draft rejects on purpose (codes, text in numbers)."
+    spec: dict
+    review: list[str]
+    rows: int
+    flagged_rows: int
+
+def _later_share(t: pd.Series, index: pd.Series) -> float:
+    "Share of rows (both recorded) whose time `t` lies after the index time."
+    if pd.api.types.is_numeric_dtype(index):
+        a, b = pd.to_numeric(t, errors="coerce"), index
+    else:
+        a, b = pd.to_datetime(t, errors="coerce", format="mixed"), pd.to_datetime(index, errors="coerce", format="mixed")
+    both = a.notna() & b.notna()
+    return float((a[both] > b[both]).mean()) if both.any() else 0.0
+
+def _pick_index(df: pd.DataFrame, times: list[str], days: list[str], review: list[str]) -> str | None:
+    "A date-time, else an integer day axis, named like an index time and never missing."
+    for pool in (times, days):
+        named = sorted((c for c in pool if re.search(f"{INDEX_WORDS}|{DAY_WORDS}", c.lower())),
+                       key=lambda c: not re.search(INDEX_WORDS, c.lower()))
+        for c in named:
+            if df[c].notna().all(): return c
+            review.append(f"index time: `{c}` looks like one but is missing in {df[c].isna().sum():,} row(s)")
+    return None
+
+def _pick_site(df: pd.DataFrame, cols: list[str]) -> str | None:
+    "A low-cardinality column whose name or values say site, centre, hospital or clinic."
+    fits = [c for c in cols if 2 <= df[c].nunique() <= 30 and not pd.api.types.is_float_dtype(df[c])
+            and (re.search(SITE_WORDS, c.lower()) or (not pd.api.types.is_numeric_dtype(df[c]) and _is_facility(df[c])))]
+    return fits[0] if fits else None
+
+def _sensitive(features: dict) -> dict:
+    "Subgroup attributes from the cohort's own columns: sex/gender, race/ethnicity (categorical), age in bands."
+    out = {}
+    for c, f in features.items():
+        if f["kind"] == "categorical" and re.search(r"(^|_)(sex|gender|race|ethnic\w*)($|_)", c.lower()): out[c] = {"column": c}
+    age = next((c for c, f in features.items() if f["kind"] == "numeric" and _name_kind(c) == "age" and "min" in f), None)
+    if age:
+        lo, hi = int(np.floor(features[age]["min"])), int(np.floor(features[age]["max"])) + 1
+        edges = [lo] + [e for e in (18, 50, 65, 80) if lo < e < hi] + [hi]
+        labels = [f"{a}-{b - 1}" for a, b in zip(edges[:-2], edges[1:-1])] + [f"{edges[-2]}+"]
+        out["age_band"] = {"column": age, "bins": edges, "labels": labels}
+    return out
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #00ca8cdc
-def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> tuple[dict, list[str]]:
-    "Draft the `dataset:` block of params.yaml for the cohort file at `path`; return it and the review notes."
+def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> SpecDraft:
+    "Draft the `dataset:` block of params.yaml for the cohort file at `path`, with the review notes."
     path = Path(path)
     df = read_cohort(path).drop(columns=SOURCE_ROW)
     sample = df if len(df) <= max_rows else df.sample(max_rows, random_state=0)
-    cols = list(df.columns)
-    review = []
+    cols, review, excluded = list(df.columns), [], {}
     patient, row, other_ids = _pick_keys(df, cols)
     outcomes = _outcomes(sample, [c for c in cols if c not in (patient, row)])
     outcome = outcomes[0] if outcomes else None
-    times = [c for c in cols if c not in (patient, row, outcome) and _is_time(sample[c])]
-    index_time = next((c for c in times if re.search(INDEX_WORDS, c.lower())), None)
-    identifiers, features = {}, {}
+    rest = [c for c in cols if c not in (patient, row, outcome)]
+    times = [c for c in rest if _is_time(sample[c])]
+    index_time = _pick_index(df, times, [c for c in rest if _is_day_axis(c, df[c])], review)
+    for c in outcomes[1:]:
+        if re.search(EVENT_WORDS, c.lower()): excluded[c] = f"another outcome-like column beside `{outcome}`: a later or related outcome leaks"
+    for c in [*times, *[c for c in rest if _is_day_axis(c, df[c])]]:
+        if index_time and c not in (index_time, *excluded) and _name_kind(c) != "date":
+            later = _later_share(df[c], df[index_time])
+            if later > 0.5: excluded[c] = f"recorded after the index time `{index_time}` in {later:.0%} of rows: not known at prediction"
+    site = _pick_site(df, [c for c in rest if c not in excluded and c != index_time and not _name_kind(c)])
+    identifiers, features, flagged = {}, {}, pd.Series(False, index=df.index)
     for key in (patient, row):
         if key and _name_kind(key) not in (None, "age"): identifiers[key] = {"kind": _name_kind(key)}
-    for c in cols:
-        if c in (patient, row, outcome): continue
-        kind = _name_kind(c) or _value_kind(sample[c]) or ("date" if c in times and c != index_time else None)
+    for c in rest:
+        if c in excluded or c in (index_time, site): continue
+        kind = _name_kind(c)
+        if kind == "name" and _is_facility(df[c]): kind = None
+        if kind is None and re.search(POST_OUTCOME_WORDS, c.lower()):
+            excluded[c] = "name suggests it is known only after the prediction (a result, turnaround, status, discharge or stay)"
+            continue
+        kind = kind or _value_kind(df[c]) or ("date" if c in times else None)
         if kind and kind != "age":
             identifiers[c] = {"kind": kind}
             continue
-        if c in times: continue
-        feat, notes = _feature(sample[c])
-        features[c] = feat
+        feat, notes, why, bad = _feature(c, df[c])
+        if feat is None: excluded[c] = why
+        else: features[c] = feat
+        flagged |= bad
         if kind == "age":
             identifiers[c] = {"kind": "age"}
             notes.append("age: Safe Harbor codes ages over 89 as 90")
         review += [f"features.{c}: {n}" for n in notes]
+    for c in other_ids: features.pop(c, None); excluded.setdefault(c, "an id-like column: a key, not a predictor")
     if patient is None: review.insert(0, "patient_id: no column looks like a patient key; name it")
     if outcome is None: review.insert(0, "outcome: no two-valued column found; name the outcome and its positive value")
     elif len(outcomes) > 1: review.append(f"outcome: chose `{outcome}`; other two-valued columns: {', '.join(outcomes[1:6])}")
-    if other_ids: review.append(f"other id-like columns (not features): {', '.join(other_ids)}")
-    for c in other_ids: features.pop(c, None)
+    if excluded: review.append(f"excluded_columns: {len(excluded)} column(s) proposed as never a predictor, each with its reason; check each")
     if identifiers: review.append(f"identifiers: {len(identifiers)} column(s) look like direct identifiers; check each kind")
+    if site: review.append(f"site: `{site}` proposed as the site column (not a predictor); split.method: site holds one out "
+                           "for external validation")
+    review += [f"time columns: {', '.join(times)}"] if times else []
+    review.append(f"index time: {f'`{index_time}`' if index_time else 'none found'}")
+    if flagged.any(): review.append(f"{int(flagged.sum()):,} row(s) hold values the draft leaves out on purpose (codes, text in numbers): "
+                                    "they fail validation until recoded")
+    sensitive = _sensitive(features)
     spec = {"name": name or re.sub(r"\W+", "_", path.stem).lower(), "file": str(path),
             "provenance": {"source": "TODO: who extracted this file, from which system, when", "sha256": sha256_file(path)},
             "patient_id": patient, **({"row_id": row} if row else {}), "outcome": outcome,
             "positive_value": _positive(sample[outcome]) if outcome else 1,
-            **({"index_time": index_time} if index_time else {}),
-            "features": features, "identifiers": identifiers,
-            "excluded_columns": {c: "TODO: why" for c in other_ids}}
-    review += [f"time columns: {', '.join(times)} (index time: {index_time or 'none found'})"] if times else []
-    return spec, review
+            **({"index_time": index_time} if index_time else {}), **({"site": site} if site else {}),
+            "features": features, "sensitive_attributes": sensitive, "excluded_columns": excluded, "identifiers": identifiers}
+    return SpecDraft(spec, review, len(df), int(flagged.sum()))
+
+def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> tuple[dict, list[str]]:
+    "Draft the `dataset:` block of params.yaml for the cohort file at `path`; return it and the review notes."
+    d = draft_cohort(path, name, max_rows)
+    return d.spec, d.review
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #7cc7f17d
 def _positive(y: pd.Series):

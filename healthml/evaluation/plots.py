@@ -114,6 +114,12 @@ def subgroup_figure(plots: Path):
     import matplotlib.pyplot as plt
     d = pd.read_csv(plots/"subgroups.csv")
     d = d[d.status == "ok"].reset_index(drop=True)
+    if d.empty or "auroc" not in d:   # every subgroup below the minimum n: say so rather than fail the report
+        fig, ax = plt.subplots(figsize=(6, 1.4))
+        ax.text(0.5, 0.5, "No subgroup has enough patients, events and non-events\nto estimate AUROC (see the subgroup table)",
+                ha="center", va="center", fontsize=9)
+        ax.set_axis_off()
+        return fig
     fig, ax = plt.subplots(figsize=(6, 0.28 * len(d) + 1.2))
     yy = np.arange(len(d))[::-1]
     ax.errorbar(d.auroc, yy, xerr=[d.auroc - d.auroc_ci_low, d.auroc_ci_high - d.auroc], fmt="o", ms=4, capsize=2)

@@ -585,11 +585,11 @@ def _execute(template: Path, dest: Path, root: Path, params_path, version: str, 
     with quiet_stderr() as kernel_log:
         try: pm.execute_notebook(str(template), str(dest), parameters={"root": str(root), "params_path": str(params_path), "version": version},
                                  kernel_name=kernel, progress_bar=False, cwd=str(root), log_output=False)
-        except Exception: failed = True
-        else: failed = False
-    if failed:
+        except Exception as e: failed = e
+        else: failed = None
+    if failed is not None:
         sys.stderr.write(kernel_log()[-4000:])
-        raise
+        raise failed
 
 # %% ../../nbs/40_governance/45_report.ipynb #a3b5429c
 def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml", kernel: str = "python3") -> Path:
