@@ -15,7 +15,7 @@ import yaml
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write
 from ..core.spec import Abstention
-from ..core.params import (DatasetCardConfig, DeidentifyConfig, EvaluateConfig, ExportConfig, MonitorConfig,
+from ..core.params import (DatasetCardConfig, DeidentifyConfig, EvaluateConfig, ExportConfig, MonitorConfig, PrivacyConfig,
                                   RobustnessConfig, parse_params)
 from .spec_draft import draft_cohort
 
@@ -48,6 +48,8 @@ def gate_plan(model_name: str, has_subgroups: bool) -> dict:
         {"name": "non_inferior_to_champion", "kind": "non_inferiority", "against": "champion", "metric": "auroc", "margin": 0.01,
          "why": "a replacement is not worse than the model in service"},
         {"name": "onnx_parity", "kind": "parity", "max": 1.0e-5, "why": "the deployed ONNX graph gives the validated risks"},
+        {"name": "membership_inference", "kind": "privacy", "metric": "mia_auc_ci_high", "max": 0.65,
+         "why": "the stronger of two published membership attacks does not tell training from held-out patients with an AUC shown above 0.65"},
         {"name": "direction_of_risk", "kind": "direction",
          "why": "risk never moves against a feature's declared direction (not applicable until a feature declares one)"}]
     return {"plan": f"{model_name} promotion plan v1 (drafted by healthml init: review it before the first run is judged)",
@@ -84,6 +86,7 @@ def init_params(path: str | Path, name: str | None = None, file_ref: str | None 
                       "intersections": [["age_band", sex]] if sex and "age_band" in groups else [],
                       "champion": None,
                       "robustness": {**RobustnessConfig().model_dump(mode="json"), "unit_errors": {}}},
+         "privacy": PrivacyConfig(sensitive_attribute=sex).model_dump(mode="json"),
          "export": ExportConfig().model_dump(mode="json"),
          "tracking": {"uri": "sqlite:///mlflow.db", "experiment": model_name, "artifact_location": "mlartifacts",
                       "audit_log": "audit/audit.jsonl"},
@@ -107,6 +110,7 @@ SECTION_NOTES = {
     "split": "random | temporal (needs dataset.index_time) | site (needs dataset.site and test_site).",
     "models": "name -> config; `kind` picks the estimator (lightgbm | logistic); outputs are named after the models.",
     "evaluate": "Test-set evaluation: every estimate with its CI; slices, intersections and unit errors name this cohort's columns.",
+    "privacy": "Membership- and attribute-inference risk of the candidate, and the training-data screen (the privacy stage).",
     "export": "ONNX export and its parity check.",
     "tracking": "MLflow store and experiment (named after the dataset and outcome).",
     "report": "The audit report; governance/model_review.yaml holds what only a person can supply.",
