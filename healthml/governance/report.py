@@ -30,7 +30,7 @@ __all__ = ['INSUFFICIENT', 'TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContex
            'fairness_table', 'robustness_table', 'review_table', 'tripod_table', 'gate_table', 'participant_flow',
            'split_table', 'table_one', 'sample_size_table', 'leakage_table', 'deidentification_table', 'warnings_table',
            'excluded_table', 'predictor_table', 'parity_table', 'html_table', 'uncertainty_table', 'importance_table',
-           'typical_record', 'worked_examples', 'prediction_examples', 'example_cards', 'verdict_banner', 'period_text',
+           'typical_record', 'worked_examples', 'prediction_examples', 'example_cards', 'verdict_banner',
            'validation_headline', 'test_population', 'validation_table', 'figure_alt', 'show_figure', 'figure_or_note',
            'remote_references', 'add_toc', 'notebook_to_html', 'package_versions', 'model_version', 'manifest',
            'report_index', 'monitoring_index', 'write_index', 'build_report', 'file_report', 'verify_report']
@@ -248,28 +248,27 @@ def participant_flow(ctx: ReportContext) -> pd.DataFrame:
 
 def split_table(ctx: ReportContext) -> pd.DataFrame:
     "Each split in train / validation / test order: patients and rows apart, events, and its sites and time span when known."
-    rows = []
-    for name in ("train", "validation", "test"):
-        s = ctx.split[name]
-        rows.append({"Split": name, "Patients": count(s["patients"]), "Rows": count(s["rows"]), "Events": count(s["events"]),
-                     "Event rate (patients)": f"{s['prevalence']:.1%}", "Sites": ", ".join(s.get("sites", [])) or "",
-                     "Time span": period_text(s["index_time"]) if "index_time" in s else ""})
-    t = pd.DataFrame(rows)
-    return t[[c for c in t.columns if (t[c] != "").any()]]
+    from healthml.data.dataset_card import split_rows
+    t = pd.DataFrame(split_rows(ctx.split))
+    for c in ("patients", "rows", "events"): t[c] = t[c].map(count)
+    return t.rename(columns=str.capitalize)
 
 def table_one(ctx: ReportContext, by: str = "outcome") -> pd.DataFrame:
-    "Table 1 (cohort characteristics) from the dataset card, by outcome or by split."
+    "Table 1 from the dataset card, by outcome or by split: the characteristic first, then no event, event (or train, validation, test), overall, missing."
+    from healthml.data.dataset_card import table_one_columns
     t = pd.DataFrame(ctx.dataset_card[f"table1_by_{by}"])
+    t = t[table_one_columns(list(t.columns), ctx.dataset_card.get("table1_order", {}).get(by, []))]
+    t = t.map(lambda v: count(v) if isinstance(v, int) and not isinstance(v, bool) else v)   # counts with thousands separators
     return t.rename(columns={"characteristic": "Characteristic"}).fillna("")
 
 def sample_size_table(ctx: ReportContext) -> pd.DataFrame:
     "Riley et al. (2020) minimum development sample size against the training split."
     r = ctx.dataset_card["sample_size"]
-    return pd.DataFrame([("(i) expected shrinkage >= 0.9", r["n_shrinkage"]), ("(ii) optimism in Nagelkerke R² <= 0.05", r["n_optimism"]),
-                         ("(iii) overall risk within ± 0.05", r["n_overall_risk"]),
-                         (f"Minimum ({r['parameters']} predictor parameters, anticipated R²cs {r['r2_cox_snell']:.3f})", r["n_required"]),
-                         ("Training split", r["n_train"])], columns=["Criterion", "Rows needed / available"]).assign(
-        Events=["", "", "", r["events_required"], r["events_train"]])
+    return pd.DataFrame([("(i) expected shrinkage >= 0.9", count(r["n_shrinkage"])), ("(ii) optimism in Nagelkerke R² <= 0.05", count(r["n_optimism"])),
+                         ("(iii) overall risk within ± 0.05", count(r["n_overall_risk"])),
+                         (f"Minimum ({r['parameters']} predictor parameters, anticipated R²cs {r['r2_cox_snell']:.3f})", count(r["n_required"])),
+                         ("Training split", count(r["n_train"]))], columns=["Criterion", "Rows needed / available"]).assign(
+        Events=["", "", "", count(r["events_required"]), count(r["events_train"])])
 
 # %% ../../nbs/40_governance/45_report.ipynb #3609de73
 def leakage_table(ctx: ReportContext) -> pd.DataFrame:
@@ -417,10 +416,7 @@ def verdict_banner(verdict: dict | None) -> str:
             + (f"<ul>{failed}</ul>" if failed else "") + "</div>")
 
 # %% ../../nbs/40_governance/45_report.ipynb #9c31b7a5
-def period_text(span: dict) -> str:
-    "A split's time span in words: `2019 to 2020` (years of a date) or `day 300 to 365` (a day axis)."
-    a, b = (f"{v:g}" for v in (span["from"], span["to"]))
-    return (f"day {a} to {b}" if span.get("unit") == "day" else f"{a} to {b}") if a != b else (f"day {a}" if span.get("unit") == "day" else a)
+from ..data.dataset_card import period_text
 
 def validation_headline(split: dict) -> str:
     "What kind of validation the test split gives, in words: external (a held-out site), temporal (a later period) or internal."
