@@ -74,7 +74,7 @@ def test_dataset_card_has_flow_table_one_sample_size_and_a_clean_leakage_audit(p
     t1 = pd.DataFrame(card["table1_by_outcome"])
     death = "hospdead = 1"
     ages = t1[t1["characteristic"].str.startswith("age,")].iloc[0]
-    assert float(ages[death].split()[0]) > float(ages["other"].split()[0])  # those who died were older
+    assert float(ages[death].split()[0]) > float(ages["no event"].split()[0])  # those who died were older
     r = card["sample_size"]
     assert r["adequate"] is True and r["n_train"] == 5463 and r["n_required"] < 5463 and r["parameters"] > len(card["missingness_percent"]) - 1
     assert card["leakage"]["clean"] and max(card["leakage"]["single_feature_auroc"].values()) < 0.8

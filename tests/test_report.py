@@ -29,6 +29,9 @@ def test_validation_report_renders_offline_with_every_section_and_figure(pipelin
         assert page.get_by_role("heading", name=re.compile("^" + re.escape(title))).first.is_visible(), title
     assert page.locator("nav.toc li").count() >= len(SECTIONS)
     assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 100).length") >= 4
+    alts = page.evaluate("Array.from(document.images).map(i => i.alt)")       # every figure described for a screen reader
+    assert alts and all(len(a) > 40 and "No description" not in a for a in alts), alts
+    assert page.get_by_text("Internal validation (random split by patient)").first.is_visible()
     assert page.get_by_text("Gate verdict: PASS").is_visible()
     assert page.locator(".np").first.is_visible()                      # NOT PROVIDED items shown, in red
     assert page.locator(".np").first.evaluate("e => getComputedStyle(e).color") == "rgb(207, 34, 46)"

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, fie
 from .outcome import OutcomeRule, OutcomeRuleError, compile_outcome, parse_condition
 
 # %% auto #0
-__all__ = ['IDENTIFIER_KINDS', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance',
-           'Identifier', 'Abstention', 'DatasetSpec', 'category_labels', 'observed_spec']
+__all__ = ['IDENTIFIER_KINDS', 'ROW_KEY', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute',
+           'Provenance', 'Identifier', 'Abstention', 'DatasetSpec', 'category_labels', 'observed_spec']
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
 class StrictModel(BaseModel):
@@ -87,12 +87,14 @@ class Abstention(StrictModel):
     min_present_fraction: float = Field(0.5, gt=0, le=1)  # share of the features a record must hold (an empty record never scores)
     support_margin: float = Field(0.1, ge=0)  # how far beyond the training min/max a number may lie, as a share of the training range
 
+ROW_KEY = "row_key"  # the key ingest makes when a cohort has one row per person and no identifier column
+
 class DatasetSpec(StrictModel):
     "What the cohort file holds and how to read it."
     name: str
     file: Path
     provenance: Provenance
-    patient_id: str
+    patient_id: str | None  # the patient key; null: each row is a patient (`row_id` if declared, else a key made at ingest)
     outcome: str
     positive_value: int | float | str | list[int | float | str] = 1  # the outcome value meaning the event, or a list of them
     outcome_rule: str | dict | None = None  # instead: a comparison ("> 0", "!= '-'") or a derived outcome ({any_of: [...]})
@@ -110,6 +112,7 @@ class DatasetSpec(StrictModel):
     abstention: Abstention = Abstention()  # when a record is too sparse or too unfamiliar to be scored
     rare_category_min: int = Field(10, ge=1)  # a category level held by fewer patients is pooled into `(other)` at de-identification
     _outcome: OutcomeRule = PrivateAttr(None)
+    _key_made: bool = PrivateAttr(False)
 
     @field_validator("outcome_rule")
     @classmethod
@@ -119,6 +122,10 @@ class DatasetSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.patient_id is None:   # one row per person: the row key is the unit (settings cannot change, hence object.__setattr__)
+            object.__setattr__(self, "patient_id", self.row_id or ROW_KEY)
+            object.__setattr__(self, "row_id", None)
+            self._key_made = self.patient_id == ROW_KEY
         if not self.features:
             raise ValueError("declare at least one feature")
         if self.outcome_rule is not None and "positive_value" in self.model_fields_set:
@@ -140,6 +147,17 @@ class DatasetSpec(StrictModel):
         if self.index_time and self.index_time in self.features:
             raise ValueError(f"the index time `{self.index_time}` cannot be a feature")
         return self
+
+    @property
+    def unit_note(self) -> str:
+        "The unit of analysis in words: what one key (one `patient_id` value) stands for."
+        if self._key_made: return "patient (one row per person; no identifier column, so each row's number is its key)"
+        return "patient" + (" (several encounters each)" if self.row_id else "")
+
+    @property
+    def key_made_at_ingest(self) -> bool:
+        "No key column in the file: ingest numbers the rows and that number is the patient key."
+        return self._key_made
 
     @property
     def outcome_definition(self) -> OutcomeRule:

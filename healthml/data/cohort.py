@@ -112,6 +112,11 @@ def spec_columns(spec: DatasetSpec, outcome_sources: bool = True) -> list[str]:
 
 def select_cohort(raw: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, dict]:
     "Keep the spec's columns; return them with a record of what was dropped and why."
+    if spec.key_made_at_ingest:   # `patient_id: null` and no row key: each row is a person, its row number the key
+        if spec.patient_id in raw.columns:
+            raise CohortError(f"the file has a column `{spec.patient_id}`, the name healthml gives its own row key",
+                              hint=f"declare it as `dataset.patient_id: {spec.patient_id}` if it is the key, or rename it")
+        raw = raw.assign(**{spec.patient_id: raw[SOURCE_ROW]})
     missing = [c for c in spec_columns(spec) if c not in raw.columns]
     if missing:
         raise CohortError(f"cohort file lacks column(s) the spec needs: {', '.join(missing)}",
@@ -219,7 +224,9 @@ def clean_cohort(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     out = df.copy()
     for name in spec.numeric: out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
     for name in spec.categorical: out[name] = out[name].astype("string").astype(object).where(out[name].notna(), None)
-    for name in spec.time_columns: out[name] = pd.to_datetime(out[name], errors="coerce", format="mixed")
+    for name in spec.time_columns:   # a number is a day on the study's own axis (day 0, 1, ...), not nanoseconds after 1970
+        out[name] = (out[name].astype("float64") if pd.api.types.is_numeric_dtype(out[name])
+                     else pd.to_datetime(out[name], errors="coerce", format="mixed"))
     rule = spec.outcome_definition
     out[spec.outcome] = rule.labels(out).astype("int8")
     if rule.derived:   # the columns a derived outcome was read from are no predictors: they leave with the raw file

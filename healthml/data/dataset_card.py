@@ -21,9 +21,9 @@ from .cohort import subgroup_frame
 from .split import SPLITS
 
 # %% auto #0
-__all__ = ['max_r2_cox_snell', 'riley_sample_size', 'predictor_parameters', 'table_one', 'missingness', 'subgroup_sizes',
-           'participant_flow', 'dataset_card', 'card_sections', 'card_markdown', 'card_html', 'card_inputs',
-           'write_dataset_card']
+__all__ = ['NO_EVENT', 'max_r2_cox_snell', 'riley_sample_size', 'predictor_parameters', 'table_one', 'missingness',
+           'subgroup_sizes', 'participant_flow', 'period_text', 'split_rows', 'table_one_columns', 'dataset_card',
+           'card_sections', 'card_markdown', 'card_html', 'card_inputs', 'write_dataset_card']
 
 # %% ../../nbs/10_data/16_dataset_card.ipynb #4e3c3ee1
 def max_r2_cox_snell(prevalence: float) -> float:
@@ -104,9 +104,33 @@ def participant_flow(ingest: dict, validation: dict, deid: dict, split: dict) ->
     steps += [{"step": "passed validation", "rows": validation.get("rows_kept", validation.get("rows")),
                "note": f"{validation.get('rows_quarantined', 0)} row(s) quarantined" if validation.get("rows_quarantined") else ""},
               {"step": "de-identified", "rows": deid.get("rows"), "note": f"{len(deid.get('actions', []))} identifier action(s)"}]
+    if split.get("rows_dropped_at_time_boundaries"):
+        n = split["rows_dropped_at_time_boundaries"]
+        steps.append({"step": "cut at the time boundaries", "rows": (deid.get("rows") or 0) - n if deid.get("rows") else None,
+                      "note": f"{n:,} row(s) dropped: encounters of train (validation) patients from the validation (test) start on"})
     steps += [{"step": f"{s} split", "rows": split[s]["rows"], "patients": split[s]["patients"], "events": split[s]["events"]}
               for s in SPLITS if s in split]
     return steps
+
+def period_text(span: dict) -> str:
+    "A split's time span in words: `2019 to 2020` (years of a date) or `day 300 to 365` (a day axis)."
+    day = span.get("unit") == "day"
+    a, b = (f"{v:g}" for v in (span["from"], span["to"]))
+    return (f"day {a} to {b}" if day else f"{a} to {b}") if a != b else (f"day {a}" if day else a)
+
+def split_rows(split: dict) -> list[dict]:
+    "Each split in train / validation / test order: patients and rows apart, events, its sites and time span when known."
+    return [{"split": s, "patients": split[s]["patients"], "rows": split[s]["rows"], "events": split[s]["events"],
+             **({"sites": ", ".join(split[s]["sites"])} if "sites" in split[s] else {}),
+             **({"time span": period_text(split[s]["index_time"])} if "index_time" in split[s] else {})} for s in SPLITS if s in split]
+
+NO_EVENT = "no event"  # Table 1's column of patients without the outcome
+
+def table_one_columns(columns, groups) -> list[str]:
+    "Table 1's columns in reading order: the characteristic, the groups in `groups` order (others after), Overall, Missing last."
+    first = ["characteristic", *[g for g in groups if g in columns]]
+    last = [c for c in ("Overall", "Missing") if c in columns]
+    return first + [c for c in columns if c not in first + last] + last
 
 def _records(df: pd.DataFrame) -> list[dict]:
     d = df.reset_index()
@@ -127,7 +151,7 @@ def dataset_card(splits: dict[str, pd.DataFrame],  # the train, validation and t
     spec, c = params.dataset, params.dataset_card
     ingest, validation, deid, split, leakage = (r or {} for r in (ingest, validation, deidentification, split, leakage))
     all_rows = pd.concat([d.assign(split=s) for s, d in splits.items()], ignore_index=True)
-    all_rows["outcome"] = np.where(all_rows[spec.outcome] == 1, spec.outcome_definition.describe(), "other")
+    all_rows["outcome"] = np.where(all_rows[spec.outcome] == 1, spec.outcome_definition.describe(), NO_EVENT)
     train = splits["train"]
     riley = riley_sample_size(predictor_parameters(train, spec), float(train[spec.outcome].mean()), r2_nagelkerke=c.anticipated_r2_nagelkerke,
                               shrinkage=c.shrinkage, r2_optimism=c.r2_optimism, risk_margin=c.risk_margin)
@@ -147,6 +171,8 @@ def dataset_card(splits: dict[str, pd.DataFrame],  # the train, validation and t
                     "prevalence": {s: round(float(d[spec.outcome].mean()), 4) for s, d in splits.items()}},
         "flow": participant_flow(ingest, validation, deid, split),
         "split": {"method": params.split.method, **({"test_site": params.split.test_site} if params.split.method == "site" else {})},
+        "splits": split_rows(split),
+        "table1_order": {"outcome": [NO_EVENT, spec.outcome_definition.describe()], "split": list(SPLITS)},
         "excluded_columns": ingest.get("excluded", {}),
         "validation_warnings": [w for w in validation.get("warnings", []) if not w["passed"]],
         "table1_by_outcome": _records(table_one(all_rows, spec, "outcome")), "table1_by_split": _records(table_one(all_rows, spec, "split")),
@@ -163,6 +189,11 @@ def _md_table(rows: list[dict]) -> str:
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                      + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
 
+def _ordered(card: dict, by: str) -> list[dict]:
+    "Table 1's records with their columns in reading order (JSON files keep keys sorted)."
+    order = card.get("table1_order", {}).get(by, [])
+    return [{c: r[c] for c in table_one_columns(list(r), order)} for r in card[f"table1_by_{by}"]]
+
 def card_sections(card: dict) -> list[tuple[str, str, list[dict] | str]]:
     "(title, intro, table rows or text) for each section, shared by Markdown and HTML."
     r, lk, de = card["sample_size"], card["leakage"], card["deidentification"]
@@ -177,8 +208,10 @@ def card_sections(card: dict) -> list[tuple[str, str, list[dict] | str]]:
         ("Outcome", f"{card['outcome'].get('rule') or card['outcome']['column']}: {card['outcome']['definition']}. "
                     f"Prediction time: {card['outcome']['prediction_time']}",
          [{"split": k, "prevalence": v} for k, v in card["outcome"]["prevalence"].items()]),
-        ("Table 1 by outcome", "mean (SD), median [Q1,Q3] for skewed variables, n (%); Missing = count.", card["table1_by_outcome"]),
-        ("Table 1 by split", "Distribution of each predictor in each split.", card["table1_by_split"]),
+        ("Splits", "Patients and rows in each split (they differ when a patient has several encounters), with sites and time span.",
+         card.get("splits", [])),
+        ("Table 1 by outcome", "mean (SD), median [Q1,Q3] for skewed variables, n (%); Missing = count.", _ordered(card, "outcome")),
+        ("Table 1 by split", "Distribution of each predictor in each split.", _ordered(card, "split")),
         ("Missing data (% of rows)", "Missing values are kept: LightGBM routes them, the baseline imputes them.", card["missingness_percent"]),
         ("Subgroup sizes", "Rows (n) and events per group and split.", card["subgroup_sizes"]),
         ("Sample size (Riley et al. 2020)", verdict, [{"criterion": "(i) shrinkage >= 0.9", "minimum n": r["n_shrinkage"]},

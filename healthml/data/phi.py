@@ -24,12 +24,13 @@ from ..core.params import DeidentifyConfig
 from ..core.spec import RARE_CATEGORY, DatasetSpec
 
 # %% auto #0
-__all__ = ['PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS', 'DeidentificationError',
-           'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'pool_rare_categories',
-           'deidentify_cohort', 'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts',
-           'without_static_styles', 'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError',
-           'row_counter', 'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message',
-           'keep_only_if_clean', 'deidentify', 'phi_scan']
+__all__ = ['INDEX_TIME_UNIT', 'PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS',
+           'DeidentificationError', 'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys',
+           'pool_rare_categories', 'index_axis', 'days_after_index', 'generalise_index_time', 'deidentify_cohort',
+           'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts', 'without_static_styles',
+           'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter',
+           'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'deidentify',
+           'phi_scan']
 
 # %% ../../nbs/10_data/13_phi.ipynb #c6bfe23f
 class DeidentificationError(HealthmlError):
@@ -96,6 +97,28 @@ def pool_rare_categories(df: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFr
                                   f"({int(mask.sum())} row(s))"})
     return out, actions
 
+# %% ../../nbs/10_data/13_phi.ipynb #665b4d81
+INDEX_TIME_UNIT = "index_time_unit"  # key of the de-identified cohort's attrs: "year" (a date reduced) or "day" (a day axis)
+
+def index_axis(df: pd.DataFrame, spec: DatasetSpec) -> pd.Series | None:
+    "The index time as the cohort holds it: date-times, or day numbers on a study's own axis (never dates in 1970)."
+    if not spec.index_time: return None
+    s = df[spec.index_time]
+    return s.astype("float64") if pd.api.types.is_numeric_dtype(s) else pd.to_datetime(s)
+
+def days_after_index(later: pd.Series, index: pd.Series) -> pd.Series:
+    "Days from the index time to `later`, on either axis (dates, or day numbers)."
+    if pd.api.types.is_numeric_dtype(index) and pd.api.types.is_numeric_dtype(later): return (later.astype("float64") - index).round(3)
+    if pd.api.types.is_numeric_dtype(index) or pd.api.types.is_numeric_dtype(later):
+        raise DeidentificationError("the index time and a recording time are on different axes (one a date, one a day number)",
+                                    hint="give both as dates, or both as day numbers")
+    return _days(later, index)
+
+def generalise_index_time(index: pd.Series) -> tuple[pd.Series, str, str]:
+    "The index time Safe Harbor allows: a date reduced to its year; a day number kept. Returns values, kind and action."
+    if pd.api.types.is_numeric_dtype(index): return index, "index day", "day number kept (not a date)"
+    return index.dt.year.astype("Int64"), "index date", "reduced to year"
+
 # %% ../../nbs/10_data/13_phi.ipynb #974bafd2
 def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig = DeidentifyConfig()
                       ) -> tuple[pd.DataFrame, dict]:
@@ -108,14 +131,14 @@ def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig
     if spec.row_id:
         out[spec.row_id] = surrogate_keys(df[spec.row_id], cfg.seed, 1)
         actions.append({"column": spec.row_id, "kind": "row key", "action": "random surrogate (no crosswalk kept)"})
-    index = pd.to_datetime(df[spec.index_time]) if spec.index_time else None
+    index = index_axis(df, spec)
     recorded = {f.recorded_at for f in spec.features.values() if f.recorded_at}
     times = {c: ("days_from_index" if c in recorded else "year") for c in spec.time_columns if c != spec.index_time}
     times |= {c: i.to for c, i in spec.identifiers.items() if i.kind == "date" and c != spec.index_time}
     for col, to in times.items():
         if to == "days_from_index":
             if index is None: raise DeidentificationError(f"`{col}`: days from the index date need `dataset.index_time`")
-            out[col] = _days(df[col], index)
+            out[col] = days_after_index(df[col], index)
             actions.append({"column": col, "kind": "date", "action": "days relative to the index date; date removed"})
             outside.append({"column": col, "choice": "days relative to the index date",
                             "why": "an interval is not a date, but one known date recovers the others; needs your privacy officer's agreement"})
@@ -127,8 +150,9 @@ def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig
             out["index_rank"] = index.rank(method="dense").astype("int64")
             outside.append({"column": "index_rank", "choice": "order of index dates kept (no date) for temporal splits",
                             "why": "not a date element, but it orders patients in time"})
-        out[spec.index_time] = index.dt.year.astype("Int64")
-        actions.append({"column": spec.index_time, "kind": "index date", "action": "reduced to year"
+        out[spec.index_time], kind, what = generalise_index_time(index)
+        out.attrs[INDEX_TIME_UNIT] = "day" if kind == "index day" else "year"
+        actions.append({"column": spec.index_time, "kind": kind, "action": what
                         + (" (+ index_rank: order only)" if cfg.keep_index_rank else "")})
     restricted = restricted_zip3()
     for col, ident in spec.identifiers.items():

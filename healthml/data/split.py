@@ -17,8 +17,9 @@ from ..core.params import SplitConfig
 from ..core.spec import DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['SPLITS', 'LeakageError', 'patient_split', 'assert_disjoint', 'temporal_split', 'site_split', 'assign_splits',
-           'single_feature_auroc', 'leakage_audit', 'split_summary', 'split_cohort']
+__all__ = ['SPLITS', 'DROPPED', 'LeakageError', 'patient_split', 'assert_disjoint', 'time_order', 'temporal_split', 'site_split',
+           'assign_splits', 'single_feature_auroc', 'rows_after_start', 'leakage_audit', 'split_summary',
+           'split_cohort']
 
 # %% ../../nbs/10_data/15_split.ipynb #cbe62e62
 SPLITS = ("train", "validation", "test")
@@ -54,15 +55,27 @@ def assert_disjoint(splits: dict[str, pd.DataFrame], patient_id: str) -> None:
 def _by_patient_first(df: pd.DataFrame, patient_id: str, col: str) -> pd.Series:
     return df.groupby(patient_id, sort=True)[col].first()
 
+def time_order(df: pd.DataFrame, spec: DatasetSpec) -> str | None:
+    "The column that orders rows in time: `index_rank` (after de-identification), else the index time; None without one."
+    return "index_rank" if "index_rank" in df else spec.index_time
+
+DROPPED = "dropped"  # a row cut at a time boundary: a train (validation) patient's encounter from the next period
+
 def temporal_split(df: pd.DataFrame, patient_id: str, order: str, cfg: SplitConfig) -> pd.Series:
-    "Earliest patients (by first `order` value) train, then validation, the latest test."
+    """Earliest patients (by first `order` value) train, then validation, the latest test; rows are cut at the boundaries:
+    a train patient's rows from the validation start on, and a validation patient's from the test start on, are `dropped`."""
     first = df.groupby(patient_id, sort=True)[order].min().sort_values(kind="stable")
     n = len(first)
     n_test, n_val = round(n * cfg.test_size), round(n * cfg.validation_size)
     label = pd.Series("train", index=first.index, dtype=object)
     label.iloc[n - n_test - n_val:n - n_test] = "validation"
     label.iloc[n - n_test:] = "test"
-    return pd.Series(df[patient_id].map(label).to_numpy(), index=df.index, name="split")
+    rows = pd.Series(df[patient_id].map(label).to_numpy(), index=df.index, name="split")
+    t = df[order]
+    for split, later in (("train", "validation"), ("validation", "test")):
+        start = t[rows == later].min()
+        rows[(rows == split) & (t >= start)] = DROPPED
+    return rows
 
 def site_split(df: pd.DataFrame, patient_id: str, outcome: str, site: str, cfg: SplitConfig) -> pd.Series:
     "Patients of `cfg.test_site` are the test set; the others split at random into train and validation."
@@ -82,8 +95,7 @@ def assign_splits(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> pd.S
     "The split of each row under `cfg.method`."
     if cfg.method == "temporal":
         if not spec.index_time: raise HealthmlError("a temporal split needs `dataset.index_time`")
-        order = "index_rank" if "index_rank" in df else spec.index_time
-        return temporal_split(df, spec.patient_id, order, cfg)
+        return temporal_split(df, spec.patient_id, time_order(df, spec), cfg)
     if cfg.method == "site":
         if not spec.site: raise HealthmlError("a site split needs `dataset.site`")
         return site_split(df, spec.patient_id, spec.outcome, spec.site, cfg)
@@ -103,6 +115,15 @@ def single_feature_auroc(x: pd.Series, y: pd.Series, categorical: bool) -> float
     auc = roc_auc_score(y, score)
     return float(max(auc, 1 - auc))
 
+def rows_after_start(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig) -> dict:
+    "In a temporal split: train rows whose index time lies after the validation or test start, and validation rows after the test start."
+    order = time_order(splits["train"], spec)
+    if cfg.method != "temporal" or order is None: return {}
+    start = {s: splits[s][order].min() for s in ("validation", "test")}
+    return {"train_after_validation_start": int((splits["train"][order] >= start["validation"]).sum()),
+            "train_after_test_start": int((splits["train"][order] >= start["test"]).sum()),
+            "validation_after_test_start": int((splits["validation"][order] >= start["test"]).sum())}
+
 def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig) -> dict:
     "The leakage audit of written splits: shared patients, duplicate rows, suspicious features, post-index values."
     names = list(splits)
@@ -120,22 +141,30 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
             d = pd.concat([s[[f, feat.recorded_at]] for s in splits.values()])
             t = pd.to_numeric(d[feat.recorded_at], errors="coerce")
             post[f] = int(((t > 0) & d[f].notna()).sum())
+    after = rows_after_start(splits, spec, cfg)
     flags = ([f"{n} patient(s) in both {k.replace('/', ' and ')}" for k, n in shared.items() if n]
+             + [f"{n} {k.replace('_after_', ' row(s) with an index time after the ').replace('_start', ' start')}" for k, n in after.items() if n]
              + [f"{n} {k} row(s) duplicate a training row's features" for k, n in dup.items() if n]
              + [f"`{f}` alone has AUROC {aucs[f]:.3f} on train (>= {cfg.leakage_auroc}): suspected target leakage" for f in suspected]
              + [f"`{f}`: {n} value(s) recorded after the index time" for f, n in post.items() if n])
     return {"patients_in_two_splits": shared, "duplicate_feature_rows": dup, "single_feature_auroc": aucs,
             "auroc_threshold": cfg.leakage_auroc, "suspected_leakage": suspected, "recorded_after_index": post,
+            **({"rows_after_start": after} if after else {}),
             "flags": flags, "clean": not flags}
 
 # %% ../../nbs/10_data/15_split.ipynb #418b4e09
 def split_summary(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> dict:
-    "Patients, rows, events and prevalence per split."
+    "Patients, rows, events and prevalence per split; with an index time its span (years, or days of a day axis), with a site its sites."
+    from healthml.data.phi import INDEX_TIME_UNIT
     out = {}
     for name, d in splits.items():
         events = int(d.groupby(spec.patient_id)[spec.outcome].max().sum())
         n = int(d[spec.patient_id].nunique())
         out[name] = {"patients": n, "rows": len(d), "events": events, "prevalence": round(events / max(n, 1), 6)}
+        if spec.index_time and d[spec.index_time].notna().any():
+            t = pd.to_numeric(d[spec.index_time], errors="coerce")
+            out[name]["index_time"] = {"from": float(t.min()), "to": float(t.max()), "unit": d.attrs.get(INDEX_TIME_UNIT, "year")}
+        if spec.site: out[name]["sites"] = sorted(map(str, d[spec.site].dropna().unique()))
     return out
 
 def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout) -> dict:
@@ -149,6 +178,7 @@ def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout) -> dict:
     audit = leakage_audit(splits, spec, cfg)
     for name, d in splits.items(): write_parquet(layout.split_file(name), d)
     summary = {"method": cfg.method, **({"test_site": cfg.test_site} if cfg.method == "site" else {}), **split_summary(splits, spec)}
+    if cfg.method == "temporal": summary["rows_dropped_at_time_boundaries"] = int((label == DROPPED).sum())
     write_json(layout.split_metrics, summary)
     write_json(layout.leakage, audit)
     return summary | {"leakage_flags": audit["flags"]}

@@ -27,7 +27,7 @@ from .utility import threshold_for_sensitivity, threshold_metrics, threshold_rep
 
 # %% auto #0
 __all__ = ['COMPARED', 'CHAMPION', 'INSUFFICIENT', 'model_evaluation', 'compare', 'choose_threshold', 'evaluation_settings',
-           'test_shortfall', 'quiet_numerics', 'evaluate', 'model_predictors', 'evaluate_models']
+           'validation_slices', 'test_shortfall', 'quiet_numerics', 'evaluate', 'model_predictors', 'evaluate_models']
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #f5a56809
 def _replicates(y, p, threshold, W, st, sets) -> dict:
@@ -90,16 +90,37 @@ def evaluation_settings(cfg: EvaluateConfig) -> dict:
             "ece_bins": f"{cfg.calibration_bins} equal-width"}
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #97e4e5e2
+def validation_slices(test: pd.DataFrame, spec: DatasetSpec, slices: dict) -> tuple[dict, dict]:
+    """The test patients by site and by period of index time (when the cohort has them), for the report's per-site and
+    per-period table: (new slices, {"site"/"period": the attribute that holds it}). Years are periods; a day axis is cut in four."""
+    from healthml.core.spec import SensitiveAttribute
+    from healthml.data.phi import INDEX_TIME_UNIT
+    new, named = {}, {}
+    declared = {**spec.sensitive_attributes, **slices}
+    if spec.site and spec.site in test:
+        named["site"] = next((k for k, a in declared.items() if a.column == spec.site and a.bins is None), "site")
+        if named["site"] not in declared: new[named["site"]] = SensitiveAttribute(column=spec.site)
+    t = pd.to_numeric(test[spec.index_time], errors="coerce") if spec.index_time and spec.index_time in test else None
+    if t is not None and t.notna().any() and "period" not in declared:
+        named["period"] = "period"
+        if test.attrs.get(INDEX_TIME_UNIT) == "day" and t.max() > t.min():
+            edges = np.linspace(t.min(), t.max(), 5); edges[-1] += 1e-9
+            new["period"] = SensitiveAttribute(column=spec.index_time, bins=edges.tolist(),
+                                               labels=[f"day {a:g} to {b:g}" for a, b in zip(edges[:-1].round(1), edges[1:].round(1))])
+        else: new["period"] = SensitiveAttribute(column=spec.index_time)
+    return new, named
+
 def _subgroups(test: pd.DataFrame, y, risk, threshold: float, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
-    "The candidate in every subgroup, and the fairness gaps of the sensitive ones."
+    "The candidate in every subgroup (with the test patients by site and period), and the fairness gaps of the sensitive ones."
     from healthml.data.cohort import subgroup_frame
-    groups, patients = subgroup_frame(test, spec, cfg.intersections, cfg.slices), test[spec.patient_id].to_numpy()
+    extra, named = validation_slices(test, spec, cfg.slices)
+    groups, patients = subgroup_frame(test, spec, cfg.intersections, {**cfg.slices, **extra}), test[spec.patient_id].to_numpy()
     table = subgroup_table(y, risk, groups, patients, threshold, cfg.min_subgroup_n, cfg.min_subgroup_events,
                            cfg.n_bootstrap, cfg.ci_level, cfg.seed, cfg.min_subgroup_non_events)
     fair = fairness_columns(groups, spec)
     gaps = fairness_gaps(y, risk, groups[fair], threshold, table[table.attribute.isin(fair)])
     return {"fairness_gaps": gaps, "groups": table.to_dict(orient="records"), "min_n": cfg.min_subgroup_n,
-            "min_events": cfg.min_subgroup_events, "min_non_events": cfg.min_subgroup_non_events}
+            "min_events": cfg.min_subgroup_events, "min_non_events": cfg.min_subgroup_non_events, **({"by": named} if named else {})}
 
 def _robustness(predict: Predict, test: pd.DataFrame, y, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
     out = robustness_checks(predict, test, y, spec, cfg.robustness, cfg.seed)

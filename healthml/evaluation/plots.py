@@ -52,13 +52,13 @@ def write_plots(layout: Layout, y_true, scores: dict, subgroups: pd.DataFrame, c
         _csv(calibration_curve(y_true, s, cfg.lowess_frac), P/"calibration_smooth"/f"{name}.csv")
         _csv(risk_histogram(s), P/"risk_histogram"/f"{name}.csv")
         _csv(decision_curve(y_true, s).rename(columns={"model": "net_benefit"}), P/"decision_curve"/f"{name}.csv")
-    cols = [c for c in ("attribute", "group", "n", "events", "status", "auroc", "auroc_ci_low", "auroc_ci_high",
-                        "observed_expected", "calibration_slope", "sensitivity", "fpr") if c in subgroups]
-    _csv(subgroups[cols].round(6), P/"subgroups.csv")
+    cols = ["attribute", "group", "n", "events", "status", "auroc", "auroc_ci_low", "auroc_ci_high",
+            "observed_expected", "calibration_slope", "sensitivity", "fpr"]   # every column, even when no group had an estimate
+    _csv(subgroups.reindex(columns=cols).round(6), P/"subgroups.csv")
 
 # %% ../../nbs/30_evaluation/36_plots.ipynb #4eb70fcc
-def roc_figure(plots: Path, models: list[str], aurocs: dict, labels: dict | None = None):
-    "ROC curves of the models on the test split."
+def roc_figure(plots: Path, models: list[str], aurocs: dict, labels: dict | None = None, population: str = "test patients"):
+    "ROC curves of the models on the test split (`population` names it in the title: the site or period of an external validation)."
     import matplotlib.pyplot as plt
     labels = labels or {}
     fig, ax = plt.subplots(figsize=(5.2, 5))
@@ -66,12 +66,12 @@ def roc_figure(plots: Path, models: list[str], aurocs: dict, labels: dict | None
         d = pd.read_csv(plots/"roc"/f"{name}.csv")
         ax.plot(d.fpr, d.tpr, label=f"{labels.get(name, name)}, AUROC {aurocs[name]:.3f}")
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
-    ax.set(xlabel="1 - specificity", ylabel="Sensitivity", title="ROC curve, test patients", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="1 - specificity", ylabel="Sensitivity", title=f"ROC curve, {population}", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
-def calibration_figure(plots: Path, models: list[str], labels: dict | None = None):
+def calibration_figure(plots: Path, models: list[str], labels: dict | None = None, population: str = "test patients"):
     "Reliability diagram (decile bins and LOWESS curve) above a histogram of predicted risk."
     import matplotlib.pyplot as plt
     labels = labels or {}
@@ -86,14 +86,14 @@ def calibration_figure(plots: Path, models: list[str], labels: dict | None = Non
         hx.bar(h.risk_from + (h.risk_to - h.risk_from) * (0.25 + 0.5 * i / max(len(models), 1)), h.patients,
                width=(h.risk_to - h.risk_from) / (len(models) + 1), color=c, alpha=0.8)
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1, label="perfect calibration")
-    ax.set(ylabel="Observed event rate", title="Calibration, test patients (dots: risk deciles)", xlim=(0, 1), ylim=(0, 1))
+    ax.set(ylabel="Observed event rate", title=f"Calibration, {population} (dots: risk deciles)", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=8)
     hx.set(xlabel="Predicted risk", ylabel="Patients")
     fig.tight_layout()
     return fig
 
 # %% ../../nbs/30_evaluation/36_plots.ipynb #8628c8a9
-def decision_curve_figure(plots: Path, models: list[str], labels: dict | None = None):
+def decision_curve_figure(plots: Path, models: list[str], labels: dict | None = None, population: str = "test patients"):
     "Net benefit of the models against treat-all and treat-none."
     import matplotlib.pyplot as plt
     labels = labels or {}
@@ -104,28 +104,23 @@ def decision_curve_figure(plots: Path, models: list[str], labels: dict | None = 
     ax.plot(d.threshold, d.treat_all, c="grey", ls="--", label="Treat all")
     ax.plot(d.threshold, d.treat_none, c="black", lw=1, label="Treat none")
     top = max(max(c.net_benefit.max() for c in curves.values()), d.treat_all.max())
-    ax.set(xlabel="Threshold risk", ylabel="Net benefit", title="Decision curve, test patients", ylim=(-0.02, top * 1.1 + 0.01))
+    ax.set(xlabel="Threshold risk", ylabel="Net benefit", title=f"Decision curve, {population}", ylim=(-0.02, top * 1.1 + 0.01))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
-def subgroup_figure(plots: Path):
-    "Forest plot of candidate AUROC with 95% CI per subgroup (guarded groups omitted)."
+def subgroup_figure(plots: Path, population: str = "test patients"):
+    "Forest plot of candidate AUROC with 95% CI per subgroup (guarded groups omitted); None when no group is large enough."
     import matplotlib.pyplot as plt
     d = pd.read_csv(plots/"subgroups.csv")
     d = d[d.status == "ok"].reset_index(drop=True)
-    if d.empty or "auroc" not in d:   # every subgroup below the minimum n: say so rather than fail the report
-        fig, ax = plt.subplots(figsize=(6, 1.4))
-        ax.text(0.5, 0.5, "No subgroup has enough patients, events and non-events\nto estimate AUROC (see the subgroup table)",
-                ha="center", va="center", fontsize=9)
-        ax.set_axis_off()
-        return fig
+    if d.empty: return None
     fig, ax = plt.subplots(figsize=(6, 0.28 * len(d) + 1.2))
     yy = np.arange(len(d))[::-1]
     ax.errorbar(d.auroc, yy, xerr=[d.auroc - d.auroc_ci_low, d.auroc_ci_high - d.auroc], fmt="o", ms=4, capsize=2)
     labels = [f"{a}: {g} (n={n})".replace("$", r"\$") for a, g, n in zip(d.attribute, d.group, d.n)]  # "$11-$25k" is not maths
     ax.set_yticks(yy, labels, fontsize=8)
     ax.axvline(0.5, c="grey", ls=":", lw=1)
-    ax.set(xlabel="AUROC (95% CI)", title="Candidate AUROC by subgroup, test patients")
+    ax.set(xlabel="AUROC (95% CI)", title=f"Candidate AUROC by subgroup, {population}")
     fig.tight_layout()
     return fig

@@ -50,7 +50,7 @@ def attribute_gaps(subgroups: dict, gap: str = "tpr_gap", min_events: int = 0, i
     "Per attribute of a subgroup analysis (metrics/subgroups.json): `group_gap` over its groups with `min_events` events."
     by, metric = _GAPS[gap]
     rows = {(g["attribute"], g["group"]): g for g in subgroups["groups"]}
-    count = (lambda r: r["n"] - r["events"]) if gap == "fpr_gap" else (lambda r: r["events"])
+    count = (lambda r: r.get("rows", r["n"]) - r["events"]) if gap == "fpr_gap" else (lambda r: r["events"])
     out = {}
     for attribute, g in subgroups["fairness_gaps"].items():
         rates = {k: v for k, v in (g.get(by) or {}).items() if count(rows[(attribute, k)]) >= min_events}

@@ -40,15 +40,15 @@ def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, s
 def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: float, min_n: int = 100,
                    min_events: int = 10, n_boot: int = 200, level: float = 0.95, seed: int = 0,
                    min_non_events: int = 10) -> pd.DataFrame:
-    "Metrics with CIs for every group of every attribute; 'insufficient n' below the guards."
+    "Metrics with CIs for every group of every attribute (`n` counts patients, `rows` rows); 'insufficient n' below the guards."
     y, p, patients = np.asarray(y_true, float), np.asarray(y_prob, float), np.asarray(patients)
     rows = []
     for attribute in groups.columns:
         for label, idx in groups.groupby(attribute, sort=True).indices.items():
-            n, events = len(idx), int(y[idx].sum())
-            row = {"attribute": attribute, "group": label, "n": n, "events": events, "prevalence": events / n}
-            if n < min_n or events < min_events or n - events < min_non_events:
-                row["status"] = (f"insufficient n (n={n}, events={events}, non-events={n - events}; "
+            n, events = len(np.unique(patients[idx])), int(y[idx].sum())
+            row = {"attribute": attribute, "group": label, "n": n, "rows": len(idx), "events": events, "prevalence": events / len(idx)}
+            if n < min_n or events < min_events or len(idx) - events < min_non_events:
+                row["status"] = (f"insufficient n (n={n}, events={events}, non-events={len(idx) - events}; "
                                  f"needs n>={min_n}, events>={min_events}, non-events>={min_non_events})")
             else:
                 row["status"] = "ok"

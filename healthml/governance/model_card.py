@@ -55,6 +55,7 @@ NIST_MAP = [
 
 def _m(metrics: dict, key: str, digits: int = 3) -> str:
     v = metrics.get(key)
+    if metrics.get("status") == "insufficient": return "insufficient"   # the test split could support no estimate
     if v is None: return "n/a"
     lo, hi = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
     return f"{v:.{digits}f}" + (f" (95% CI {lo:.{digits}f}-{hi:.{digits}f})" if lo is not None and hi is not None else "")
@@ -64,7 +65,7 @@ def model_card(ctx, review: dict, version: str) -> dict:
     "The CHAI-style model card as data."
     p, spec, ev = ctx.params, ctx.params.dataset, ctx.evaluation
     cand, cfg = ev.models[p.candidate], p.models[p.candidate]  # the card describes the candidate (`gate.candidate`)
-    gaps = ctx.subgroups["fairness_gaps"]
+    gaps = ctx.subgroups.get("fairness_gaps", {})
     worst = lambda g: max((v[g] for v in gaps.values() if v.get(g) is not None), default=None)
     return {
         "basic_information": {"model_name": p.report.model_name, "model_version": version, "developer": "healthml pipeline",
@@ -78,9 +79,9 @@ def model_card(ctx, review: dict, version: str) -> dict:
                    f"({ctx.ingest['rows']} patients).",
         "uses_and_directions": {"intended_use": review["intended_use"], "clinical_workflow": review["clinical_workflow"],
                                 "out_of_scope": review["out_of_scope"],
-                                "alert_threshold": f"risk >= {cand['threshold']:.3f} ({ev.settings['threshold_rule']})"},
+                                "alert_threshold": f"risk >= {_m(cand, 'threshold')} ({ev.settings['threshold_rule']})"},
         "warnings": {"limitations": review["limitations"],
-                     "known_risks": [f"{f} missing lowers AUROC by {-v['auroc_change']:.3f}" for f, v in ctx.robustness["missing"].items()],
+                     "known_risks": [f"{f} missing lowers AUROC by {-v['auroc_change']:.3f}" for f, v in ctx.robustness.get("missing", {}).items()],
                      "subgroups_not_evaluable": [f"{g['attribute']} = {g['group']} (n={g['n']})" for g in ctx.subgroups["groups"] if g["status"] != "ok"]},
         "trust_ingredients": {"training_data": spec.provenance.source, "data_licence": spec.provenance.licence,
                               "predictors": list(spec.features), "excluded_columns": ctx.ingest["excluded"],
@@ -88,7 +89,7 @@ def model_card(ctx, review: dict, version: str) -> dict:
                               "ethics_approval": review["ethics_approval"],
                               "deidentification_attestation": review["deidentification_attestation"]},
         "key_metrics": {
-            "usefulness": {"AUROC": _m(cand, "auroc"), "AUPRC": _m(cand, "auprc") + f" (prevalence {cand['prevalence']:.3f})",
+            "usefulness": {"AUROC": _m(cand, "auroc"), "AUPRC": _m(cand, "auprc") + f" (prevalence {_m(cand, 'prevalence')})",
                            "Net benefit at threshold": _m(cand, "net_benefit"), "Alerts per 100 patients": _m(cand, "alerts_per_100", 1)},
             "fairness": {"Largest TPR gap": "n/a" if worst("tpr_gap") is None else f"{worst('tpr_gap'):.3f}",
                          "Largest FPR gap": "n/a" if worst("fpr_gap") is None else f"{worst('fpr_gap'):.3f}",

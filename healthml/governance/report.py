@@ -26,15 +26,17 @@ from ..core.spec import observed_spec
 from ..evaluation.result import EvaluationResult
 
 # %% auto #0
-__all__ = ['TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'performance_table', 'calibration_table', 'threshold_table',
-           'comparison_table', 'subgroup_report_table', 'fairness_table', 'robustness_table', 'review_table',
-           'tripod_table', 'gate_table', 'participant_flow', 'table_one', 'sample_size_table', 'leakage_table',
-           'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
-           'html_table', 'membership_table', 'membership_subgroup_table', 'attribute_table', 'mitigation_table',
-           'screen_text', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
-           'prediction_examples', 'example_cards', 'verdict_banner', 'remote_references', 'add_toc', 'notebook_to_html',
-           'package_versions', 'model_version', 'manifest', 'report_index', 'monitoring_index', 'write_index',
-           'build_report', 'file_report', 'verify_report']
+__all__ = ['INSUFFICIENT', 'TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'count', 'p_value', 'difference',
+           'performance_table', 'calibration_table', 'threshold_table', 'comparison_table', 'subgroup_report_table',
+           'fairness_table', 'robustness_table', 'review_table', 'tripod_table', 'gate_table', 'participant_flow',
+           'split_table', 'table_one', 'sample_size_table', 'leakage_table', 'deidentification_table', 'warnings_table',
+           'excluded_table', 'predictor_table', 'parity_table', 'html_table', 'membership_table',
+           'membership_subgroup_table', 'attribute_table', 'mitigation_table', 'screen_text', 'uncertainty_table',
+           'importance_table', 'typical_record', 'worked_examples', 'prediction_examples', 'example_cards',
+           'verdict_banner', 'validation_headline', 'test_population', 'validation_table', 'figure_alt', 'show_figure',
+           'figure_or_note', 'remote_references', 'add_toc', 'notebook_to_html', 'package_versions', 'model_version',
+           'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report', 'file_report',
+           'verify_report']
 
 # %% ../../nbs/40_governance/45_report.ipynb #cc2d9574
 class ReportError(HealthmlError):
@@ -105,67 +107,103 @@ class ReportContext:
 # %% ../../nbs/40_governance/45_report.ipynb #4d3c6b02
 from ..evaluation.plots import model_labels
 
+INSUFFICIENT = "insufficient"  # what a table cell says when the data could not support the estimate
+
+def _short(m: dict) -> bool: return m.get("status") == INSUFFICIENT
+
 def _ci(m: dict, k: str, digits=3) -> str:
+    if _short(m): return INSUFFICIENT
     if m.get(k) is None: return "n/a"
     return f"{m[k]:.{digits}f} ({m[k + '_ci_low']:.{digits}f} to {m[k + '_ci_high']:.{digits}f})"
 
+def _num(v, spec: str) -> str: return "n/a" if v is None else format(v, spec)
+
+def count(n) -> str:
+    "A count with thousands separators (9,105); blank when there is none."
+    return "" if n is None or n == "" else f"{int(n):,}"
+
+def p_value(p) -> str:
+    "A p-value as a reader expects it: `< 0.001` below a thousandth, else three significant digits."
+    if p is None: return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+
+def difference(d: float, lo: float, hi: float) -> tuple[str, str]:
+    "A difference and its interval with enough decimals that the interval's width shows two significant digits."
+    import math
+    finite = [abs(x) for x in (hi - lo, d) if x is not None and math.isfinite(x) and x != 0]
+    digits = min(max(3, 1 - math.floor(math.log10(min(finite)))), 8) if finite else 3
+    return f"{d:+.{digits}f}", f"{lo:+.{digits}f} to {hi:+.{digits}f}"
+
 def _label(name: str, labels: dict | None) -> str: return (labels or {}).get(name, name)
+
+def _model_rows(models: dict, labels: dict | None, columns: dict) -> pd.DataFrame:
+    "One row per model, each column formatted from its metrics; every column 'insufficient' when the test split could support no estimate."
+    return pd.DataFrame([{"Model": _label(n, labels), **{c: INSUFFICIENT if _short(m) else f(m) for c, f in columns.items()}}
+                         for n, m in models.items()])
 
 def performance_table(evaluation: EvaluationResult, labels: dict | None = None) -> pd.DataFrame:
     "Discrimination per model: AUROC (bootstrap and DeLong CIs) and AUPRC beside the prevalence."
-    return pd.DataFrame([{"Model": _label(n, labels), "AUROC (95% CI, bootstrap)": _ci(m, "auroc"),
-                          "AUROC 95% CI (DeLong)": f"{m['auroc_delong_ci_low']:.3f} to {m['auroc_delong_ci_high']:.3f}",
-                          "AUPRC (95% CI)": _ci(m, "auprc"), "Prevalence": f"{m['prevalence']:.3f}"}
-                         for n, m in evaluation.models.items()])
+    return _model_rows(evaluation.models, labels, {
+        "AUROC (95% CI, bootstrap)": lambda m: _ci(m, "auroc"),
+        "AUROC 95% CI (DeLong)": lambda m: f"{m['auroc_delong_ci_low']:.3f} to {m['auroc_delong_ci_high']:.3f}",
+        "AUPRC (95% CI)": lambda m: _ci(m, "auprc"), "Prevalence": lambda m: f"{m['prevalence']:.3f}"})
 
 def calibration_table(evaluation: EvaluationResult, labels: dict | None = None) -> pd.DataFrame:
     "Calibration per model, level by level (targets: O/E 1, intercept 0, slope 1, ICI 0)."
-    return pd.DataFrame([{"Model": _label(n, labels), "O/E (95% CI)": _ci(m, "observed_expected"),
-                          "Intercept (CITL)": _ci(m, "calibration_intercept"), "Slope": _ci(m, "calibration_slope"),
-                          "Brier": _ci(m, "brier"), "Scaled Brier": _ci(m, "scaled_brier"),
-                          "ICI / E50 / E90": f"{m['ici']:.3f} / {m['e50']:.3f} / {m['e90']:.3f}", "ECE": f"{m['ece']:.3f}"}
-                         for n, m in evaluation.models.items()])
+    return _model_rows(evaluation.models, labels, {
+        "O/E (95% CI)": lambda m: _ci(m, "observed_expected"), "Intercept (CITL)": lambda m: _ci(m, "calibration_intercept"),
+        "Slope": lambda m: _ci(m, "calibration_slope"), "Brier": lambda m: _ci(m, "brier"), "Scaled Brier": lambda m: _ci(m, "scaled_brier"),
+        "ICI / E50 / E90": lambda m: f"{_num(m['ici'], '.3f')} / {_num(m['e50'], '.3f')} / {_num(m['e90'], '.3f')}",
+        "ECE": lambda m: _num(m["ece"], ".3f")})
 
 def threshold_table(evaluation: EvaluationResult, labels: dict | None = None) -> pd.DataFrame:
     "The operating point of each model, chosen on validation, reported on test."
-    return pd.DataFrame([{"Model": _label(n, labels), "Alert if risk >=": f"{m['threshold']:.3f}", "Sensitivity": _ci(m, "sensitivity"),
-                          "Specificity": _ci(m, "specificity"), "PPV": _ci(m, "ppv"), "NPV": _ci(m, "npv"),
-                          "Alerts per 100": _ci(m, "alerts_per_100", 1), "NNE": _ci(m, "nne", 2)}
-                         for n, m in evaluation.models.items()])
+    return _model_rows(evaluation.models, labels, {
+        "Alert if risk >=": lambda m: f"{m['threshold']:.3f}", "Sensitivity": lambda m: _ci(m, "sensitivity"),
+        "Specificity": lambda m: _ci(m, "specificity"), "PPV": lambda m: _ci(m, "ppv"), "NPV": lambda m: _ci(m, "npv"),
+        "Alerts per 100": lambda m: _ci(m, "alerts_per_100", 1), "NNE": lambda m: _ci(m, "nne", 2)})
 
 def comparison_table(comparison: dict, labels: dict | None = None) -> pd.DataFrame:
-    "Candidate minus each other model on the same patients, with paired CIs."
+    "Candidate minus each other model on the same patients, with paired CIs (enough decimals to show each interval)."
     rows = []
     for other, c in comparison.items():
         a = c["auroc"]
-        rows.append({"Candidate vs": _label(other, labels), "Metric": "AUROC (paired DeLong)", "Difference": f"{a['difference']:+.3f}",
-                     "95% CI": f"{a['ci_low']:+.3f} to {a['ci_high']:+.3f}", "p": f"{a['p_value']:.3g}"})
+        d, ci = difference(a["difference"], a["ci_low"], a["ci_high"])
+        rows.append({"Candidate vs": _label(other, labels), "Metric": "AUROC (paired DeLong)", "Difference": d, "95% CI": ci,
+                     "p": p_value(a["p_value"])})
         for k in ("auprc", "brier", "calibration_slope", "net_benefit"):
-            rows.append({"Candidate vs": _label(other, labels), "Metric": f"{k} (paired bootstrap)", "Difference": f"{c[k]['difference']:+.3f}",
-                         "95% CI": f"{c[k]['ci_low']:+.3f} to {c[k]['ci_high']:+.3f}", "p": ""})
-    return pd.DataFrame(rows)
+            d, ci = difference(c[k]["difference"], c[k]["ci_low"], c[k]["ci_high"])
+            rows.append({"Candidate vs": _label(other, labels), "Metric": f"{k} (paired bootstrap)", "Difference": d, "95% CI": ci, "p": ""})
+    return pd.DataFrame(rows, columns=["Candidate vs", "Metric", "Difference", "95% CI", "p"])
 
 # %% ../../nbs/40_governance/45_report.ipynb #29480039
-def subgroup_report_table(subgroups: dict) -> pd.DataFrame:
-    "Candidate metrics per subgroup; small groups say 'insufficient n' instead of a number."
+def subgroup_report_table(subgroups: dict, attributes=None) -> pd.DataFrame:
+    "Candidate metrics per subgroup (`attributes`: only these); n counts patients; small groups say 'insufficient n' instead of a number."
+    if _short(subgroups): return pd.DataFrame([{"Attribute": "every subgroup", "AUROC (95% CI)": INSUFFICIENT}])
     rows = []
     for g in subgroups["groups"]:
+        if attributes is not None and g["attribute"] not in attributes: continue
         ok = g["status"] == "ok"
-        rows.append({"Attribute": g["attribute"], "Group": g["group"], "n": g["n"], "Events": g["events"],
-                     "AUROC (95% CI)": _ci(g, "auroc") if ok else g["status"], "O/E": f"{g['observed_expected']:.2f}" if ok else "",
+        rows.append({"Attribute": g["attribute"], "Group": g["group"], "Patients": count(g["n"]), "Events": count(g["events"]),
+                     "AUROC (95% CI)": _ci(g, "auroc") if ok else g["status"],
+                     "O/E (95% CI)": _ci(g, "observed_expected", 2) if ok and "observed_expected_ci_low" in g else
+                                     (f"{g['observed_expected']:.2f}" if ok else ""),
                      "Slope": f"{g['calibration_slope']:.2f}" if ok else "", "Sensitivity": f"{g['sensitivity']:.2f}" if ok else "",
                      "FPR": f"{g['fpr']:.2f}" if ok else ""})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["Attribute", "Group", "Patients", "Events", "AUROC (95% CI)", "O/E (95% CI)", "Slope", "Sensitivity", "FPR"])
 
 def fairness_table(subgroups: dict) -> pd.DataFrame:
     "TPR, FPR and calibration-in-the-large gaps per attribute, over groups large enough to compare."
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    return pd.DataFrame([{"Attribute": a, "Groups compared": ", ".join(g["groups_compared"]) or "none",
+    return pd.DataFrame([{"Attribute": a, "Groups compared": ", ".join(g["groups_compared"]) or "none (too few adequately sized groups)",
                           "TPR gap (missed cases)": fmt(g["tpr_gap"]), "FPR gap (false alarms)": fmt(g["fpr_gap"]),
-                          "Calibration-in-the-large gap": fmt(g["citl_gap"])} for a, g in subgroups["fairness_gaps"].items()])
+                          "Calibration-in-the-large gap": fmt(g["citl_gap"])} for a, g in subgroups.get("fairness_gaps", {}).items()],
+                        columns=["Attribute", "Groups compared", "TPR gap (missed cases)", "FPR gap (false alarms)", "Calibration-in-the-large gap"])
 
 def robustness_table(robustness: dict, top_evasion: int = 5) -> pd.DataFrame:
     "Change in AUROC and in risk under each stress test of the candidate (the `top_evasion` features a plausible nudge moves most)."
+    columns = ["Test", "AUROC", "Change", "Mean |risk change|", "Risks moved >5 points"]
+    if _short(robustness): return pd.DataFrame([{c: INSUFFICIENT if c != "Test" else "every stress test" for c in columns}])
     rows = [{"Test": f"{f} missing", "AUROC": f"{v['auroc']:.3f}", "Change": f"{v['auroc_change']:+.3f}",
              "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}", "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
             for f, v in robustness["missing"].items()]
@@ -183,7 +221,7 @@ def robustness_table(robustness: dict, top_evasion: int = 5) -> pd.DataFrame:
               "Change": f"largest {v['max_abs_risk_change']:.3f}", "Mean |risk change|": f"{v['mean_abs_risk_change']:.3f}",
               "Risks moved >5 points": f"{v['share_risk_moved_5pts']:.1%}"}
              for f, v in sorted(ev.get("features", {}).items(), key=lambda kv: -kv[1]["max_abs_risk_change"])[:top_evasion]]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 def review_table(review: dict) -> str:
     "HTML table of the human-supplied items; NOT PROVIDED in red."
@@ -218,23 +256,33 @@ def gate_table(verdict: dict) -> pd.DataFrame:
 
 def participant_flow(ctx: ReportContext) -> pd.DataFrame:
     "Rows, patients and events at each step from the source file to the test split (from the dataset card)."
-    rows = [{"Step": f["step"].capitalize(), "Rows": f.get("rows"), "Patients": f.get("patients", ""),
-             "Events": f.get("events", ""), "Note": f.get("note", "")} for f in ctx.dataset_card["flow"]]
+    rows = [{"Step": f["step"].capitalize(), "Rows": count(f.get("rows")), "Patients": count(f.get("patients", "")),
+             "Events": count(f.get("events", "")), "Note": f.get("note", "")} for f in ctx.dataset_card["flow"]]
     return pd.DataFrame(rows)
 
+def split_table(ctx: ReportContext) -> pd.DataFrame:
+    "Each split in train / validation / test order: patients and rows apart, events, and its sites and time span when known."
+    from healthml.data.dataset_card import split_rows
+    t = pd.DataFrame(split_rows(ctx.split))
+    for c in ("patients", "rows", "events"): t[c] = t[c].map(count)
+    return t.rename(columns=str.capitalize)
+
 def table_one(ctx: ReportContext, by: str = "outcome") -> pd.DataFrame:
-    "Table 1 (cohort characteristics) from the dataset card, by outcome or by split."
+    "Table 1 from the dataset card, by outcome or by split: the characteristic first, then no event, event (or train, validation, test), overall, missing."
+    from healthml.data.dataset_card import table_one_columns
     t = pd.DataFrame(ctx.dataset_card[f"table1_by_{by}"])
+    t = t[table_one_columns(list(t.columns), ctx.dataset_card.get("table1_order", {}).get(by, []))]
+    t = t.map(lambda v: count(v) if isinstance(v, int) and not isinstance(v, bool) else v)   # counts with thousands separators
     return t.rename(columns={"characteristic": "Characteristic"}).fillna("")
 
 def sample_size_table(ctx: ReportContext) -> pd.DataFrame:
     "Riley et al. (2020) minimum development sample size against the training split."
     r = ctx.dataset_card["sample_size"]
-    return pd.DataFrame([("(i) expected shrinkage >= 0.9", r["n_shrinkage"]), ("(ii) optimism in Nagelkerke R² <= 0.05", r["n_optimism"]),
-                         ("(iii) overall risk within ± 0.05", r["n_overall_risk"]),
-                         (f"Minimum ({r['parameters']} predictor parameters, anticipated R²cs {r['r2_cox_snell']:.3f})", r["n_required"]),
-                         ("Training split", r["n_train"])], columns=["Criterion", "Rows needed / available"]).assign(
-        Events=["", "", "", r["events_required"], r["events_train"]])
+    return pd.DataFrame([("(i) expected shrinkage >= 0.9", count(r["n_shrinkage"])), ("(ii) optimism in Nagelkerke R² <= 0.05", count(r["n_optimism"])),
+                         ("(iii) overall risk within ± 0.05", count(r["n_overall_risk"])),
+                         (f"Minimum ({r['parameters']} predictor parameters, anticipated R²cs {r['r2_cox_snell']:.3f})", count(r["n_required"])),
+                         ("Training split", count(r["n_train"]))], columns=["Criterion", "Rows needed / available"]).assign(
+        Events=["", "", "", count(r["events_required"]), count(r["events_train"])])
 
 # %% ../../nbs/40_governance/45_report.ipynb #3609de73
 def leakage_table(ctx: ReportContext) -> pd.DataFrame:
@@ -340,6 +388,7 @@ def uncertainty_table(evaluation: EvaluationResult, labels: dict | None = None, 
     "Per model: the outcome sets' nominal and observed coverage on the test split (95% CIs), informative share, cut-offs."
     rows = []
     for n, m in evaluation.models.items():
+        if _short(m): rows.append({"Model": _label(n, labels), "Coverage (95% CI)": INSUFFICIENT})
         if "nominal_coverage" not in m: continue
         ok = all(abs(m[k] - m["nominal_coverage"]) <= tolerance for k in ("coverage", "coverage_event", "coverage_no_event"))
         rows.append({"Model": _label(n, labels), "Nominal": f"{m['nominal_coverage']:.0%}", "Coverage (95% CI)": _ci(m, "coverage"),
@@ -431,6 +480,73 @@ def verdict_banner(verdict: dict | None) -> str:
             f'{verdict["verdict"]}</b> under plan <i>{html.escape(verdict["plan"])}</i>'
             + (f"<ul>{failed}</ul>" if failed else "") + "</div>")
 
+# %% ../../nbs/40_governance/45_report.ipynb #9c31b7a5
+from ..data.dataset_card import period_text
+
+def validation_headline(split: dict) -> str:
+    "What kind of validation the test split gives, in words: external (a held-out site), temporal (a later period) or internal."
+    train, test = split.get("train", {}), split.get("test", {})
+    if split["method"] == "site":
+        rest = ", ".join(train.get("sites", [])) or "the other sites"
+        return f"External validation at site {split['test_site']} (developed on {rest})"
+    if split["method"] == "temporal" and "index_time" in test:
+        dev = f" (developed on {period_text(train['index_time'])})" if "index_time" in train else ""
+        return f"Temporal validation on period {period_text(test['index_time'])}{dev}"
+    if split["method"] == "temporal": return "Temporal validation (later patients)"
+    return "Internal validation (random split by patient)"
+
+def test_population(split: dict) -> str:
+    "How figure titles name the test patients: by site or period when the validation is external or temporal."
+    test = split.get("test", {})
+    if split["method"] == "site": return f"test patients at site {split['test_site']}"
+    if split["method"] == "temporal" and "index_time" in test: return f"test patients, {period_text(test['index_time'])}"
+    return "test patients"
+
+def validation_table(ctx: ReportContext) -> pd.DataFrame:
+    "The candidate per test site (or period): patients, events, AUROC and O/E with CIs; 'insufficient' where too small."
+    kind = "site" if ctx.split["method"] == "site" else "period"
+    attribute, label = ctx.subgroups.get("by", {}).get(kind), f"Test {kind}"
+    columns = [label, "Patients", "Events", "AUROC (95% CI)", "O/E (95% CI)"]
+    rows = subgroup_report_table(ctx.subgroups, [attribute]).rename(columns={"Group": label}) if attribute else pd.DataFrame()
+    if rows.empty:   # no group analysed (too few test events, or no site or time column): the test split as one row
+        t, m = ctx.split["test"], ctx.evaluation.models[ctx.models[0]]
+        where = ctx.split.get("test_site") or (period_text(t["index_time"]) if "index_time" in t else "all test patients")
+        return pd.DataFrame([[where, count(t["patients"]), count(t["events"]), _ci(m, "auroc"), _ci(m, "observed_expected", 2)]], columns=columns)
+    return rows[columns]
+
+def figure_alt(ctx: ReportContext, kind: str) -> str:
+    "The alt text of a report figure (`roc`, `calibration`, `decision_curve`, `subgroups`): what it shows, on whom, and its headline numbers."
+    pop, ms = test_population(ctx.split), ctx.evaluation.models
+    if _short(ctx.evaluation.settings): return f"No {kind.replace('_', ' ')} figure: {INSUFFICIENT} test data"
+    each = lambda k, d=3: "; ".join(f"{ctx.labels.get(m, m)} {_num(v.get(k), f'.{d}f')}" for m, v in ms.items())
+    return {"roc": f"ROC curves (sensitivity against 1 - specificity) of each model on {pop}. AUROC: {each('auroc')}.",
+            "calibration": f"Calibration of each model on {pop}: observed event rate against predicted risk (deciles and a LOWESS curve), "
+                           f"with a histogram of predicted risks below. O/E: {each('observed_expected', 2)}; slope: {each('calibration_slope', 2)}.",
+            "decision_curve": f"Decision curve on {pop}: net benefit of each model against treating everyone and no one, over threshold risks. "
+                              f"Alert thresholds: {each('threshold')}.",
+            "subgroups": f"Forest plot of the candidate's AUROC with 95% CI in each subgroup of {pop} large enough to estimate it; "
+                         "the table above gives the same numbers."}[kind]
+
+def show_figure(fig, alt: str) -> None:
+    "Show a matplotlib figure in the report as a PNG carrying `alt` text (for screen readers; the HTML builder writes it into <img alt>)."
+    import io
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    display(Image(data=buf.getvalue(), format="png", metadata={"alt": alt}))
+
+def figure_or_note(ctx: ReportContext, draw, alt: str, empty: str = "No group is large enough to draw.") -> None:
+    "Draw a figure of the test-set estimates with its alt text, or say in words why there is none (too few test events)."
+    from IPython.display import HTML, display
+    if _short(ctx.evaluation.settings):
+        display(HTML(f"<p class='np'>Figure not drawn: {INSUFFICIENT}. {html.escape(ctx.evaluation.settings.get('reason', ''))}</p>"))
+        return
+    fig = draw()
+    if fig is None: display(HTML(f"<p>{html.escape(empty)}</p>"))
+    else: show_figure(fig, alt)
+
 # %% ../../nbs/40_governance/45_report.ipynb #dbe0d7cc
 _REMOTE = re.compile(r"<script[^>]*\bsrc=\"https?://[^\"]*\"[^>]*>\s*</script>\s*", re.I)
 _PRINT_CSS = """<style>
@@ -458,10 +574,15 @@ def add_toc(page: str) -> str:
     return re.sub(r"(</h1>)", r"\1" + nav.replace("\\", "\\\\"), page, count=1)
 
 def notebook_to_html(nb_path: str | Path) -> str:
-    "Render an executed notebook to self-contained HTML without code cells."
+    "Render an executed notebook to self-contained HTML without code cells; each figure keeps its alt text."
     import nbformat
     from nbconvert import HTMLExporter
     nb = nbformat.read(str(nb_path), as_version=4)
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            alt = o.get("metadata", {}).get("image/png", {}).get("alt")
+            if alt and "image/png" in o.get("data", {}):   # nbconvert drops an image's alt text: write the <img> tag ourselves
+                o["data"] = {"text/html": f'<img src="data:image/png;base64,{o["data"]["image/png"].strip()}" alt="{html.escape(alt)}">'}
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
     page, _ = exporter.from_notebook_node(nb)
@@ -502,7 +623,7 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
             "inputs": {k: {"path": str(Path(p).relative_to(L.root.resolve()) if Path(p).is_absolute() else p),
                            "sha256": sha256_file(p)} for k, p in inputs.items() if Path(p).exists()},
             "outputs": {p.name: sha256_file(p) for p in outputs},
-            "metrics": {m: {k: ctx.evaluation.models[m][k] for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "brier", "calibration_slope")}
+            "metrics": {m: {k: ctx.evaluation.models[m].get(k) for k in ("auroc", "auroc_ci_low", "auroc_ci_high", "brier", "calibration_slope")}
                         for m in ctx.models},
             "gate": None if ctx.gate is None else {"plan": ctx.gate["plan"], "verdict": ctx.gate["verdict"], "failed_rules": ctx.gate["failed_rules"]}}
 
@@ -516,7 +637,7 @@ def report_index(reports_dir: Path, registry: dict[str, str] | None = None) -> l
         m = json.loads(mf.read_text())
         auc = m["metrics"][m.get("candidate") or next(iter(m["metrics"]))]  # manifests list the candidate first
         rows.append({"created": m["created"], "model": m["model_name"], "version": m["version"],
-                     "auroc": f"{auc['auroc']:.3f} ({auc['auroc_ci_low']:.3f} to {auc['auroc_ci_high']:.3f})",
+                     "auroc": INSUFFICIENT if auc.get("auroc") is None else f"{auc['auroc']:.3f} ({auc['auroc_ci_low']:.3f} to {auc['auroc_ci_high']:.3f})",
                      "link": f"{mf.parent.relative_to(reports_dir)}/validation.html", "commit": m["git_commit"][:12],
                      "verdict": (m.get("gate") or {}).get("verdict", "no rules"),
                      "registry": (registry or {}).get(mf.parent.relative_to(reports_dir).as_posix(), "not registered")})
