@@ -43,6 +43,8 @@ class SubgroupRule(_Rule):
     min: float | None = None
     max: float | None = None
     min_n: int = 100
+    attributes: list[str] = []  # judge only these sensitive attributes / slices (empty: every one)
+    excluded: dict[str, str] = {}  # attribute -> why it is not judged (e.g. it is the model's main predictor)
 
 class FairnessRule(_Rule):
     "The gap between groups in a rate (sensitivity, false-positive rate, calibration-in-the-large) must not exceed `max`."
@@ -51,6 +53,8 @@ class FairnessRule(_Rule):
     max: float
     min_events: int = Field(0, ge=0)  # compare only groups with this many events (TPR) or non-events (FPR)
     judge: Literal["point", "ci"] = "point"  # ci: fail only when the gap's lower 95% bound exceeds `max`
+    attributes: list[str] = []  # judge only these sensitive attributes / slices (empty: every one)
+    excluded: dict[str, str] = {}  # attribute -> why it is not judged (e.g. it is the model's main predictor)
 
 class NonInferiorityRule(_Rule):
     "The candidate may be worse than another model (or the champion) by at most `margin`."
@@ -346,8 +350,8 @@ def column_problems(p) -> list[str]:
     need = {"temporal": ("index_time", spec.index_time), "site": ("site", spec.site)}.get(p.split.method)
     if need and not need[1]: out.append(f"split.method: '{p.split.method}' needs dataset.{need[0]} (or use method: random)")
     crossed = groups | {" & ".join(c) for c in ev.intersections}
-    for i, rule in enumerate(p.gate.rules if p.gate else []):   # rule fields that name subgroup attributes: `attributes`, `*_attributes`
-        for field in (f for f in type(rule).model_fields if f == "attributes" or f.endswith("_attributes")):
+    for i, rule in enumerate(p.gate.rules if p.gate else []):   # rule fields that name subgroup attributes: `attributes`, `excluded`, `*_attributes`
+        for field in (f for f in type(rule).model_fields if f in ("attributes", "excluded") or f.endswith("_attributes")):
             value = getattr(rule, field) or []
             for a in (value if isinstance(value, (list, tuple, dict, set)) else [value]):
                 if a not in crossed: out.append(f"gate.rules.{i}.{field}: '{a}' is not a sensitive attribute, slice or intersection "

@@ -15,7 +15,7 @@ from ..core.params import (DirectionRule, FairnessRule, GateConfig, NonInferiori
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
-__all__ = ['SUMMARY_METRICS', 'GateFailed', 'evaluate_gate', 'gate_evidence', 'run_summary', 'run_gate']
+__all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'run_summary', 'run_gate']
 
 # %% ../../nbs/40_governance/41_gate.ipynb #6e90f0bd
 class GateFailed(HealthmlError):
@@ -27,8 +27,17 @@ def _within(value, lo, hi) -> bool:
 def _bounds(lo, hi) -> str:
     return " and ".join(s for s in [f">= {lo:g}" if lo is not None else "", f"<= {hi:g}" if hi is not None else ""] if s)
 
+def in_scope(rule, attribute: str) -> bool:
+    "Whether a subgroup or fairness rule judges `attribute` (an intersection `a & b` only when each part is judged)."
+    parts = attribute.split(" & ")
+    return all((not rule.attributes or p in rule.attributes) and p not in rule.excluded for p in parts)
+
+def _not_judged(rule) -> str:
+    return "".join(f"; not judged: {a} ({why})" for a, why in rule.excluded.items())
+
 def _fairness(rule: FairnessRule, r: EvaluationResult) -> tuple[bool | None, dict, str]:
-    gaps = attribute_gaps(r.subgroups, rule.gap, rule.min_events, r.settings.get("ci_level", 0.95))
+    gaps = {a: v for a, v in attribute_gaps(r.subgroups, rule.gap, rule.min_events, r.settings.get("ci_level", 0.95)).items()
+            if in_scope(rule, a)}
     if not gaps: return None, {}, f"no attribute has two subgroups large enough to compare (min_events {rule.min_events})"
     if rule.judge == "ci":
         if any(v["gap_ci_low"] is None for v in gaps.values()):
@@ -46,7 +55,7 @@ def _fairness(rule: FairnessRule, r: EvaluationResult) -> tuple[bool | None, dic
         bad = {a: v for a, v in gaps.items() if v["gap"] > rule.max}
         why = (f"{rule.gap} above {rule.max:g} for " + "; ".join(f"{a} ({v['gap']:.3f}: {v['low']} vs {v['high']})" for a, v in bad.items())
                if bad else f"{rule.gap} <= {rule.max:g} for every attribute (largest {max(v['gap'] for v in gaps.values()):.3f})")
-    return not bad, {"gaps": gaps, "min_events": rule.min_events, "judge": rule.judge}, why
+    return not bad, {"gaps": gaps, "min_events": rule.min_events, "judge": rule.judge}, why + _not_judged(rule)
 
 def _privacy(rule: PrivacyRule, privacy: dict, candidate: str) -> tuple[bool | None, dict, str]:
     "A figure of `metrics/privacy.json`'s summary within bounds; a failure cites what each mitigation lever buys and costs."
@@ -71,14 +80,14 @@ def _check(rule, r: EvaluationResult, export: dict, candidate: str, privacy: dic
         ok = _within(v, rule.min, rule.max)
         return ok, {"metric": rule.metric, "value": v}, f"{rule.metric} = {v} (must be {_bounds(rule.min, rule.max)})"
     if isinstance(rule, SubgroupRule):
-        groups = [g for g in r.subgroups["groups"] if g["status"] == "ok" and g["n"] >= rule.min_n]
+        groups = [g for g in r.subgroups["groups"] if g["status"] == "ok" and g["n"] >= rule.min_n and in_scope(rule, g["attribute"])]
         bad = [{"attribute": g["attribute"], "group": g["group"], "n": g["n"], rule.metric: g.get(rule.metric)}
                for g in groups if not _within(g.get(rule.metric), rule.min, rule.max)]
         if not groups: return None, {"groups_checked": 0}, f"no subgroup has n >= {rule.min_n}"
         why = (f"{len(bad)} subgroup(s) with {rule.metric} not {_bounds(rule.min, rule.max)}: " +
                "; ".join(f"{b['attribute']} = {b['group']} (n={b['n']}, {rule.metric}={b[rule.metric]:.3f})" for b in bad)
                if bad else f"all {len(groups)} subgroups with n >= {rule.min_n} have {rule.metric} {_bounds(rule.min, rule.max)}")
-        return not bad, {"groups_checked": len(groups), "failing": bad}, why
+        return not bad, {"groups_checked": len(groups), "failing": bad}, why + _not_judged(rule)
     if isinstance(rule, FairnessRule): return _fairness(rule, r)
     if isinstance(rule, NonInferiorityRule):
         comp = r.comparison.get(rule.against)
