@@ -26,8 +26,8 @@ from ..core.spec import DatasetSpec, category_labels
 
 # %% auto #0
 __all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
-           'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort', 'validate_cohort', 'validate',
-           'subgroup_frame']
+           'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort', 'empty_rows_check',
+           'validate_cohort', 'validate', 'subgroup_frame']
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f2315825
 class CohortError(HealthmlError):
@@ -233,6 +233,14 @@ def clean_cohort(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
         out = out.drop(columns=[c for c in rule.columns if c not in spec_columns(spec, outcome_sources=False)])
     return out
 
+# %% ../../nbs/10_data/11_cohort.ipynb #53c75929
+def empty_rows_check(df: pd.DataFrame, spec: DatasetSpec, n_examples: int = 5) -> Check:
+    "A warning for rows in which every feature is missing (a survey's skipped module, a failed feed): they can only abstain."
+    feats = [f for f in spec.features if f in df]
+    empty = df[feats].isna().all(axis=1).to_numpy() if feats else np.zeros(len(df), bool)
+    rows = df[SOURCE_ROW].to_numpy() if SOURCE_ROW in df else np.arange(1, len(df) + 1)
+    return Check("(every feature)", "at least one feature recorded", int(empty.sum()), [int(r) for r in rows[empty][:n_examples]], "soft")
+
 # %% ../../nbs/10_data/11_cohort.ipynb #80d5b908
 def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig()
                     ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
@@ -247,6 +255,7 @@ def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = V
     hard = hard[:keys] + outcome + hard[keys:]
     for p, why in outcome_rows.items(): by_row[p] = why + by_row.get(p, [])
     soft, _ = run_schema(dataset_schema(spec, cfg, soft=True), df, severity="soft")
+    soft.append(empty_rows_check(df, spec))
     failed = [c for c in hard if not c.passed]
     column_level = [c for c in failed if not c.example_rows]
     frac = len(by_row) / max(len(df), 1)
