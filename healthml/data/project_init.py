@@ -60,8 +60,8 @@ def init_params(path: str | Path, name: str | None = None, file_ref: str | None 
     "A complete params mapping for the cohort at `path` (`file_ref`: how params.yaml names the file) and the reviewer's list."
     d = draft_cohort(path, name)
     spec = {**d.spec, "file": file_ref or d.spec["file"], "abstention": Abstention().model_dump(mode="json")}
-    if spec["outcome"] is None or spec["patient_id"] is None:
-        raise HealthmlError(f"{Path(path).name}: the draft found no {'outcome' if spec['outcome'] is None else 'patient key'} column",
+    if spec["outcome"] is None:
+        raise HealthmlError(f"{Path(path).name}: the draft found no outcome column",
                             hint="run `healthml spec draft` on the file, name it in the YAML, and write params.yaml from that")
     model_name = _slug(f"{spec['name']}-{spec['outcome']}")
     site = spec.get("site")
@@ -69,6 +69,9 @@ def init_params(path: str | Path, name: str | None = None, file_ref: str | None 
     groups = list(spec["sensitive_attributes"])
     sex = next((g for g in groups if g != "age_band"), None)
     review = list(d.review)
+    if spec["patient_id"] is None:   # one row per person: the spec makes a row key at ingest (said so in the report)
+        review.append("dataset.patient_id: null, so each row is taken as one patient (a key is made at ingest); "
+                      "name the patient key if a patient can have several rows")
     validation = {"on_failure": "stop", "max_quarantine_fraction": 0.05, "max_missing_fraction": 0.5}
     if d.flagged_rows:   # the draft rejects these rows on purpose: set them aside, counted, rather than stop a first run
         share = d.flagged_rows / d.rows
