@@ -27,19 +27,22 @@ class ExplainerError(HealthmlError):
 def _columns(prep, step: str) -> list[str]:
     return list(next(cols for name, _, cols in prep.transformers_ if name == step))
 
+def _categories(enc) -> list[list[str]]:   # an encoder given no column (a cohort without categorical features) is never fitted
+    return [[str(c) for c in cats] for cats in getattr(enc, "categories_", [])]
+
 def _tree_part(prep, model) -> dict:
-    enc = prep.named_transformers_["categorical"]
-    return {"kind": "tree", "booster": model.booster_.model_to_string(),
-            "categories": [[str(c) for c in cats] for cats in enc.categories_]}
+    return {"kind": "tree", "booster": model.booster_.model_to_string(), "categories": _categories(prep.named_transformers_["categorical"])}
 
 def _linear_part(prep, model, train) -> dict:
     num, onehot = prep.named_transformers_["numeric"], prep.named_transformers_["categorical"]
     z = prep.transform(train)
     z = np.asarray(z.toarray() if hasattr(z, "toarray") else z, dtype=np.float64)
+    fitted = hasattr(num.named_steps["scale"], "mean_")   # False when the cohort has no numeric feature
+    stat = lambda v: v.tolist() if fitted else []
     return {"kind": "linear", "intercept": float(model.intercept_[0]), "coef": model.coef_[0].tolist(),
-            "centre": z.mean(axis=0).tolist(), "median": num.named_steps["impute"].statistics_.tolist(),
-            "mean": num.named_steps["scale"].mean_.tolist(), "scale": num.named_steps["scale"].scale_.tolist(),
-            "categories": [[str(c) for c in cats] for cats in onehot.categories_]}
+            "centre": z.mean(axis=0).tolist(), "median": stat(getattr(num.named_steps["impute"], "statistics_", None)),
+            "mean": stat(getattr(num.named_steps["scale"], "mean_", None)), "scale": stat(getattr(num.named_steps["scale"], "scale_", None)),
+            "categories": _categories(onehot)}
 
 def build_explainer(pipeline, train, model_name: str = "model",  # fitted pipeline; `train`: its training split as `model_frame`
                     descriptions: dict | None = None) -> dict:     # feature -> clinical description (the spec's)
@@ -86,7 +89,7 @@ class Explainer:
 
     def _encode(self, data) -> tuple[np.ndarray, list[list[str]]]:
         x = np.array([[np.nan if _missing(v) else float(v) for v in _column(data, n)] for n in self.numeric],
-                     dtype=np.float64).reshape(len(self.numeric), -1).T
+                     dtype=np.float64).reshape(len(self.numeric), len(_column(data, self.features[0]))).T   # rows even with no number
         cats = [[self.missing if _missing(v) else str(v) for v in _column(data, n)] for n in self.categorical]
         return x, cats
 
