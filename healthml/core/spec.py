@@ -87,7 +87,7 @@ class Abstention(StrictModel):
     min_present_fraction: float = Field(0.5, gt=0, le=1)  # share of the features a record must hold (an empty record never scores)
     support_margin: float = Field(0.1, ge=0)  # how far beyond the training min/max a number may lie, as a share of the training range
 
-ROW_KEY = "row_key"  # the key ingest makes when a cohort has one row per person and no identifier column
+ROW_KEY = "row_key"  # the key ingest makes from the row number: one row per person and no key, or `row_id: row_key` (no encounter key)
 
 class DatasetSpec(StrictModel):
     "What the cohort file holds and how to read it."

@@ -22,7 +22,7 @@ from ..core.layout import Layout
 from ..core.params import ValidateConfig
 from ..core.outcome import HOW_TO_FIX, OutcomeLabels
 from ..core.rules import dataset_schema
-from ..core.spec import DatasetSpec, category_labels
+from ..core.spec import ROW_KEY, DatasetSpec, category_labels
 
 # %% auto #0
 __all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
@@ -117,6 +117,8 @@ def select_cohort(raw: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, d
             raise CohortError(f"the file has a column `{spec.patient_id}`, the name healthml gives its own row key",
                               hint=f"declare it as `dataset.patient_id: {spec.patient_id}` if it is the key, or rename it")
         raw = raw.assign(**{spec.patient_id: raw[SOURCE_ROW]})
+    if spec.row_id == ROW_KEY and ROW_KEY not in raw.columns:   # several rows per patient, no encounter key: the row number keys them
+        raw = raw.assign(**{ROW_KEY: raw[SOURCE_ROW]})
     missing = [c for c in spec_columns(spec) if c not in raw.columns]
     if missing:
         raise CohortError(f"cohort file lacks column(s) the spec needs: {', '.join(missing)}",

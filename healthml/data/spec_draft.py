@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..core.spec import ROW_KEY
 from .cohort import SOURCE_ROW, read_cohort
 from ..core.io import sha256_file
 from .phi import PHI_PATTERNS
@@ -95,8 +96,8 @@ def _pick_keys(df: pd.DataFrame, cols: list[str]) -> tuple[str | None, str | Non
     unique = [c for c in cols if uniq[c] == 1 and df[c].notna().all() and not _is_float(df[c])]
     patient = next((c for c in named if uniq[c] > 0.05), unique[0] if unique else None)
     row = None
-    if patient is not None and uniq[patient] < 1:
-        row = next((c for c in unique if c != patient), None)
+    if patient is not None and uniq[patient] < 1:   # several rows per patient: a unique column, else ingest numbers the rows
+        row = next((c for c in unique if c != patient), ROW_KEY)
     return patient, row, [c for c in named if c not in (patient, row)]
 
 def _is_float(s: pd.Series) -> bool:
@@ -261,6 +262,8 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
         review += [f"features.{c}: {n}" for n in notes]
     for c in other_ids: features.pop(c, None); excluded.setdefault(c, "an id-like column: a key, not a predictor")
     if patient is None: review.insert(0, "patient_id: no column looks like a patient key; name it")
+    if row == ROW_KEY: review.insert(0, f"row_id: `{patient}` repeats and no column is unique, so `{ROW_KEY}` (each row's number, made at "
+                                        "ingest) keys the rows; name the encounter key if the file has one")
     if outcome is None: review.insert(0, "outcome: no two-valued column found; name the outcome and its positive value")
     elif len(outcomes) > 1: review.append(f"outcome: chose `{outcome}`; other two-valued columns: {', '.join(outcomes[1:6])}")
     if excluded: review.append(f"excluded_columns: {len(excluded)} column(s) proposed as never a predictor, each with its reason; check each")
