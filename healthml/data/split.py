@@ -61,15 +61,28 @@ def time_order(df: pd.DataFrame, spec: DatasetSpec) -> str | None:
 
 DROPPED = "dropped"  # a row cut at a time boundary: a train (validation) patient's encounter from the next period
 
+def _period_starts(first: pd.Series, cfg: SplitConfig) -> tuple:
+    "Validation and test start: whole time values (tied patients stay together) whose later shares come closest to the targets."
+    values = np.sort(first.unique())
+    later = np.array([(first >= v).mean() for v in values])   # share of patients entering at or after each time
+    if len(values) < 3:
+        raise HealthmlError(f"a temporal split needs patients entering at 3 or more distinct index times; they enter at "
+                            f"{len(values)} (every patient's first index time is the same)" if len(values) == 1 else
+                            f"a temporal split needs patients entering at 3 or more distinct index times; they enter at {len(values)}",
+                            hint="use a calendar time (a date, or a day count from one fixed origin) as dataset.index_time, not time "
+                                 "since each patient's own start; or split.method: random")
+    i_test = 2 + int(np.argmin(np.abs(later[2:] - cfg.test_size)))
+    i_val = 1 + int(np.argmin(np.abs(later[1:i_test] - cfg.test_size - cfg.validation_size)))
+    return values[i_val], values[i_test]
+
 def temporal_split(df: pd.DataFrame, patient_id: str, order: str, cfg: SplitConfig) -> pd.Series:
     """Earliest patients (by first `order` value) train, then validation, the latest test; rows are cut at the boundaries:
-    a train patient's rows from the validation start on, and a validation patient's from the test start on, are `dropped`."""
+    a train patient's rows from the validation start on, and a validation patient's from the test start on, are `dropped`.
+    The boundaries are time values, so patients entering at the same time share a split."""
     first = df.groupby(patient_id, sort=True)[order].min().sort_values(kind="stable")
-    n = len(first)
-    n_test, n_val = round(n * cfg.test_size), round(n * cfg.validation_size)
-    label = pd.Series("train", index=first.index, dtype=object)
-    label.iloc[n - n_test - n_val:n - n_test] = "validation"
-    label.iloc[n - n_test:] = "test"
+    val_start, test_start = _period_starts(first, cfg)
+    label = pd.Series(np.where(first >= test_start, "test", np.where(first >= val_start, "validation", "train")),
+                      index=first.index, dtype=object)
     rows = pd.Series(df[patient_id].map(label).to_numpy(), index=df.index, name="split")
     t = df[order]
     for split, later in (("train", "validation"), ("validation", "test")):
