@@ -63,7 +63,8 @@ def table_one(df: pd.DataFrame, spec: DatasetSpec, groupby: str | None) -> pd.Da
     cols = [c for c in spec.features if df[c].notna().any()]
     skewed = [c for c in spec.numeric if c in cols and abs(pd.to_numeric(df[c], errors="coerce").skew()) > 1]
     cats = [c for c in spec.categorical if c in cols]
-    df = df.assign(**{c: df[c].astype(object).where(df[c].notna(), MISSING_CATEGORY) for c in cats})  # a visible level
+    df = df.copy()
+    for c in cats: df[c] = df[c].astype(object).where(df[c].notna(), MISSING_CATEGORY)  # a visible level (by item: a column may be `self`)
     t = TableOne(df, columns=cols, categorical=cats, nonnormal=skewed,
                  groupby=groupby, missing=True, pval=False, overall=True, decimals=1)
     out = t.tableone.copy()

@@ -105,7 +105,8 @@ def evasion_check(predict: Predict, df: pd.DataFrame, spec: DatasetSpec, fractio
     for f in feats:
         lo, hi = spec.features[f].min, spec.features[f].max
         x = pd.to_numeric(base_df[f], errors="coerce")
-        for sign in (-1, 1): moved.append(base_df.assign(**{f: (x + sign * fraction * (hi - lo)).clip(lo, hi)}))
+        for sign in (-1, 1):   # set by item, not `assign(**{f: ...})`: a feature may be named `self` (self-employed)
+            m = base_df.copy(); m[f] = (x + sign * fraction * (hi - lo)).clip(lo, hi); moved.append(m)
     base = predict(base_df)
     change = np.abs(predict(pd.concat(moved, ignore_index=True)).reshape(len(moved), len(base_df)) - base)
     per_patient = change.reshape(len(feats), 2, len(base_df)).max(axis=1)    # the worse direction for each patient
