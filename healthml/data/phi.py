@@ -443,6 +443,9 @@ def identifier_values(spec: DatasetSpec, df: pd.DataFrame, not_searched: dict | 
     out: dict[str, list] = {}
     for c, kind in _identifier_columns(spec).items():
         if c not in df: continue
+        if kind == "date" and pd.api.types.is_numeric_dtype(df[c]):   # a day (or year) number, kept as such by de-identification
+            if not_searched is not None: not_searched[c] = "a number on the cohort's own time axis (days or years), not a calendar date"
+            continue
         if kind != "date" and row_counter(df[c]):
             if not_searched is not None: not_searched[c] = "integer sequence (a row number): its values are counts in any report"
             continue
