@@ -156,8 +156,8 @@ def ci_summary(base: Annotated[str | None, typer.Option(help="Git revision to co
 # %% ../../nbs/60_cli/66_summary_ci.ipynb #4bc4db20
 @ci_app.command("audit")
 def ci_audit(findings: Annotated[Path, typer.Argument(help="pip-audit's JSON output (pip-audit -f json -o FILE).")],
-             waivers: Annotated[Path, typer.Option(help="The reviewed waivers: TOML [[waiver]] tables with id, package, reason, "
-                                                   "expires.")] = Path("requirements/audit-waivers.toml"),
+             waivers: Annotated[Path, typer.Option(help="The reviewed waivers: a TOML file of waiver tables, each with id, "
+                                                   "package, reason and expires.")] = Path("requirements/audit-waivers.toml"),
              output: Annotated[Path | None, typer.Option("--output", "-o", help="Markdown file for the job summary (default: print it).",
                                                          show_default=False)] = None):
     """Apply the waivers to pip-audit's findings; exit 1 on an open vulnerability, a pin that could not be checked, or an expired or malformed waiver.
