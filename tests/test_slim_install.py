@@ -1,8 +1,9 @@
 """`healthml predict` and the service run in the slim scoring install: the packages `requirements/serve.txt` names (numpy,
 onnxruntime, pandas, pyarrow, pydantic, PyYAML, ruamel.yaml, typer, rich and the `serve` extra), with nothing from the
 training stack. The environment is built from the installed distributions (each with its own requirements, as pip would
-resolve them), offline. `deploy/Dockerfile` installs the same file under the same constraints, and the service is started
-here with the image's own ENTRYPOINT and CMD: the image is tested without Docker."""
+resolve them: `healthml.governance.supply_chain.requirement_closure`, which also lists them in the scoring SBOM), offline.
+`deploy/Dockerfile` installs the same set from `requirements/serve.lock` (the closure at the constraints' versions, with
+hashes), and the service is started here with the image's own ENTRYPOINT and CMD: the image is tested without Docker."""
 import http.client
 import json
 import re
@@ -11,42 +12,19 @@ import socket
 import time
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, project_env
-from packaging.requirements import Requirement
+from healthml.governance.supply_chain import requirement_closure, requirement_names
 
 SERVE_REQUIREMENTS = ROOT/"requirements/serve.txt"
 DOCKERFILE = ROOT/"deploy/Dockerfile"
-
-
-def requirement_names(path: Path) -> list[str]:
-    "The requirement names of a pip requirements file (comments and blank lines skipped)."
-    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-    return [Requirement(line).name for line in lines if line]
-
-
-SLIM = requirement_names(SERVE_REQUIREMENTS)                  # one source of truth: the image installs the same file
+SLIM = requirement_names(SERVE_REQUIREMENTS)                  # one source of truth: the image installs the same set
 TRAINING = ["sklearn", "lightgbm", "mlflow", "scipy", "matplotlib", "skl2onnx", "onnxmltools", "skops", "pandera",
             "papermill", "evidently", "dvc", "statsmodels", "fairlearn"]
-
-
-def requirement_closure(names: list[str]) -> dict[str, metadata.Distribution]:
-    "The distributions `names` need, with their own requirements (no extras), as pip would install them."
-    seen, todo = {}, list(names)
-    while todo:
-        dist = metadata.distribution(todo.pop())
-        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
-        if key in seen: continue
-        seen[key] = dist
-        for r in dist.requires or []:
-            req = Requirement(r)
-            if req.marker is None or req.marker.evaluate({"extra": ""}): todo.append(req.name)
-    return seen
 
 
 def slim_site(dest: Path) -> Path:
@@ -101,6 +79,17 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines() if line.strip()]
 
 
+def locked_pins(path: Path) -> dict[str, str]:
+    "name -> version of a hashed requirements file, after checking that every pin carries at least one SHA-256."
+    entries = re.split(r"\n(?=[A-Za-z0-9])", re.sub(r"(?m)^\s*#.*\n?", "", path.read_text()).strip())
+    pins = {}
+    for entry in entries:
+        pin = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", entry)
+        assert pin and re.search(r"--hash=sha256:[0-9a-f]{64}", entry), f"{path.name}: {entry.split()[0]} has no pin or no hash"
+        pins[re.sub(r"[-_.]+", "-", pin.group(1)).lower()] = pin.group(2)
+    return pins
+
+
 def image_command() -> list[str]:
     "The command the image runs: ENTRYPOINT then CMD (exec form)."
     instr = dict(dockerfile_instructions())
@@ -112,15 +101,17 @@ def test_the_image_installs_exactly_the_slim_requirements_at_the_versions_tested
     assert instr[0] == ("FROM", "python:3.11-slim")
     pips = [args for kind, args in instr if kind == "RUN" and "pip install" in args]
     assert len(pips) == 2, pips                                              # the slim set, then healthml alone
-    assert re.fullmatch(r"pip install -c (\S+)/constraints\.txt -r \1/serve\.txt", pips[0]), pips[0]
+    assert re.fullmatch(r"pip install --require-hashes -r \S+/serve\.lock", pips[0]), pips[0]
     assert re.match(r"pip install --no-deps \S+ &&", pips[1]), pips[1]
     copied = " ".join(args for kind, args in instr if kind == "COPY")
-    assert "requirements/serve.txt" in copied and "requirements/constraints.txt" in copied
+    assert "requirements/serve.lock" in copied
     pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (ROOT/"requirements/constraints.txt").read_text(), re.M))
     pins = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}
     closure = requirement_closure(SLIM)
     unpinned = {k: d.version for k, d in closure.items() if pins.get(k) != d.version}
     assert unpinned == {}, "the image would install other versions than the slim tests run: pin them in constraints.txt"
+    locked = locked_pins(ROOT/"requirements/serve.lock")
+    assert locked == {k: d.version for k, d in closure.items()}, "regenerate requirements/serve.lock (requirements/README.md)"
     assert {"fastapi", "uvicorn", "prometheus-client", "onnxruntime"} <= set(closure)
     assert not {"scikit-learn", "lightgbm", "mlflow", "dvc", "scipy"} & set(closure)
 

@@ -12,13 +12,13 @@ from typing import Annotated
 
 import typer
 
-from .common import ParamsOpt, RootOpt, quiet_libraries, verbose
+from .common import ParamsOpt, RootOpt, need, quiet_libraries, run_stage, verbose
 from .summary import gate_verdict, model_rows, report_path
 from ..core.layout import Layout
 
 # %% auto #0
 __all__ = ['STATUS', 'app', 'ci_app', 'metrics_diff', 'gate_section', 'candidate_section', 'plot_images', 'plots_section',
-           'review_summary', 'ci_summary']
+           'review_summary', 'ci_summary', 'ci_audit']
 
 # %% ../../nbs/60_cli/66_summary_ci.ipynb #2201972f
 def metrics_diff(root: Path, base: str | None) -> str:
@@ -152,3 +152,32 @@ def ci_summary(base: Annotated[str | None, typer.Option(help="Git revision to co
     else:
         from healthml.core.io import atomic_write
         atomic_write(output, text + "\n")
+
+# %% ../../nbs/60_cli/66_summary_ci.ipynb #4bc4db20
+@ci_app.command("audit")
+def ci_audit(findings: Annotated[Path, typer.Argument(help="pip-audit's JSON output (pip-audit -f json -o FILE).")],
+             waivers: Annotated[Path, typer.Option(help="The reviewed waivers: a TOML file of waiver tables, each with id, "
+                                                   "package, reason and expires.")] = Path("requirements/audit-waivers.toml"),
+             output: Annotated[Path | None, typer.Option("--output", "-o", help="Markdown file for the job summary (default: print it).",
+                                                         show_default=False)] = None):
+    """Apply the waivers to pip-audit's findings; exit 1 on an open vulnerability, a pin that could not be checked, or an expired or malformed waiver.
+
+    Example: healthml ci audit ci-audit/pip-audit.json --waivers requirements/audit-waivers.toml -o ci-audit/audit.md   (.ci/audit runs it)"""
+    def go():
+        from healthml.core.io import atomic_write
+        from healthml.governance.supply_chain import SupplyChainError, audit_markdown, audit_verdict, read_waivers
+        need(findings, hint="run the audit first: bash .ci/audit")
+        accepted = read_waivers(waivers)
+        try: data = json.loads(Path(findings).read_text())
+        except ValueError: raise SupplyChainError(f"{findings} is not JSON", hint="run pip-audit with -f json") from None
+        verdict = audit_verdict(data, accepted)
+        text = audit_markdown(verdict)
+        if output is None: typer.echo(text)
+        else: atomic_write(output, text + "\n")
+        if not verdict["passed"]:
+            raise SupplyChainError(f"{len(verdict['vulnerabilities'])} open vulnerability(ies) and {len(verdict['unaudited'])} unchecked "
+                                   f"pin(s) among {verdict['dependencies']} pinned distributions",
+                                   hint="upgrade the package in requirements/constraints.txt or add a reviewed waiver to "
+                                        f"{waivers}; unchecked pins: rerun where PyPI's advisory data is reachable")
+        return f"{verdict['audited']} pinned distributions checked, no open vulnerability ({len(verdict['waived'])} waived)"
+    run_stage("audit", go)

@@ -185,7 +185,7 @@ def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig
 PHI_PATTERNS = {  # a value glued to other text by - _ . still matches; digits around it never do (dates, versions, hashes)
     "ssn": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",
     "phone": r"(?<!\d)(?<!\d[.-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?!\d)(?![.-]\d)",
-    "email": r"[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}",
+    "email": r"[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9])",   # a TLD ends the address: never `pkg@2.9.0.post0`
     "mrn": r"(?i)(?<![a-z])(?:MRN|medical record (?:number|no))[\s:#_.-]*\d[\dA-Z]{4,}(?![a-z0-9])",
 }
 DATE_PATTERN = r"\b(?:19|20)\d\d-[01]\d-[0-3]\d\b|\b[01]?\d/[0-3]?\d/(?:19|20)\d\d\b"

@@ -616,7 +616,7 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
               "deidentified_cohort": L.deidentified, "dataset_card": L.dataset_card/"dataset_card.json", **{f"split_{s}": L.split_file(s) for s in ("train", "validation", "test")},
               **{f"model_{m}_native": L.model_file(m) for m in ctx.params.models},
               **{f"model_{m}_onnx": L.model_file(m, "onnx") for m in ctx.params.models},
-              "constraints": L.root/"requirements/constraints.txt"}
+              "constraints": L.root/"requirements/constraints.txt", "serve_requirements": L.root/"requirements/serve.txt"}
     outputs = sorted(p for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     return {"model_name": ctx.params.report.model_name, "candidate": ctx.params.candidate, "version": version, "git_commit": git_commit(L.root),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "packages": package_versions(),
@@ -714,11 +714,12 @@ def _execute(template: Path, dest: Path, root: Path, params_path, version: str, 
 
 # %% ../../nbs/40_governance/45_report.ipynb #a3b5429c
 def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml", kernel: str = "python3") -> Path:
-    """Execute the validation template with Papermill and render notebook, HTML, model card and manifest into `report/`.
+    """Execute the validation template with Papermill and render notebook, HTML, model card, SBOMs and manifest into `report/`.
 
     The folder is built beside `report/` and renamed into place, so a killed run leaves no half-written
     report (and nothing inside the DVC output). Nothing is filed or audited here: see `file_report`."""
     from healthml.governance.model_card import card_html, card_markdown, model_card
+    from healthml.governance.supply_chain import write_sboms
     root = Path(root).resolve()
     ctx = ReportContext.load(root, params_path)  # fails early, with a hint, if a stage has not run
     template = root/ctx.params.report.template
@@ -733,6 +734,7 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
         atomic_write(out_dir/"model_card.html", card_html(card))
         card_page = ctx.layout.dataset_card/"dataset_card.html"
         if card_page.exists(): atomic_write(out_dir/"dataset_card.html", card_page.read_bytes())
+        write_sboms(out_dir, root)               # the research and scoring environments' CycloneDX SBOMs, hashed below
         _scan_for_phi(ctx, out_dir)
         write_json(out_dir/"manifest.json", manifest(ctx, out_dir, root/params_path, template, version))
         checkpoint("report.render-written")
