@@ -34,8 +34,8 @@ from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels
 __all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
            'model_pipeline', 'model_pipelines', 'ModelFileError', 'foreign_types', 'save_model', 'load_model',
            'recorded_sha256', 'load_trained', 'pipeline_outputs', 'git_commit', 'using_tracking', 'mlflow_experiment',
-           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'fit_on_cluster',
-           'train_models']
+           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'global_bins',
+           'fit_on_cluster', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -257,8 +257,32 @@ def _encoded(part: pd.DataFrame, prep) -> pd.DataFrame:
     "One partition through the fitted encoding (runs on a worker)."
     return pd.DataFrame(prep.transform(part), index=part.index)
 
+def global_bins(encoded: np.ndarray, max_bin: int = 255, sample: int = 200_000, seed: int = 0) -> list[dict]:
+    """LightGBM forced bins from the whole train split's encoded values (up to `sample` rows, LightGBM's own sample size):
+    each bound a midpoint between two adjacent distinct values, all of them when there are few, else at quantiles."""
+    if len(encoded) > sample: encoded = encoded[np.random.default_rng(seed).choice(len(encoded), sample, replace=False)]
+    out = []
+    for j in range(encoded.shape[1]):
+        col = encoded[:, j][~np.isnan(encoded[:, j])]
+        v = np.unique(col)
+        mids = (v[:-1] + v[1:]) / 2
+        if len(mids) > max_bin - 2:
+            at = np.searchsorted(v, np.quantile(col, np.linspace(0, 1, max_bin - 1)[1:-1]), side="left")
+            mids = mids[np.unique(np.clip(at, 0, len(mids) - 1))]
+        out.append({"feature": j, "bin_upper_bound": mids.tolist()})
+    return out
+
+def _put_file(name: str, text: str) -> str:
+    "Write `text` to `name` in this machine's temporary folder (runs on every worker); its path."
+    import tempfile
+    path = Path(tempfile.gettempdir())/name
+    path.write_text(text)
+    return str(path)
+
+def _drop_file(path: str) -> None: Path(path).unlink(missing_ok=True)
+
 def fit_on_cluster(pipe: Pipeline, X: pd.DataFrame, y: np.ndarray, client, partition_rows: int = 100_000) -> Pipeline:
-    "Fit a LightGBM pipeline with `lightgbm.dask` on `client`'s workers: the encoding fitted here, the trees there; a local Pipeline back."
+    "Fit a LightGBM pipeline with `lightgbm.dask` on `client`'s workers: the encoding and the bins fixed here, the trees there; a local Pipeline back."
     import dask
     import dask.dataframe as dd
     import warnings
@@ -266,15 +290,23 @@ def fit_on_cluster(pipe: Pipeline, X: pd.DataFrame, y: np.ndarray, client, parti
     from sklearn.base import clone
     prep = clone(pipe.named_steps["prep"]).fit(X, y)
     params = {k: v for k, v in pipe.named_steps["model"].get_params().items() if k != "n_jobs"}  # threads: each worker's own
+    bins = json.dumps(global_bins(prep.transform(X)))
+    paths = set(client.run(_put_file, f"healthml-bins-{hashlib.sha256(bins.encode()).hexdigest()[:16]}.json", bins).values())
+    if len(paths) != 1: raise HealthmlError("the Dask workers' temporary folders differ", hint="give every worker the same TMPDIR")
+    params["forcedbins_filename"] = path = paths.pop()
     with dask.config.set({"dataframe.convert-string": False}):  # the categoricals stay the object columns the encoding was fitted on
         frame = dd.from_pandas(X.assign(**{_LABEL: y}), chunksize=partition_rows)
     meta = pd.DataFrame({i: pd.Series(dtype="float64") for i in range(len(X.columns))})
     features = frame.drop(columns=_LABEL).map_partitions(_encoded, prep, meta=meta)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")  # LightGBM says so for every Dask model
-        model = DaskLGBMClassifier(client=client, **params).fit(features.to_dask_array(lengths=True),
-                                                               frame[_LABEL].to_dask_array(lengths=True))
-    return Pipeline([("prep", prep), ("model", model.to_local())])
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")  # LightGBM says so for every Dask model
+            model = DaskLGBMClassifier(client=client, **params).fit(features.to_dask_array(lengths=True),
+                                                                   frame[_LABEL].to_dask_array(lengths=True))
+    finally: client.run(_drop_file, path)
+    local = model.to_local()
+    local._other_params.pop("forcedbins_filename", None); local.__dict__.pop("forcedbins_filename", None)  # a worker's temporary file
+    return Pipeline([("prep", prep), ("model", local)])
 
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
 def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
