@@ -22,8 +22,9 @@ if TYPE_CHECKING: from healthml.deploy.serve import ModelSource
 
 # %% auto #0
 __all__ = ['app', 'ModelOpt', 'ManifestOpt', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref', 'open_registry',
-           'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning', 'say_model', 'predict',
-           'serve', 'serve_auth', 'monitored_model', 'monitor', 'monitor_demo']
+           'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning', 'say_model',
+           'cluster_settings', 'predict_on_cluster', 'predict', 'serve', 'serve_auth', 'monitored_model', 'monitor',
+           'monitor_demo']
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f11cb317
 app = typer.Typer()
@@ -113,6 +114,36 @@ def say_model(source: ModelSource, note: str | None = None) -> None:
     "Print the WARNING line, if any, for the model about to score."
     if (w := model_warning(source, note)): console.print(f"[yellow]{escape(w)}[/yellow]")
 
+# %% ../../nbs/60_cli/65_deploy.ipynb #75bb71f4
+def cluster_settings(scheduler: str | None, reasons: int, params: Path):
+    "The `compute:` settings for scoring on a cluster: `--scheduler`'s address, else params.yaml's (a LocalCluster when it has none)."
+    from healthml.core.params import ComputeConfig
+    if reasons: raise HealthmlError("--reasons is not available when scoring on a cluster",
+                                    hint="score on the cluster without --reasons, or score one file here with --reasons")
+    if scheduler is None: return load_params(params).compute.model_copy(update={"engine": "dask"})
+    try: return ComputeConfig(engine="dask", scheduler=scheduler)
+    except ValueError: raise HealthmlError("--scheduler: not a Dask scheduler address", hint="write it as tcp://host:8786 (or host:8786)") from None
+
+def predict_on_cluster(scorer, source, compute, input: Path, out: Path, rejects: Path | None, keep: list[str], chunk_rows: int) -> str:
+    "`healthml predict` on Dask: the verified bytes shipped to the workers, each partition scored there; the summary line."
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from healthml.core.compute import dask_client, parquet_parts
+    from healthml.deploy.cluster import predict_partitioned
+    from healthml.deploy.serve import file_rows
+    from healthml.modelling.scoring import load_verified
+    total = sum(file_rows(f) for f in parquet_parts(input))
+    model = load_verified(source.path, source.sha256)
+    with dask_client(compute) as client, Progress(TextColumn("scoring on Dask"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                                  console=console, transient=True) as bar:
+        task = bar.add_task("rows", total=total)
+        r = predict_partitioned(client, scorer, model, input, out, rejects, keep, chunk_rows, compute.partition_rows,
+                                progress=lambda n: bar.advance(task, n))
+        workers = len(client.scheduler_info()["workers"])
+    rej = f"; {r['rejected']} rejected -> {r['rejects']}" if r["rejected"] else ""
+    rej = (f"; {r['abstained']} abstained (insufficient or unfamiliar data: no risk, no alert)" if r["abstained"] else "") + rej
+    return (f"{r['scored']} of {r['rows']} rows scored with {source.label}, model {r['model_version']}, on {workers} Dask worker(s) "
+            f"({r['files']} file(s), {r['partitions']} partition(s)) -> {out}{rej}")
+
 # %% ../../nbs/60_cli/65_deploy.ipynb #75e5c2db
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=(
     "Which model: champion (the default once the registry has one), candidate, a version number, models:/<name>@<alias> "
@@ -122,7 +153,8 @@ ManifestOpt = Annotated[Path | None, typer.Option(help="With a model file only: 
                                                   "manifest.json); default: this run's filed report.")]
 
 @app.command(rich_help_panel="Production")
-def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of records to score.")],
+def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of records to score; or partitioned Parquet: a folder "
+                                                  "of .parquet files or a quoted glob, scored on a Dask cluster.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (.parquet or .csv).")],
             model: ModelOpt = None, manifest: ManifestOpt = None,
             keep: Annotated[list[str] | None, typer.Option(help="Input columns to copy to the output (e.g. an encounter id); "
@@ -131,6 +163,9 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
             rejects: Annotated[Path | None, typer.Option(help="Rejected rows with reasons (default: <out>.rejects.<ext>).")] = None,
             reasons: Annotated[int, typer.Option(min=0, max=10, help="Top reasons per scored row, as text columns reason_1.. "
                                                  "(`aps high: +0.42 log-odds`; from the model's verified explainer); 0: none.")] = 0,
+            scheduler: Annotated[str | None, typer.Option(help="Score on this Dask cluster (tcp://host:8786), partition by partition on "
+                                                          "its workers. A folder or glob input without it uses params.yaml `compute:` "
+                                                          "(its scheduler, else a LocalCluster on 127.0.0.1).", show_default=False)] = None,
             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Score a file in chunks with a verified model version: source row, risk, band, alert and model version per row.
 
@@ -141,15 +176,23 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
 
     Examples: healthml predict new_admissions.parquet -o scores.parquet --keep encounter_id   (the champion)
               healthml predict new_admissions.parquet -o scores.parquet --model models:/support2-mortality/3
-              healthml predict new_admissions.csv -o scores.csv --reasons 3   (the top three reasons per row)"""
+              healthml predict new_admissions.csv -o scores.csv --reasons 3   (the top three reasons per row)
+              healthml predict extract/ -o scores/ --scheduler tcp://10.0.0.5:8786   (partitioned, on a Dask cluster)
+
+    On a cluster (a folder or glob input, or --scheduler) the verified model is shipped once to the workers, each
+    verifies its hash, and each partition is scored exactly as here; the output is a folder of part files, or one
+    file when -o ends in .parquet. Workers read the input and write the output by path (storage they all mount)."""
     def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from healthml.deploy.serve import RecordScorer, file_rows, predict_file
-        need(input, hint="the file of records to score")
+        partitioned = scheduler is not None or input.is_dir() or any(ch in str(input) for ch in "*?[")
+        if partitioned: compute = cluster_settings(scheduler, reasons, params)   # before the model is resolved: a bad flag is one line
+        else: need(input, hint="the file of records to score")
         choice = choose_model(model, manifest, params, root)
         source = choice.resolve()
         say_model(source, choice.note)
         scorer = RecordScorer.from_file(source.path, source.sha256, source=source)      # hashed again as it is read
+        if partitioned: return predict_on_cluster(scorer, source, compute, input, out, rejects, keep or [], chunk_rows)
         with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                       transient=True) as bar:
             task = bar.add_task("rows", total=file_rows(input))

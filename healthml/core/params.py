@@ -21,7 +21,7 @@ __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAM
            'LightGBMConfig', 'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig',
            'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'PrivacyConfig',
            'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig', 'column_problems',
-           'Params', 'parse_params', 'read_yaml', 'load_params']
+           'ComputeConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 class _Rule(StrictModel):
@@ -358,6 +358,22 @@ def column_problems(p) -> list[str]:
                                                 f"({', '.join(sorted(crossed)) or 'none declared'})")
     return out
 
+# %% ../../nbs/00_core/04_params.ipynb #3d46d8de
+_ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?$|^[A-Za-z0-9.\-\[\]:]+:\d+$")
+
+class ComputeConfig(StrictModel):
+    "Where the pipeline computes: this process (`local`) or a Dask cluster (`dask`)."
+    engine: Literal["local", "dask"] = "local"  # dask: LightGBM trains with lightgbm.dask on the cluster's workers
+    scheduler: str | None = None  # Dask scheduler address (tcp://10.0.0.5:8786); empty: a LocalCluster on loopback, one worker a core
+    partition_rows: int = Field(100_000, ge=1_000)  # rows per Dask partition (each worker holds a few at a time)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v):
+        if v is not None and not _ADDRESS.match(v.strip()):
+            raise ValueError("not a Dask scheduler address: write it as tcp://host:8786 (or host:8786), or leave it empty for a LocalCluster")
+        return None if v is None else v.strip()
+
 # %% ../../nbs/00_core/04_params.ipynb #61a4ad02
 class Params(StrictModel):
     "Everything in `params.yaml`."
@@ -373,6 +389,7 @@ class Params(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig
     monitor: MonitorConfig = MonitorConfig()
+    compute: ComputeConfig = ComputeConfig()  # local, or a Dask cluster (training and batch scoring)
     gate: GateConfig | None = None  # promotion rules; without them `healthml gate` refuses to pass a model
 
     @field_validator("models", mode="before")

@@ -32,9 +32,10 @@ from ..core.rules import compile_rules, frame_problems, record_model, record_pro
 from ..modelling.scoring import ModelIntegrityError, OnnxScorer, expected_sha256, load_verified
 
 # %% auto #0
-__all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'predict_file', 'ModelSource',
-           'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key', 'PredictionLog', 'input_hash', 'ApiKeys',
-           'presented_key', 'is_loopback', 'Guard', 'failure_reason', 'create_app']
+__all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'score_chunk', 'add_counts',
+           'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key',
+           'PredictionLog', 'input_hash', 'ApiKeys', 'presented_key', 'is_loopback', 'Guard', 'failure_reason',
+           'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
 class RecordScorer:
@@ -163,12 +164,42 @@ def _columns(df, src: Path, scorer: RecordScorer, keep: list[str]):
                                          hint="`source_row` is always written; other names are canonicalised as at ingest")
     return df
 
+def score_chunk(scorer: RecordScorer, df, src: str | Path, keep: list[str] = (), start: int = 0, reasons: int = 0):
+    """One chunk of an input, the rows after the first `start`: (scored rows, rejected rows), each a DataFrame or None.
+    Scored rows carry risk, band, alert, abstention and its fields; rejected rows their reasons (never values). The one
+    implementation of a batch row's outcome: `predict_file` here and each partition on a Dask worker use it."""
+    import pandas as pd
+    df = _columns(df, Path(src), scorer, keep)
+    df.index = pd.RangeIndex(start + 1, start + 1 + len(df))          # 1-based source row numbers
+    why = frame_problems(scorer.rules, df)
+    bad = why != ""
+    good, res, rej = df[~bad], None, None
+    if len(good):
+        cols = {f: good[f].to_numpy() for f in scorer.schema}
+        d = decide(scorer, cols, scorer.model.predict_proba(good))
+        res = pd.DataFrame({SOURCE_ROW: good.index.to_numpy(), **{c: good[c].to_numpy() for c in keep},
+                            "risk": d.risk, "band": d.band.astype(str), "alert": d.alert, "abstained": d.abstained,
+                            "fields": [", ".join(f) for f in d.fields], "raw_risk": d.raw_risk,
+                            **({"outcome_set": d.outcome_set_labels()} if d.sets is not None else {}),
+                            **(_reason_columns(scorer.column_reasons(cols, reasons), d.abstained, reasons) if reasons else {}),
+                            "model_version": scorer.version})
+    if bad.any():
+        rej = pd.DataFrame({SOURCE_ROW: df.index[bad.to_numpy()], **{c: df.loc[bad, c].to_numpy() for c in keep},
+                            "reasons": why[bad].to_numpy()})
+    return res, rej
+
+def add_counts(counts: dict, res, rej) -> dict:
+    "Add one chunk's rows, scored, rejected and abstained to `counts`."
+    scored, rejected = (0 if res is None else len(res)), (0 if rej is None else len(rej))
+    counts["rows"] += scored + rejected; counts["scored"] += scored; counts["rejected"] += rejected
+    counts["abstained"] += 0 if res is None else int(res["abstained"].sum())
+    return counts
+
 def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects: str | Path | None = None,
                  keep: list[str] = (), chunk_rows: int = 100_000, progress=None,
                  reasons: int = 0) -> dict:  # top reasons per scored row, as text columns `reason_1`..; 0: none
     """Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`. Every row
     of both carries `source_row`, its 1-based row number in `src`."""
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
     src, out = Path(src), Path(out)
@@ -187,28 +218,11 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             writers[kind].write_table(table)
     try:
         for df in file_chunks(src, chunk_rows):
-            df = _columns(df, src, scorer, keep)
-            df.index = pd.RangeIndex(start + 1, start + 1 + len(df))          # 1-based source row numbers
+            res, rej = score_chunk(scorer, df, src, keep, start, reasons)
             start += len(df)
-            why = frame_problems(scorer.rules, df)
-            bad = why != ""
-            good = df[~bad]
-            if len(good):
-                cols = {f: good[f].to_numpy() for f in scorer.schema}
-                d = decide(scorer, cols, scorer.model.predict_proba(good))
-                res = pd.DataFrame({SOURCE_ROW: good.index.to_numpy(), **{c: good[c].to_numpy() for c in keep},
-                                    "risk": d.risk, "band": d.band.astype(str), "alert": d.alert, "abstained": d.abstained,
-                                    "fields": [", ".join(f) for f in d.fields], "raw_risk": d.raw_risk,
-                                    **({"outcome_set": d.outcome_set_labels()} if d.sets is not None else {}),
-                                    **(_reason_columns(scorer.column_reasons(cols, reasons), d.abstained, reasons) if reasons else {}),
-                                    "model_version": scorer.version})
-                write("out", tmp_out, pa.Table.from_pandas(res, preserve_index=False))
-                counts["abstained"] += int(d.abstained.sum())
-            if bad.any():
-                rej = pd.DataFrame({SOURCE_ROW: df.index[bad.to_numpy()], **{c: df.loc[bad, c].to_numpy() for c in keep},
-                                    "reasons": why[bad].to_numpy()})
-                write("rej", tmp_rej, pa.Table.from_pandas(rej, preserve_index=False))
-            counts["rows"] += len(df); counts["scored"] += int((~bad).sum()); counts["rejected"] += int(bad.sum())
+            if res is not None: write("out", tmp_out, pa.Table.from_pandas(res, preserve_index=False))
+            if rej is not None: write("rej", tmp_rej, pa.Table.from_pandas(rej, preserve_index=False))
+            add_counts(counts, res, rej)
             if progress: progress(len(df))
         for w in writers.values():
             if not isinstance(w, bool): w.close()

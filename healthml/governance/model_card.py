@@ -61,6 +61,12 @@ def _m(metrics: dict, key: str, digits: int = 3) -> str:
     return f"{v:.{digits}f}" + (f" (95% CI {lo:.{digits}f}-{hi:.{digits}f})" if lo is not None and hi is not None else "")
 
 # %% ../../nbs/40_governance/44_model_card.ipynb #883ecdef
+def _engine(entry: dict) -> str:
+    "How the candidate was fitted (its `metrics/train.json` entry), in words."
+    if entry.get("engine") == "dask":
+        return f"Dask cluster (lightgbm.dask, {entry.get('dask_workers', '?')} workers; params.yaml compute.engine: dask)"
+    return "one process (params.yaml compute.engine: local)"
+
 def model_card(ctx, review: dict, version: str) -> dict:
     "The CHAI-style model card as data."
     p, spec, ev = ctx.params, ctx.params.dataset, ctx.evaluation
@@ -70,6 +76,7 @@ def model_card(ctx, review: dict, version: str) -> dict:
     return {
         "basic_information": {"model_name": p.report.model_name, "model_version": version, "developer": "healthml pipeline",
                               "model_type": f"{cfg.description} in one ONNX graph with its encoding",
+                              "training_engine": _engine(ctx.train.get(p.candidate) or {}),
                               "outcome": spec.outcome_description or spec.outcome, "prediction_time": spec.prediction_time},
         "release_information": {"stage": "candidate" if (ctx.gate or {}).get("passed") else "not releasable",
                                 "gate_verdict": (ctx.gate or {}).get("verdict", "no rules"), "gate_plan": (ctx.gate or {}).get("plan", ""),

@@ -35,8 +35,8 @@ __all__ = ['INSUFFICIENT', 'TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContex
            'importance_table', 'typical_record', 'worked_examples', 'prediction_examples', 'example_cards',
            'verdict_banner', 'validation_headline', 'test_population', 'validation_table', 'figure_alt', 'show_figure',
            'figure_or_note', 'remote_references', 'add_toc', 'notebook_to_html', 'package_versions', 'model_version',
-           'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report', 'file_report',
-           'verify_report']
+           'training_engine', 'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report',
+           'file_report', 'verify_report']
 
 # %% ../../nbs/40_governance/45_report.ipynb #cc2d9574
 class ReportError(HealthmlError):
@@ -608,6 +608,12 @@ def model_version(layout: Layout, model: str) -> str:
     if not path.exists(): raise ReportError(f"{path} not found", hint="run `dvc repro export`")
     return sha256_file(path)[:12]
 
+def training_engine(train: dict, model: str) -> str:
+    "Where `model` was fitted, from `metrics/train.json`: `local`, or `dask (N workers)` (`compute.engine` in params.yaml)."
+    entry = train.get(model) or {}
+    engine = entry.get("engine", "local")
+    return f"{engine} ({entry['dask_workers']} workers)" if engine == "dask" and entry.get("dask_workers") else engine
+
 def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Path, version: str) -> dict:
     "SHA-256 of every input and output of the report, with provenance."
     from healthml.modelling.train import git_commit
@@ -620,6 +626,7 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
     outputs = sorted(p for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     return {"model_name": ctx.params.report.model_name, "candidate": ctx.params.candidate, "version": version, "git_commit": git_commit(L.root),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "packages": package_versions(),
+            "compute": {m: training_engine(ctx.train, m) for m in ctx.params.models},  # where each model was fitted (metrics/train.json)
             "inputs": {k: {"path": str(Path(p).relative_to(L.root.resolve()) if Path(p).is_absolute() else p),
                            "sha256": sha256_file(p)} for k, p in inputs.items() if Path(p).exists()},
             "outputs": {p.name: sha256_file(p) for p in outputs},

@@ -25,6 +25,7 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
+from ..core.compute import engine_client
 from ..core.layout import Layout
 from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed_spec
@@ -33,7 +34,8 @@ from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed
 __all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
            'model_pipeline', 'model_pipelines', 'ModelFileError', 'foreign_types', 'save_model', 'load_model',
            'recorded_sha256', 'load_trained', 'pipeline_outputs', 'git_commit', 'using_tracking', 'mlflow_experiment',
-           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'train_models']
+           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'global_bins',
+           'fit_on_cluster', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -248,20 +250,82 @@ def run_description(params: Params, model: str, commit: str, experiment: dict) -
     if experiment: text += f", in DVC experiment `{experiment['name']}` (baseline `{experiment['baseline'][:12]}`)"
     return text + "."
 
+# %% ../../nbs/20_modelling/21_train.ipynb #2c506d4d
+_LABEL = "__outcome__"  # the outcome column beside the features in the Dask frame (no feature can be named so: names are canonical)
+
+def _encoded(part: pd.DataFrame, prep) -> pd.DataFrame:
+    "One partition through the fitted encoding (runs on a worker)."
+    return pd.DataFrame(prep.transform(part), index=part.index)
+
+def global_bins(encoded: np.ndarray, max_bin: int = 255, sample: int = 200_000, seed: int = 0) -> list[dict]:
+    """LightGBM forced bins from the whole train split's encoded values (up to `sample` rows, LightGBM's own sample size):
+    each bound a midpoint between two adjacent distinct values, all of them when there are few, else at quantiles."""
+    if len(encoded) > sample: encoded = encoded[np.random.default_rng(seed).choice(len(encoded), sample, replace=False)]
+    out = []
+    for j in range(encoded.shape[1]):
+        col = encoded[:, j][~np.isnan(encoded[:, j])]
+        v = np.unique(col)
+        mids = (v[:-1] + v[1:]) / 2
+        if len(mids) > max_bin - 2:
+            at = np.searchsorted(v, np.quantile(col, np.linspace(0, 1, max_bin - 1)[1:-1]), side="left")
+            mids = mids[np.unique(np.clip(at, 0, len(mids) - 1))]
+        out.append({"feature": j, "bin_upper_bound": mids.tolist()})
+    return out
+
+def _put_file(name: str, text: str) -> str:
+    "Write `text` to `name` in this machine's temporary folder (runs on every worker); its path."
+    import tempfile
+    path = Path(tempfile.gettempdir())/name
+    path.write_text(text)
+    return str(path)
+
+def _drop_file(path: str) -> None: Path(path).unlink(missing_ok=True)
+
+def fit_on_cluster(pipe: Pipeline, X: pd.DataFrame, y: np.ndarray, client, partition_rows: int = 100_000) -> Pipeline:
+    "Fit a LightGBM pipeline with `lightgbm.dask` on `client`'s workers: the encoding and the bins fixed here, the trees there; a local Pipeline back."
+    import dask
+    import dask.dataframe as dd
+    import warnings
+    from lightgbm.dask import DaskLGBMClassifier
+    from sklearn.base import clone
+    prep = clone(pipe.named_steps["prep"]).fit(X, y)
+    params = {k: v for k, v in pipe.named_steps["model"].get_params().items() if k != "n_jobs"}  # threads: each worker's own
+    bins = json.dumps(global_bins(prep.transform(X)))
+    paths = set(client.run(_put_file, f"healthml-bins-{hashlib.sha256(bins.encode()).hexdigest()[:16]}.json", bins).values())
+    if len(paths) != 1: raise HealthmlError("the Dask workers' temporary folders differ", hint="give every worker the same TMPDIR")
+    params["forcedbins_filename"] = path = paths.pop()
+    with dask.config.set({"dataframe.convert-string": False}):  # the categoricals stay the object columns the encoding was fitted on
+        frame = dd.from_pandas(X.assign(**{_LABEL: y}), chunksize=partition_rows)
+    meta = pd.DataFrame({i: pd.Series(dtype="float64") for i in range(len(X.columns))})
+    features = frame.drop(columns=_LABEL).map_partitions(_encoded, prep, meta=meta)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")  # LightGBM says so for every Dask model
+            model = DaskLGBMClassifier(client=client, **params).fit(features.to_dask_array(lengths=True),
+                                                                   frame[_LABEL].to_dask_array(lengths=True))
+    finally: client.run(_drop_file, path)
+    local = model.to_local()
+    local._other_params.pop("forcedbins_filename", None); local.__dict__.pop("forcedbins_filename", None)  # a worker's temporary file
+    return Pipeline([("prep", prep), ("model", local)])
+
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
 def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
-    "Fit every model's pipeline on the train split, score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
+    "Fit every model's pipeline on the train split (LightGBM on the Dask cluster with `compute.engine: dask`), score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
     train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation"))
     spec = observed_spec(params.dataset, train)  # category lists as the de-identified data bears them out (rare levels pooled)
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
     record, fitted = {}, {}
-    for name, pipe in model_pipelines(params, spec).items():
-        t0 = time.perf_counter()
-        fitted[name] = pipe.fit(X, y)
-        seconds = time.perf_counter() - t0
-        auc = float(roc_auc_score(yv, pipe.predict_proba(Xv)[:, 1]))
-        path = save_model(pipe, layout.model_file(name))
-        record[name] = {"validation_auroc": round(auc, 6), "fit_seconds": round(seconds, 3), "sha256": sha256_file(path)}
+    with engine_client(params.compute) as client:  # None: this process (`compute.engine: local`)
+        for name, pipe in model_pipelines(params, spec).items():
+            on_cluster = client is not None and isinstance(params.models[name], LightGBMConfig)
+            t0 = time.perf_counter()
+            pipe = fitted[name] = fit_on_cluster(pipe, X, y, client, params.compute.partition_rows) if on_cluster else pipe.fit(X, y)
+            seconds = time.perf_counter() - t0
+            auc = float(roc_auc_score(yv, pipe.predict_proba(Xv)[:, 1]))
+            path = save_model(pipe, layout.model_file(name))
+            record[name] = {"validation_auroc": round(auc, 6), "fit_seconds": round(seconds, 3), "sha256": sha256_file(path),
+                            "engine": "dask" if on_cluster else "local"}
+            if on_cluster: record[name]["dask_workers"] = len(client.scheduler_info()["workers"])
     record["n_train"], record["n_validation"] = len(train), len(val)
     if track: record["mlflow_runs"] = _log_runs(params, layout, record, dvc_experiment(environ))
     write_json(layout.train_metrics, {k: v for k, v in record.items() if k != "mlflow_runs"})
