@@ -53,7 +53,8 @@ def test_the_workflow_runs_the_ci_scripts_on_pull_requests_and_registers_on_main
     assert steps["test"] == ["bash .ci/run"]
     assert steps["model"][0].startswith("bash .ci/pr-check ") and "pull_request" in flow["jobs"]["model"]["if"]
     assert steps["register"] == ["bash .ci/register"] and "refs/heads/main" in flow["jobs"]["register"]["if"]
-    assert "healthml model register" in (ROOT/".ci/register").read_text()
+    register = (ROOT/".ci/register").read_text()
+    assert "healthml model register" in register and "dvc repro --force" in register   # edited + re-locked evidence is re-made
     assert "dvc repro" in (ROOT/".ci/pr-check").read_text()
 
 

@@ -30,3 +30,6 @@ def test_privacy_evidence_reaches_the_report_and_the_gate_judges_it(pipeline_pro
     assert rule["status"] in ("pass", "FAIL")                 # judged, never "not applicable"
     assert rule["evidence"]["value"] == privacy["summary"][rule["evidence"]["metric"]]
     assert f"<td>{rule['name']}</td>" in page                  # and the report's gate table shows the rule
+    if rule["status"] == "pass":                              # levers refitted only when the rule fails; the report says so
+        assert privacy["mitigation"] == [] and "not computed: every privacy rule of the gate holds" in privacy["mitigation_status"]
+        assert "Levers not computed: every privacy rule of the gate holds" in page

@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 
 # %% auto #0
-__all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'ThresholdRule', 'SubgroupRule',
+__all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'within', 'ThresholdRule', 'SubgroupRule',
            'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'PrivacyRule', 'GateConfig',
            'LightGBMConfig', 'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig',
            'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'PrivacyConfig',
@@ -24,6 +24,10 @@ __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAM
            'ComputeConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
+def within(value, lo, hi) -> bool:
+    "A figure lies within [lo, hi] (a bound left as None is open; a missing figure never lies within)."
+    return value is not None and (lo is None or value >= lo) and (hi is None or value <= hi)
+
 class _Rule(StrictModel):
     "What every gate rule has: a name and the clinical reason for it."
     name: str
@@ -78,6 +82,10 @@ class PrivacyRule(_Rule):
     metric: str = "mia_auc_ci_high"  # e.g. mia_auc_ci_high, mia_tpr_at_fpr_1pct_ci_high, attribute_advantage
     min: float | None = None
     max: float | None = None
+
+    def holds(self, summary: dict) -> bool:
+        "Whether `metrics/privacy.json`'s summary meets the rule (the gate's verdict and the privacy stage's levers both ask this)."
+        return within(summary.get(self.metric), self.min, self.max)
 
 Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule, PrivacyRule],
                  Field(discriminator="kind")]
@@ -240,6 +248,7 @@ class PrivacyConfig(StrictModel):
     fpr: list[float] = [0.001, 0.01]  # each attack's true-positive rate is reported at these false-positive rates
     n_bootstrap: int = Field(500, ge=10)  # patient-level bootstrap replicates for every CI
     screen_folds: int = Field(5, ge=2)  # training-data screen: out-of-fold risks from this many folds of the candidate's pipeline
+    levers: Literal["when_failing", "always", "never"] = "when_failing"  # refit the candidate with each mitigation lever: when a gate privacy rule fails (default), always, or never
     seed: int = 42
 
 class ExportConfig(StrictModel):

@@ -10,7 +10,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from ..core.layout import Layout
-from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig
+from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig, PrivacyRule
 from ..core.spec import DatasetSpec
 from .discrimination import SortedScores, bootstrap, bootstrap_intervals, ranking_metrics
 from .robustness import Predict
@@ -18,8 +18,8 @@ from .robustness import Predict
 # %% auto #0
 __all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'fpr_key',
            'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'attack_scores', 'membership_inference', 'worst_case',
-           'attribute_inference', 'mitigation_costs', 'out_of_fold_risk', 'confident_learning', 'training_data_screen',
-           'privacy_assessment', 'run_privacy']
+           'attribute_inference', 'mitigation_costs', 'levers_needed', 'out_of_fold_risk', 'confident_learning',
+           'training_data_screen', 'privacy_assessment', 'run_privacy']
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #9598a97c
 _EPS = 1e-7
@@ -212,6 +212,17 @@ def mitigation_costs(train: pd.DataFrame, validation: pd.DataFrame, held_out: pd
         r["auroc_change"] = r["validation_auroc"] - baseline["validation_auroc"]
     return rows
 
+def levers_needed(cfg: PrivacyConfig, rules, summary: dict) -> tuple[bool, str]:
+    """Whether the stage refits the candidate with each lever, and the sentence the report shows. Refitting costs
+    three pipelines and their reference attacks, so by default it runs only when a privacy rule of the gate fails:
+    then the table tells the team what fixing it costs."""
+    failing = [r.name for r in rules if not r.holds(summary)]
+    if cfg.levers == "always": return True, "computed on every run (privacy.levers: always)"
+    if cfg.levers == "never": return False, "not computed (privacy.levers: never)"
+    if failing: return True, f"computed because the gate's privacy rule {', '.join(failing)} fails"
+    return False, (("not computed: every privacy rule of the gate holds" if rules else "not computed: the gate has no privacy rule")
+                   + "; set privacy.levers: always to see what each lever buys and costs")
+
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #c225c42d
 def out_of_fold_risk(df: pd.DataFrame, fit, spec: DatasetSpec, folds: int = 5, seed: int = 0) -> np.ndarray:
     "Each row's risk from a model fitted without the row's patient (stratified folds grouped by patient)."
@@ -252,9 +263,10 @@ def training_data_screen(train: pd.DataFrame, fit, spec: DatasetSpec, folds: int
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #2dcb56d4
 def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, target: Predict, model: ModelConfig,
-                       spec: DatasetSpec, cfg: PrivacyConfig, ecfg: EvaluateConfig) -> tuple[dict, pd.DataFrame]:
+                       spec: DatasetSpec, cfg: PrivacyConfig, ecfg: EvaluateConfig, rules=()) -> tuple[dict, pd.DataFrame]:
     """The privacy stage in memory: membership inference (train patients against validation + test patients), attribute
-    inference, mitigation levers and the training-data screen; returns `metrics/privacy.json`'s content and the flagged rows."""
+    inference, mitigation levers (when `levers_needed` by the gate's privacy `rules`) and the training-data screen;
+    returns `metrics/privacy.json`'s content and the flagged rows."""
     from healthml.data.cohort import subgroup_frame
     from healthml.modelling.train import outcome
     fit, held_out = model_fitter(spec, model), pd.concat([validation, test], ignore_index=True)
@@ -276,7 +288,8 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
                     "attribute_auroc_added_by_risk": out["attribute"]["auroc_added_by_risk"]}
     baseline = {f"{a}_auc": mi["overall"][a]["auc"] for a in ATTACKS} | {
         "validation_auroc": float(roc_auc_score(outcome(validation, spec), target(validation)))}
-    out["mitigation"] = mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed)
+    need, out["mitigation_status"] = levers_needed(cfg, rules, summary)
+    out["mitigation"] = mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed) if need else []
     out["screen"], flagged = training_data_screen(train, fit, spec, cfg.screen_folds, cfg.seed)
     return {"summary": summary, **out}, flagged
 
@@ -291,7 +304,8 @@ def run_privacy(params: Params, layout: Layout) -> dict:
     model = load_trained(layout, cand)
     with np.errstate(all="ignore"):
         result, flagged = privacy_assessment(train, val, test, lambda d: model.predict_proba(model_frame(d, spec))[:, 1],
-                                             params.models[cand], spec, params.privacy, params.evaluate)
+                                             params.models[cand], spec, params.privacy, params.evaluate,
+                                             [r for r in (params.gate.rules if params.gate else []) if isinstance(r, PrivacyRule)])
     result = json_ready({"candidate": cand, **result})
     write_json(layout.privacy, result)
     write_parquet(layout.label_screen, flagged)

@@ -11,7 +11,7 @@ from ..core.errors import HealthmlError
 from ..core.io import write_json
 from ..core.layout import Layout
 from ..core.params import (DirectionRule, FairnessRule, GateConfig, NonInferiorityRule, ParityRule, PrivacyRule, SubgroupRule,
-                                  ThresholdRule)
+                                  ThresholdRule, within)
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
@@ -21,8 +21,7 @@ __all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_e
 class GateFailed(HealthmlError):
     "At least one promotion rule failed."
 
-def _within(value, lo, hi) -> bool:
-    return value is not None and (lo is None or value >= lo) and (hi is None or value <= hi)
+_within = within  # one rule for "within bounds", shared with the privacy stage (core.params)
 
 def _bounds(lo, hi) -> str:
     return " and ".join(s for s in [f">= {lo:g}" if lo is not None else "", f"<= {hi:g}" if hi is not None else ""] if s)
@@ -63,12 +62,13 @@ def _privacy(rule: PrivacyRule, privacy: dict, candidate: str) -> tuple[bool | N
     if privacy.get("candidate", candidate) != candidate:
         return False, {}, f"metrics/privacy.json measured `{privacy['candidate']}`, not the candidate `{candidate}`: run `dvc repro privacy`"
     v = privacy.get("summary", {}).get(rule.metric)
-    ok = _within(v, rule.min, rule.max)
+    ok = rule.holds(privacy.get("summary", {}))
     why = f"{rule.metric} = {v} (must be {_bounds(rule.min, rule.max)}; worst of the attacks)"
     levers = [m for m in privacy.get("mitigation", []) if m.get("lever") != "as configured"]
     if not ok and levers:
         why += "; levers (attack AUC, validation AUROC change): " + "; ".join(
             f"{m['lever']} {m['mia_auc']:.3f} ({m['auroc_change']:+.3f})" for m in levers)
+    elif not ok and privacy.get("mitigation_status"): why += f"; levers {privacy['mitigation_status']}"
     return ok, {"metric": rule.metric, "value": v, "levers": levers}, why
 
 # %% ../../nbs/40_governance/41_gate.ipynb #92c1dc04
