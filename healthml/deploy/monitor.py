@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -291,6 +292,17 @@ def _describe(s: pd.Series, kind: str) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #f9c8c911
+@contextmanager
+def _numbers_only():
+    """Evidently 0.7's `ValueDrift` draws each column's plotly widget while it computes the drift score (1.5 of
+    1.9 s on a SUPPORT2 window). A study over many windows (`report=False`) needs only the numbers: the drawing is
+    skipped for the duration, the calculation is Evidently's own (the test below checks the scores are identical)."""
+    from evidently.metrics.column_statistics import ValueDriftCalculation
+    draw = ValueDriftCalculation._render
+    ValueDriftCalculation._render = lambda self, *args, **kwargs: []
+    try: yield
+    finally: ValueDriftCalculation._render = draw
+
 def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: MonitorConfig, report: bool = True,
                   shown: dict | None = None):
     """Per-column drift (Evidently's `ValueDrift`): method, threshold, score, drifted, and each window's summary; and the
@@ -312,8 +324,9 @@ def feature_drift(ref: pd.DataFrame, cur: pd.DataFrame, spec: DatasetSpec, cfg: 
     threshold = lambda col: cfg.prediction_drift_threshold if col == PREDICTED_RISK else cfg.drift_threshold
     metrics = [ValueDrift(column=col, method=cfg.numeric_method if col in numeric else cfg.categorical_method,
                           threshold=threshold(col)) for col in numeric + categorical]
-    snap = Report(metrics).run(reference_data=Dataset.from_pandas(r, data_definition=dd),
-                               current_data=Dataset.from_pandas(c, data_definition=dd))
+    with (nullcontext() if report else _numbers_only()):
+        snap = Report(metrics).run(reference_data=Dataset.from_pandas(r, data_definition=dd),
+                                   current_data=Dataset.from_pandas(c, data_definition=dd))
     out = {}
     for m in snap.dict()["metrics"]:
         conf = m.get("config", {})
