@@ -437,14 +437,25 @@ def outcome_rate(ref_counts: tuple[int, int], cur_counts: tuple[int, int], cfg: 
     return out, alerts
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #a2a434c9
+_DRAWS: dict = {}   # the reference window's draws, kept: every window of a study (or a schedule) is compared with the same one
+
 def _calibration_draws(y, p, patients, n_boot: int, seed: int) -> dict:
+    "Calibration intercept and slope (point, bootstrap replicates by patient); the same inputs are bootstrapped once."
     from healthml.evaluation.calibration import calibration_replicates
     from healthml.evaluation.discrimination import bootstrap
+    import hashlib
+    digest = hashlib.sha256()
+    for a in (np.asarray(y, float), np.asarray(p, float), pd.util.hash_array(np.asarray(patients).astype(str))):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    key = (digest.hexdigest(), n_boot, seed)
+    if key in _DRAWS: return _DRAWS[key]
     keys = ("calibration_intercept", "calibration_slope")
     point = calibration_replicates(y, p, np.ones((1, len(y))))
     reps = bootstrap(lambda W: {k: v for k, v in calibration_replicates(y, p, W).items() if k in keys}, y, patients,
                      n_boot, seed, both_outcomes=False)  # the evaluation's one bootstrap loop; every replicate kept, as before
-    return {k: (float(point[k][0]), reps[k]) for k in keys}
+    if len(_DRAWS) >= 4: _DRAWS.clear()
+    _DRAWS[key] = out = {k: (float(point[k][0]), reps[k]) for k in keys}
+    return out
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #447debc3
 def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int, int], cur_counts: tuple[int, int],
