@@ -57,8 +57,6 @@ EDITS = {
         "dataset.outcome_description": "any day in hospital during the year",
         "dataset.features.hospvis": DELETE,
         "dataset.features.outwork": {"kind": "numeric", "min": 0, "max": 1},
-        "dataset.index_time": "year",                               # the calendar year: each patient has one row a year
-        "dataset.features.year": DELETE,
         "dataset.features.docvis": DELETE,
         "dataset.excluded_columns.docvis": "doctor visits during the same year: recorded alongside the outcome, not before it",
         **{f"dataset.features.edlevel{i}": DELETE for i in range(1, 5)},
@@ -71,8 +69,6 @@ EDITS = {
         "dataset.outcome": "fstat",                                 # the draft chose `cvd` (a history of cardiovascular disease)
         "dataset.outcome_description": "death during follow-up",
         "dataset.features.fstat": DELETE,
-        "dataset.features.lenfol": DELETE,
-        "dataset.excluded_columns.lenfol": "length of follow-up, known only when the outcome is",
         "dataset.features.cvd": {"kind": "numeric", "min": 0, "max": 1},
         "dataset.features.diasbp": {"kind": "numeric", "min": 30, "max": 150, "unit": "mmHg"},   # plausible, not observed
         "dataset.features.sysbp": {"kind": "numeric", "min": 50, "max": 260, "unit": "mmHg"},
@@ -150,7 +146,12 @@ def test_rwm5yr_is_split_in_time_with_no_training_row_after_the_test_start(cohor
     assert not any(leakage["rows_after_start"].values()), leakage
     assert split["test"]["patients"] < split["test"]["rows"], split    # encounter-level: patients < rows
     assert split["rows_dropped_at_time_boundaries"] > 0, split           # train people's later years were cut
-    assert "temporal validation" in report_text(root).lower()
+    text = report_text(root)
+    assert "temporal validation" in text.lower()
+    params = yaml.safe_load((root/"params.yaml").read_text())["dataset"]
+    assert (params["index_time"], params["index_time_unit"]) == ("year", "year")   # drafted by init, not edited
+    assert all(split[s]["index_time"]["unit"] == "year" for s in ("train", "validation", "test")), split
+    assert not re.search(r"\bday 19\d\d", text), "a calendar year labelled as a day"
 
 
 @pytest.mark.slow
@@ -162,3 +163,4 @@ def test_whas500_quarantines_the_implausible_pressures_and_counts_them(cohort_ru
     validation = json.loads((root/"metrics/validation.json").read_text())
     assert validation["rows_quarantined"] == bad, validation
     assert f"{bad} quarantined" in r.stdout + r.stderr
+    assert "lenfol" in yaml.safe_load((root/"params.yaml").read_text())["dataset"]["excluded_columns"]   # drafted by init

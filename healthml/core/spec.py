@@ -103,6 +103,7 @@ class DatasetSpec(StrictModel):
     prediction_time: str = ""  # when, clinically, the prediction is made
     row_id: str | None = None  # unique key of a row (e.g. encounter id) when a patient may have several rows
     index_time: str | None = None  # column with the index date-time (when the prediction is made), if known
+    index_time_unit: Literal["day", "week", "year"] = "day"  # what one step of a numeric index time is (a date-time needs none)
     outcome_horizon_days: PositiveInt | None = None  # the outcome is known this many days after the index time (e.g. death within 30 days)
     site: str | None = None  # column naming the hospital / site, if any
     features: dict[str, Feature]

@@ -98,7 +98,7 @@ def pool_rare_categories(df: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFr
     return out, actions
 
 # %% ../../nbs/10_data/13_phi.ipynb #665b4d81
-INDEX_TIME_UNIT = "index_time_unit"  # key of the de-identified cohort's attrs: "year" (a date reduced) or "day" (a day axis)
+INDEX_TIME_UNIT = "index_time_unit"  # key of the de-identified cohort's attrs: "year" (a date reduced, or a year axis), "day" or "week"
 
 def index_axis(df: pd.DataFrame, spec: DatasetSpec) -> pd.Series | None:
     "The index time as the cohort holds it: date-times, or day numbers on a study's own axis (never dates in 1970)."
@@ -114,9 +114,10 @@ def days_after_index(later: pd.Series, index: pd.Series) -> pd.Series:
                                     hint="give both as dates, or both as day numbers")
     return _days(later, index)
 
-def generalise_index_time(index: pd.Series) -> tuple[pd.Series, str, str]:
-    "The index time Safe Harbor allows: a date reduced to its year; a day number kept. Returns values, kind and action."
-    if pd.api.types.is_numeric_dtype(index): return index, "index day", "day number kept (not a date)"
+def generalise_index_time(index: pd.Series, unit: str = "day") -> tuple[pd.Series, str, str]:
+    """The index time Safe Harbor allows: a date reduced to its year; a number on the cohort's own axis (days, weeks,
+    calendar years: `dataset.index_time_unit`) kept. Returns values, kind and action."""
+    if pd.api.types.is_numeric_dtype(index): return index, f"index {unit}", f"{unit} number kept (not a date)"
     return index.dt.year.astype("Int64"), "index date", "reduced to year"
 
 # %% ../../nbs/10_data/13_phi.ipynb #974bafd2
@@ -150,8 +151,8 @@ def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig
             out["index_rank"] = index.rank(method="dense").astype("int64")
             outside.append({"column": "index_rank", "choice": "order of index dates kept (no date) for temporal splits",
                             "why": "not a date element, but it orders patients in time"})
-        out[spec.index_time], kind, what = generalise_index_time(index)
-        out.attrs[INDEX_TIME_UNIT] = "day" if kind == "index day" else "year"
+        out[spec.index_time], kind, what = generalise_index_time(index, spec.index_time_unit)
+        out.attrs[INDEX_TIME_UNIT] = spec.index_time_unit if pd.api.types.is_numeric_dtype(index) else "year"
         actions.append({"column": spec.index_time, "kind": kind, "action": what
                         + (" (+ index_rank: order only)" if cfg.keep_index_rank else "")})
     restricted = restricted_zip3()

@@ -21,8 +21,8 @@ from .phi import PHI_PATTERNS
 
 # %% auto #0
 __all__ = ['IDENTIFIER_NAMES', 'EVENT_WORDS', 'WEAK_OUTCOME_WORDS', 'DEMOGRAPHIC_WORDS', 'POST_OUTCOME_WORDS', 'ID_WORDS',
-           'PATIENT_WORDS', 'INDEX_WORDS', 'DAY_WORDS', 'SITE_WORDS', 'FACILITY_VALUES', 'SENTINELS', 'SpecDraft',
-           'draft_cohort', 'draft_spec', 'spec_yaml']
+           'PATIENT_WORDS', 'INDEX_WORDS', 'DAY_WORDS', 'YEAR_WORDS', 'SITE_WORDS', 'FACILITY_VALUES', 'SENTINELS',
+           'SpecDraft', 'draft_cohort', 'draft_spec', 'spec_yaml']
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #80579d1e
 IDENTIFIER_NAMES = [  # (pattern on the canonical, lower-cased column name, Safe Harbor kind)
@@ -40,11 +40,12 @@ WEAK_OUTCOME_WORDS = r"status|flag|positive|result"
 DEMOGRAPHIC_WORDS = r"(^|_)(sex|gender|race|ethnic\w*|marital\w*|language|religion|insur\w*)($|_)"
 POST_OUTCOME_WORDS = (r"turnaround|result|(^|_)(vital|discharge|final|outcome|survival|alive)_?status|^status$|discharg|"
                       r"(^|_)[a-z]?los($|_)|length_?of_?stay|death_?(date|time|day)|date_?of_?death|(^|_)dod($|_)|follow_?up|"
-                      r"(^|_)surv(\d|ival|_)|cost|charges|billing")
+                      r"(^|_)surv(\d|ival|_)|cost|charges|billing|(^|_)len_?fol|(^|_)t_?stop($|_)|(^|_)fu_?(time|days|len)")
 ID_WORDS = r"(^|_)(id|mrn|patient|pid|subject|sno|person|member)($|_|id)"
 PATIENT_WORDS = r"mrn|patient|pid|subject|person|sno|member"
 INDEX_WORDS = r"admi|index|start|arriv|encounter|visit|triage|present"
 DAY_WORDS = r"(^|_)(day|days|date|week)($|_)"  # a bare integer `time` is as often a follow-up time
+YEAR_WORDS = r"(^|_)(year|yr)s?($|_)"           # a calendar year (a panel of person-years), never a birth year
 SITE_WORDS = r"(^|_)(site|centre|center|hospital|hosp|clinic|facility|institution|practice|provider_?org)s?($|_)"
 FACILITY_VALUES = r"(?i)\b(?:hospital|clinic|centre|center|medical|health|infirmary|hospice|practice|surgery)\b"
 SENTINELS = (9999, 99999, 999999, 65535, 65526, 999, 9999.9, -1, -9, -99, -999, -9999)
@@ -87,6 +88,12 @@ def _is_day_axis(col: str, s: pd.Series) -> bool:
     x = pd.to_numeric(s, errors="coerce")
     return (pd.api.types.is_numeric_dtype(s) and x.notna().all() and bool((x.dropna() % 1 == 0).all())
             and x.nunique() > 2 and bool(re.search(f"{INDEX_WORDS}|{DAY_WORDS}", col.lower())) and not _name_kind(col))
+
+def _is_year_axis(col: str, s: pd.Series) -> bool:
+    "Whole calendar years (1900-2100) in a column named `year`, `yr`, `admit_year`: a panel's time axis."
+    x = pd.to_numeric(s, errors="coerce")
+    return (pd.api.types.is_numeric_dtype(s) and x.notna().all() and bool((x % 1 == 0).all()) and x.nunique() > 1
+            and bool(x.between(1900, 2100).all()) and bool(re.search(YEAR_WORDS, col.lower())) and not _name_kind(col))
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #705cceb2
 def _pick_keys(df: pd.DataFrame, cols: list[str]) -> tuple[str | None, str | None, list[str]]:
@@ -189,15 +196,17 @@ def _later_share(t: pd.Series, index: pd.Series) -> float:
     both = a.notna() & b.notna()
     return float((a[both] > b[both]).mean()) if both.any() else 0.0
 
-def _pick_index(df: pd.DataFrame, times: list[str], days: list[str], review: list[str]) -> str | None:
-    "A date-time, else an integer day axis, named like an index time and never missing."
-    for pool in (times, days):
-        named = sorted((c for c in pool if re.search(f"{INDEX_WORDS}|{DAY_WORDS}", c.lower())),
+def _pick_index(df: pd.DataFrame, times: list[str], days: list[str], review: list[str], years: list[str] = ()
+                ) -> tuple[str | None, str | None]:
+    "A date-time, else an integer day axis named like an index time, else a calendar-year axis; never missing. (column, unit)"
+    for pool, unit in ((times, None), (days, "day"), (years, "year")):
+        named = sorted((c for c in pool if unit == "year" or re.search(f"{INDEX_WORDS}|{DAY_WORDS}", c.lower())),
                        key=lambda c: not re.search(INDEX_WORDS, c.lower()))
         for c in named:
-            if df[c].notna().all(): return c
+            if df[c].notna().all():
+                return c, ("week" if unit == "day" and re.search(r"(^|_)week", c.lower()) else unit)
             review.append(f"index time: `{c}` looks like one but is missing in {df[c].isna().sum():,} row(s)")
-    return None
+    return None, None
 
 def _pick_site(df: pd.DataFrame, cols: list[str]) -> str | None:
     "A low-cardinality column whose name or values say site, centre, hospital or clinic."
@@ -230,7 +239,8 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
     outcome = outcomes[0] if outcomes else None
     rest = [c for c in cols if c not in (patient, row, outcome)]
     times = [c for c in rest if _is_time(sample[c])]
-    index_time = _pick_index(df, times, [c for c in rest if _is_day_axis(c, df[c])], review)
+    index_time, unit = _pick_index(df, times, [c for c in rest if _is_day_axis(c, df[c])], review,
+                                   [c for c in rest if _is_year_axis(c, df[c])])
     for c in outcomes[1:]:
         if re.search(EVENT_WORDS, c.lower()): excluded[c] = f"another outcome-like column beside `{outcome}`: a later or related outcome leaks"
     for c in [*times, *[c for c in rest if _is_day_axis(c, df[c])]]:
@@ -271,7 +281,8 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
     if site: review.append(f"site: `{site}` proposed as the site column (not a predictor); split.method: site holds one out "
                            "for external validation")
     review += [f"time columns: {', '.join(times)}"] if times else []
-    review.append(f"index time: {f'`{index_time}`' if index_time else 'none found'}")
+    review.append(f"index time: {f'`{index_time}`' if index_time else 'none found'}"
+                  + (f" (a {unit} axis: index_time_unit: {unit}; the report's periods follow it)" if unit else ""))
     if flagged.any(): review.append(f"{int(flagged.sum()):,} row(s) hold values the draft leaves out on purpose (codes, text in numbers): "
                                     "they fail validation until recoded")
     sensitive = _sensitive(features)
@@ -279,7 +290,8 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
             "provenance": {"source": "TODO: who extracted this file, from which system, when", "sha256": sha256_file(path)},
             "patient_id": patient, **({"row_id": row} if row else {}), "outcome": outcome,
             "positive_value": _positive(sample[outcome]) if outcome else 1,
-            **({"index_time": index_time} if index_time else {}), **({"site": site} if site else {}),
+            **({"index_time": index_time} if index_time else {}), **({"index_time_unit": unit} if unit and unit != "day" else {}),
+            **({"site": site} if site else {}),
             "features": features, "sensitive_attributes": sensitive, "excluded_columns": excluded, "identifiers": identifiers}
     return SpecDraft(spec, review, len(df), int(flagged.sum()))
 

@@ -92,7 +92,7 @@ def evaluation_settings(cfg: EvaluateConfig) -> dict:
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #97e4e5e2
 def validation_slices(test: pd.DataFrame, spec: DatasetSpec, slices: dict) -> tuple[dict, dict]:
     """The test patients by site and by period of index time (when the cohort has them), for the report's per-site and
-    per-period table: (new slices, {"site"/"period": the attribute that holds it}). Years are periods; a day axis is cut in four."""
+    per-period table: (new slices, {"site"/"period": the attribute that holds it}). Years (dates reduced, or a year axis) are periods; a day or week axis is cut in four."""
     from healthml.core.spec import SensitiveAttribute
     from healthml.data.phi import INDEX_TIME_UNIT
     new, named = {}, {}
@@ -103,10 +103,11 @@ def validation_slices(test: pd.DataFrame, spec: DatasetSpec, slices: dict) -> tu
     t = pd.to_numeric(test[spec.index_time], errors="coerce") if spec.index_time and spec.index_time in test else None
     if t is not None and t.notna().any() and "period" not in declared:
         named["period"] = "period"
-        if test.attrs.get(INDEX_TIME_UNIT) == "day" and t.max() > t.min():
+        unit = test.attrs.get(INDEX_TIME_UNIT)
+        if unit in ("day", "week") and t.max() > t.min():
             edges = np.linspace(t.min(), t.max(), 5); edges[-1] += 1e-9
             new["period"] = SensitiveAttribute(column=spec.index_time, bins=edges.tolist(),
-                                               labels=[f"day {a:g} to {b:g}" for a, b in zip(edges[:-1].round(1), edges[1:].round(1))])
+                                               labels=[f"{unit} {a:g} to {b:g}" for a, b in zip(edges[:-1].round(1), edges[1:].round(1))])
         else: new["period"] = SensitiveAttribute(column=spec.index_time)
     return new, named
 
