@@ -145,6 +145,12 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
     feats = list(spec.features)
     h = {n: pd.util.hash_pandas_object(d[feats].astype(str), index=False) for n, d in splits.items()}
     dup = {n: int(h[n].isin(set(h["train"])).sum()) for n in names if n != "train"}
+    # the chance level: with a few coarse features (four 0/1 flags) every row has a twin, in train as anywhere; a
+    # split is flagged only when it repeats training rows clearly more often than training rows repeat each other
+    # (twice as often, or 10 points more): with continuous features the chance level is 0 and any copy is flagged
+    chance = float(h["train"].duplicated(keep=False).mean()) if len(h["train"]) else 0.0
+    share = {n: (dup[n] / len(h[n]) if len(h[n]) else 0.0) for n in dup}
+    copied = {n: k for n, k in dup.items() if k and share[n] > min(2 * chance, chance + 0.1)}
     tr = splits["train"]
     aucs = {f: round(single_feature_auroc(tr[f], tr[spec.outcome], spec.features[f].kind == "categorical"), 4) for f in feats}
     suspected = sorted((f for f, a in aucs.items() if a == a and a >= cfg.leakage_auroc), key=lambda f: -aucs[f])
@@ -157,10 +163,12 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
     after = rows_after_start(splits, spec, cfg)
     flags = ([f"{n} patient(s) in both {k.replace('/', ' and ')}" for k, n in shared.items() if n]
              + [f"{n} {k.replace('_after_', ' row(s) with an index time after the ').replace('_start', ' start')}" for k, n in after.items() if n]
-             + [f"{n} {k} row(s) duplicate a training row's features" for k, n in dup.items() if n]
+             + [f"{n} {k} row(s) duplicate a training row's features ({share[k]:.0%}; training rows repeat each other at "
+                f"{chance:.0%})" for k, n in copied.items()]
              + [f"`{f}` alone has AUROC {aucs[f]:.3f} on train (>= {cfg.leakage_auroc}): suspected target leakage" for f in suspected]
              + [f"`{f}`: {n} value(s) recorded after the index time" for f, n in post.items() if n])
-    return {"patients_in_two_splits": shared, "duplicate_feature_rows": dup, "single_feature_auroc": aucs,
+    return {"patients_in_two_splits": shared, "duplicate_feature_rows": dup, "train_duplicate_share": round(chance, 6),
+            "single_feature_auroc": aucs,
             "auroc_threshold": cfg.leakage_auroc, "suspected_leakage": suspected, "recorded_after_index": post,
             **({"rows_after_start": after} if after else {}),
             "flags": flags, "clean": not flags}

@@ -290,7 +290,9 @@ def leakage_table(ctx: ReportContext) -> pd.DataFrame:
     lk = ctx.dataset_card["leakage"]
     top = sorted(lk["single_feature_auroc"].items(), key=lambda x: -(x[1] or 0))[:3]
     rows = [("Patients in two splits", ", ".join(f"{k}: {v}" for k, v in lk["patients_in_two_splits"].items())),
-            ("Rows duplicating a training row's features", ", ".join(f"{k}: {v}" for k, v in lk["duplicate_feature_rows"].items())),
+            ("Rows duplicating a training row's features", ", ".join(f"{k}: {v}" for k, v in lk["duplicate_feature_rows"].items())
+             + (f" (training rows repeat each other's features at {lk['train_duplicate_share']:.0%}: twins that often are chance)"
+                if lk.get("train_duplicate_share") else "")),
             (f"Features alone with train AUROC >= {lk['auroc_threshold']}", ", ".join(lk["suspected_leakage"]) or "none"),
             ("Most predictive single features (train AUROC)", ", ".join(f"{f} {a:.3f}" for f, a in top)),
             ("Values recorded after the index time", ", ".join(f"{k}: {v}" for k, v in lk["recorded_after_index"].items()) or "no recording times declared")]
