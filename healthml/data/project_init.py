@@ -98,7 +98,9 @@ def init_params(path: str | Path, name: str | None = None, file_ref: str | None 
          "gate": gate_plan(model_name, bool(groups or slices))}
     if site: review.append(f"split.method: random; `site` ({site}) allows method: site with test_site (external validation)")
     if spec.get("index_time"): review.append(f"split.method: random; `index_time` ({spec['index_time']}) allows method: temporal")
-    review += ["evaluate.robustness.unit_errors: empty; add a lab sent in the wrong unit (e.g. creatinine: 88.4) to test it",
+    review += [f"report.model_name, tracking.experiment and gate.plan are named `{model_name}` after the drafted outcome: "
+               "if you change dataset.outcome, rename all three (or run init again)",
+               "evaluate.robustness.unit_errors: empty; add a lab sent in the wrong unit (e.g. creatinine: 88.4) to test it",
                "features: no `direction` of risk declared, so the gate's direction rule is not applicable until you declare some",
                "gate: thresholds are generic starting points; set them for the clinical use before a model is judged"]
     parse_params(p)   # what init writes always reads back
