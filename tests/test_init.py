@@ -61,6 +61,12 @@ def test_init_then_dvc_repro_runs_an_unseen_cohort_without_an_edit(tmp_path):
     for stage in STAGES: assert f"✓ {stage}:" in out, (stage, out)
     assert "3 quarantined" in out                                              # the three coded ages, set aside and counted
     assert r.returncode == 0 or "gate FAILED under plan 'icu-died promotion plan v1" in out, out
+    # the draft's open items reach the report, each NOT PROVIDED until a person checks it (governance/model_review.yaml)
+    drafted = yaml.safe_load((root/"governance/model_review.yaml").read_text())["draft_review"]
+    assert drafted and all(d["checked"] == "" for d in drafted)
+    import html
+    page = html.unescape((root/"report/validation.html").read_text())
+    assert all(f"Drafted by healthml init: {d['item']}" in page for d in drafted)
 
 
 def test_the_draft_of_support2_accepts_every_row_of_support2():

@@ -20,7 +20,7 @@ from ..core.params import (DatasetCardConfig, DeidentifyConfig, EvaluateConfig, 
 from .spec_draft import draft_cohort
 
 # %% auto #0
-__all__ = ['SECTION_NOTES', 'gate_plan', 'init_params', 'params_yaml', 'write_params']
+__all__ = ['SECTION_NOTES', 'DRAFT_MARK', 'gate_plan', 'init_params', 'params_yaml', 'write_params', 'review_file']
 
 # %% ../../nbs/10_data/17_project_init.ipynb #2490b8b4
 def _slug(text: str) -> str:
@@ -144,4 +144,19 @@ def write_params(file: str | Path, folder: str | Path = ".", name: str | None = 
     params, review = init_params(file, name, ref.as_posix())
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(out, params_yaml(params, review))
+    checks = folder/params["report"]["review"]
+    checks.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(checks, review_file(checks.read_text() if checks.exists() else "", review, ref.as_posix()))
     return out, params, review
+
+DRAFT_MARK = "# Drafted by `healthml init`"
+
+def review_file(existing: str, review: list[str], source: str) -> str:
+    """The reviewed-items file (governance/model_review.yaml) with the draft's open items as `draft_review`, each
+    `checked: ""` until a person writes who checked it and what was decided: every report shows an unchecked item as
+    NOT PROVIDED. What a person already wrote above the block is kept; an earlier draft's block is replaced."""
+    head = existing.split(DRAFT_MARK)[0].rstrip()
+    block = yaml.safe_dump({"draft_review": [{"item": r, "checked": ""} for r in review]}, sort_keys=False,
+                           allow_unicode=True, width=1000)
+    return ((head + "\n\n") if head else "") + (f"{DRAFT_MARK} from {source}: what the draft could not decide. Write in `checked`\n"
+            "# who checked each item and what was decided; until then every report shows it NOT PROVIDED.\n") + block

@@ -32,12 +32,19 @@ def load_review(path: str | Path) -> dict:
     out = {k: str(raw.get(k) or "").strip() or NOT_PROVIDED for k in REVIEW_ITEMS}
     sign = raw.get("sign_off") or {}
     out["sign_off"] = {k: str(sign.get(k) or "").strip() or NOT_PROVIDED for k in ("name", "role", "date")}
+    drafted = raw.get("draft_review") or []   # what `healthml init` could not decide, each checked by a person
+    if not isinstance(drafted, list) or not all(isinstance(d, dict) and "item" in d for d in drafted):
+        raise HealthmlError(f"{path}: draft_review must be a list of {{item: ..., checked: ...}}",
+                            hint="keep the entries healthml init wrote; fill in `checked` (who checked it, what was decided)")
+    out["draft_review"] = [{"item": str(d["item"]), "checked": str(d.get("checked") or "").strip() or NOT_PROVIDED} for d in drafted]
     return out
 
 def missing_items(review: dict) -> list[str]:
     "Names of the human items still NOT PROVIDED."
     miss = [REVIEW_ITEMS[k] for k in REVIEW_ITEMS if review[k] == NOT_PROVIDED]
-    return miss + [f"Sign-off {k}" for k, v in review["sign_off"].items() if v == NOT_PROVIDED]
+    open_items = sum(d["checked"] == NOT_PROVIDED for d in review.get("draft_review", []))
+    return (miss + [f"Sign-off {k}" for k, v in review["sign_off"].items() if v == NOT_PROVIDED]
+            + ([f"{open_items} drafted setting(s) not yet checked (draft_review)"] if open_items else []))
 
 # %% ../../nbs/40_governance/44_model_card.ipynb #0eda5d83
 NIST_MAP = [

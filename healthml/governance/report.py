@@ -228,6 +228,7 @@ def review_table(review: dict) -> str:
     from healthml.governance.model_card import NOT_PROVIDED, REVIEW_ITEMS
     rows = [(label, review[k]) for k, label in REVIEW_ITEMS.items()]
     rows += [(f"Sign-off {k}", v) for k, v in review["sign_off"].items()]
+    rows += [(f"Drafted by healthml init: {d['item']}", d["checked"]) for d in review.get("draft_review", [])]
     cell = lambda v: f'<span class="np">{NOT_PROVIDED}</span>' if v == NOT_PROVIDED else html.escape(v)
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(v)}</td></tr>" for k, v in rows)
     return f'<table class="dataframe"><thead><tr><th>Item</th><th>Provided by a person</th></tr></thead><tbody>{body}</tbody></table>'
