@@ -28,15 +28,15 @@ from ..evaluation.result import EvaluationResult
 # %% auto #0
 __all__ = ['INSUFFICIENT', 'TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContext', 'count', 'p_value', 'difference',
            'performance_table', 'calibration_table', 'threshold_table', 'comparison_table', 'subgroup_report_table',
-           'fairness_table', 'robustness_table', 'review_table', 'tripod_table', 'gate_table', 'participant_flow',
-           'split_table', 'table_one', 'sample_size_table', 'leakage_table', 'deidentification_table', 'warnings_table',
-           'excluded_table', 'predictor_table', 'parity_table', 'html_table', 'membership_table',
-           'membership_subgroup_table', 'attribute_table', 'mitigation_table', 'screen_text', 'uncertainty_table',
-           'importance_table', 'typical_record', 'worked_examples', 'prediction_examples', 'example_cards',
-           'verdict_banner', 'validation_headline', 'test_population', 'validation_table', 'figure_alt', 'show_figure',
-           'figure_or_note', 'remote_references', 'add_toc', 'notebook_to_html', 'package_versions', 'model_version',
-           'training_engine', 'manifest', 'report_index', 'monitoring_index', 'write_index', 'build_report',
-           'file_report', 'verify_report']
+           'fairness_table', 'fairness_note', 'robustness_table', 'review_table', 'tripod_table', 'gate_table',
+           'participant_flow', 'split_table', 'table_one', 'sample_size_table', 'leakage_table',
+           'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
+           'html_table', 'membership_table', 'membership_subgroup_table', 'attribute_table', 'mitigation_table',
+           'screen_text', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
+           'prediction_examples', 'example_cards', 'verdict_banner', 'validation_headline', 'test_population',
+           'validation_table', 'figure_alt', 'show_figure', 'figure_or_note', 'remote_references', 'add_toc',
+           'notebook_to_html', 'package_versions', 'model_version', 'training_engine', 'manifest', 'report_index',
+           'monitoring_index', 'write_index', 'build_report', 'file_report', 'verify_report']
 
 # %% ../../nbs/40_governance/45_report.ipynb #cc2d9574
 class ReportError(HealthmlError):
@@ -199,6 +199,17 @@ def fairness_table(subgroups: dict) -> pd.DataFrame:
                           "TPR gap (missed cases)": fmt(g["tpr_gap"]), "FPR gap (false alarms)": fmt(g["fpr_gap"]),
                           "Calibration-in-the-large gap": fmt(g["citl_gap"])} for a, g in subgroups.get("fairness_gaps", {}).items()],
                         columns=["Attribute", "Groups compared", "TPR gap (missed cases)", "FPR gap (false alarms)", "Calibration-in-the-large gap"])
+
+def fairness_note(gate) -> str:
+    """Why the gate's fairness figures can differ from the table above: each rule compares only the groups with its
+    own minimum of events (missed cases) or non-events (false alarms), from the same subgroup estimates."""
+    rules = [r for r in (gate.rules if gate else []) if getattr(r, "kind", None) == "fairness"]
+    if not rules: return "No fairness rule in the gate: the table is for the reader."
+    return ("The table compares every adequately sized group. The gate's fairness rules use the same estimates but only "
+            "groups with enough events of their own: " + "; ".join(
+                f"`{r.name}` ({r.gap.replace('_', ' ')}) groups with >= {r.min_events} "
+                f"{'non-events' if r.gap == 'fpr_gap' else 'events'}" + (", judged by the lower bound of the gap's CI" if r.judge == "ci" else "")
+                for r in rules) + ". Their figures are in the gate table (section 12).")
 
 def robustness_table(robustness: dict, top_evasion: int = 5) -> pd.DataFrame:
     "Change in AUROC and in risk under each stress test of the candidate (the `top_evasion` features a plausible nudge moves most)."
