@@ -133,6 +133,8 @@ def test_medpar_is_validated_externally_at_the_held_out_hospital(cohort_runs):
     assert re.search(r"external validation at (site )?30061", text, re.I), text[:3000]
     raw = pd.read_csv(DATA/"medpar/medpar.csv")
     assert split["test"]["patients"] == int((raw.provnum == 30061).sum()) == 92, split
+    site = [g for g in json.loads((root/"metrics/subgroups.json").read_text())["groups"] if g["group"] == "30061"]
+    assert site and all(g["status"].startswith("the whole test split") for g in site), site   # not "insufficient n"
 
 
 @pytest.mark.slow

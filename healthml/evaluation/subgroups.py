@@ -15,7 +15,7 @@ from .result import group_gap
 from .utility import threshold_replicates
 
 # %% auto #0
-__all__ = ['fairness_columns', 'group_metrics', 'subgroup_table', 'fairness_gaps']
+__all__ = ['WHOLE_TEST_SPLIT', 'fairness_columns', 'group_metrics', 'subgroup_table', 'fairness_gaps']
 
 # %% ../../nbs/30_evaluation/34_subgroups.ipynb #378d7cb9
 def fairness_columns(groups: pd.DataFrame, spec: DatasetSpec) -> list[str]:
@@ -37,6 +37,8 @@ def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, s
     point = {k: float(v[0]) for k, v in stats(np.ones((1, len(y)))).items()}
     return point | bootstrap_intervals(bootstrap(stats, y, patients, n_boot, seed), level)
 
+WHOLE_TEST_SPLIT = "the whole test split: see the headline estimates"
+
 def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: float, min_n: int = 100,
                    min_events: int = 10, n_boot: int = 200, level: float = 0.95, seed: int = 0,
                    min_non_events: int = 10) -> pd.DataFrame:
@@ -47,7 +49,9 @@ def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: fl
         for label, idx in groups.groupby(attribute, sort=True).indices.items():
             n, events = len(np.unique(patients[idx])), int(y[idx].sum())
             row = {"attribute": attribute, "group": label, "n": n, "rows": len(idx), "events": events, "prevalence": events / len(idx)}
-            if n < min_n or events < min_events or len(idx) - events < min_non_events:
+            if len(idx) == len(y):   # e.g. the held-out site of an external validation: not a subgroup, and the test
+                row["status"] = WHOLE_TEST_SPLIT   # split's own minimum (not the subgroup one) judged it: no second verdict
+            elif n < min_n or events < min_events or len(idx) - events < min_non_events:
                 row["status"] = (f"insufficient n (n={n}, events={events}, non-events={len(idx) - events}; "
                                  f"needs n>={min_n}, events>={min_events}, non-events>={min_non_events})")
             else:
