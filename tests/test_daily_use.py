@@ -174,7 +174,7 @@ def train_runs(root) -> list[dict]:
 def test_pipeline_runs_are_named_described_and_record_a_clean_commit(pipeline_project):
     root, record = pipeline_project
     runs = train_runs(root)
-    assert sorted(re.sub(r"-[0-9a-f]{8}$", "", r["name"]) for r in runs) == ["lightgbm", "logistic"], [r["name"] for r in runs]
+    assert sorted(re.sub(r"-[0-9a-f]{8}$", "", r["name"]) for r in runs) == ["compact", "lightgbm", "logistic"], [r["name"] for r in runs]
     head = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
     for r in runs:
         assert r["name"] == f"{r['healthml.model']}-{r['healthml.params_hash']}"

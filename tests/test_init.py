@@ -11,7 +11,7 @@ from conftest import ROOT, copy_project, run, set_params
 
 HOSPITALS = {"north": "St Mary Hospital", "south": "Riverside Medical Center", "east": "Hope Community Clinic",
              "west": "Lakeside Health Centre"}
-STAGES = ("ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "report", "phi scan")
+STAGES = ("ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "export", "footprint", "report", "phi scan")
 
 
 def unseen_cohort(n_patients: int = 250, seed: int = 3) -> pd.DataFrame:

@@ -51,8 +51,8 @@ def test_an_experiment_trains_and_reports_but_never_touches_the_registry(project
     before = governance_state(root)
     exp = run(["dvc", "exp", "run", "-n", "leaves31", "-S", "models.lightgbm.num_leaves=31",
                "-S", "evaluate.n_bootstrap=100"], root)                  # (fewer replicates: the loop is under test here)
-    stages = [s for s in ("train", "evaluate", "privacy", "export", "report", "phi_scan", "gate") if f"Running stage '{s}'" in exp.stdout]
-    assert stages == ["train", "evaluate", "privacy", "export", "report", "phi_scan", "gate"], exp.stdout[-2000:]
+    stages = [s for s in ("train", "evaluate", "privacy", "export", "footprint", "report", "phi_scan", "gate") if f"Running stage '{s}'" in exp.stdout]
+    assert stages == ["train", "evaluate", "privacy", "export", "footprint", "report", "phi_scan", "gate"], exp.stdout[-2000:]
     assert governance_state(root) == before                              # no version, alias, audit entry or filed report
     from healthml.core.params import load_params
     p = load_params(root/"params.yaml")                                  # DVC re-dumped the file; "no" is still text

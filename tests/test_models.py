@@ -7,7 +7,7 @@ import yaml
 
 from conftest import clone_project, run
 
-MODELS = ["logistic", "lightgbm", "lightgbm_small"]  # the candidate first, then the others in params.yaml order
+MODELS = ["logistic", "lightgbm", "compact", "lightgbm_small"]  # the candidate first, then the others in params.yaml order
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_three_models_with_logistic_as_candidate_flow_through_every_stage(pipeli
     evaluation = json.loads((root/"metrics/evaluate.json").read_text())
     assert sorted(evaluation) == sorted([*MODELS, "settings"]) and evaluation["settings"]["bootstrap_replicates"] == 50
     comparison = json.loads((root/"metrics/comparison.json").read_text())
-    assert sorted(comparison) == ["lightgbm", "lightgbm_small"]               # every other model against the candidate
+    assert sorted(comparison) == ["compact", "lightgbm", "lightgbm_small"]    # every other model against the candidate
     assert comparison["lightgbm"]["auroc"]["difference"] == pytest.approx(
         evaluation["logistic"]["auroc"] - evaluation["lightgbm"]["auroc"], abs=2e-6)
     assert list(pd.read_parquet(root/"data/processed/test_scores.parquet").columns) == ["outcome", *MODELS]

@@ -9,8 +9,8 @@ from conftest import ROOT, run
 
 from healthml.governance.report import remote_references
 
-STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "privacy", "export", "report",
-          "phi_scan", "gate"]
+STAGES = ["ingest", "validate", "deidentify", "split", "datacard", "train", "evaluate", "privacy", "export", "footprint",
+          "report", "phi_scan", "gate"]
 
 
 def ran_stages(output: str) -> list[str]:
@@ -38,7 +38,7 @@ def test_test_metrics_match_scikit_learn_on_the_written_scores(pipeline_project)
     root, _ = pipeline_project
     ev = json.loads((root/"metrics/evaluate.json").read_text())
     scores = pd.read_parquet(root/"data/processed/test_scores.parquet")
-    assert list(scores.columns) == ["outcome", "lightgbm", "logistic"]  # no patient identifiers
+    assert list(scores.columns) == ["outcome", "lightgbm", "logistic", "compact"]  # no patient identifiers
     for model in ("lightgbm", "logistic"):
         assert abs(ev[model]["auroc"] - roc_auc_score(scores.outcome, scores[model])) < 1e-6
         assert abs(ev[model]["auprc"] - average_precision_score(scores.outcome, scores[model])) < 1e-6
@@ -157,7 +157,7 @@ def test_training_runs_are_in_the_embedded_mlflow_store(pipeline_project):
                           "where p.key = 'dataset'").fetchall()
         tags = dict(db.execute("select key, value from tags where key = 'git_commit'").fetchall())
     names = sorted(name for name, _ in runs)                        # model (or register-model) and a short hash
-    assert [re.sub(r"-[0-9a-f]{8}$", "", n) for n in names] == ["lightgbm", "logistic", "register-lightgbm"], names
+    assert [re.sub(r"-[0-9a-f]{8}$", "", n) for n in names] == ["compact", "lightgbm", "logistic", "register-lightgbm"], names
     assert all(value == "support2" for _, value in runs)
     assert len(tags["git_commit"]) >= 40
 
@@ -188,7 +188,7 @@ def test_second_repro_has_nothing_to_do(pipeline_project):
 
 def test_changing_a_lightgbm_hyperparameter_reruns_train_and_later_stages_only(pipeline_project, three_versions):
     # three_versions' second version is `dvc repro` after models.lightgbm.n_estimators 300 -> 120 on this project
-    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "privacy", "export", "report", "phi_scan", "gate"]
+    assert ran_stages(three_versions.v2_stdout) == ["train", "evaluate", "privacy", "export", "footprint", "report", "phi_scan", "gate"]
     before = json.loads((pipeline_project[0]/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     after = json.loads((three_versions.v2_outputs/"metrics/evaluate.json").read_text())["lightgbm"]["auroc"]
     assert after != before

@@ -117,3 +117,30 @@ def test_forced_rerun_on_the_same_inputs_reproduces_the_filed_numbers(project_cl
     folder, filed_now = file_report(root/"reports", "support2-mortality", root/"report")
     assert (folder, filed_now) == (filed, False)                         # same inputs, same numbers: the filed one stands
     assert sha256_file(filed/"validation.html") == html_sha             # and was not rewritten
+
+
+def test_compact_model_section_shows_its_metrics_beside_the_candidate(pipeline_project):
+    import html
+    from healthml.governance.report import _outputs_text, difference
+    root, _ = pipeline_project
+    page = (filed_report(root)/"validation.html").read_text()
+    start = page.index(">Compact model beside the candidate")
+    section = page[start:page.index(">Reasons: what drives", start)]
+    text = html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", section)))
+    metrics = {n: json.loads((root/"metrics"/f"{n}.json").read_text()) for n in ("evaluate", "comparison", "footprint", "export")}
+    ev, fp = metrics["evaluate"], metrics["footprint"]
+    for m in ("lightgbm", "compact"):                                  # the candidate and the compact model, side by side
+        assert f"{ev[m]['auroc']:.3f} ({ev[m]['auroc_ci_low']:.3f} to {ev[m]['auroc_ci_high']:.3f})" in text, m
+        assert f"{ev[m]['calibration_slope']:.3f} ({ev[m]['calibration_slope_ci_low']:.3f} to {ev[m]['calibration_slope_ci_high']:.3f})" in text, m
+        assert f"{fp[m]['trees']:,} trees, {fp[m]['leaves']:,} leaves" in text and f"{fp[m]['onnx_bytes'] / 1000:,.1f} KB" in text, m
+        assert f"{fp[m]['latency']['median_us']:,.1f}" in text, m
+        assert f"{metrics['export'][m]['max_abs_diff']:.1e}" in text, m   # the float32 vs float64 gap beside the quantisation figures
+        assert f"{fp[m]['quantisation']['float16']['max_abs_risk_change']:.1e}" in text, m
+    paired = metrics["comparison"]["compact"]["auroc"]                  # the evaluation's own paired DeLong comparison
+    d, ci = difference(paired["difference"], paired["ci_low"], paired["ci_high"])
+    assert f"candidate minus compact AUROC {d} (95% CI {ci}, paired DeLong" in text
+    assert f"{fp['lightgbm']['quantisation']['int8_dynamic']['operators_quantised']} operators quantised" in text
+    assert fp["compact"]["trees"] < fp["lightgbm"]["trees"] and fp["compact"]["onnx_bytes"] < 0.2 * fp["lightgbm"]["onnx_bytes"]
+    outputs = _outputs_text(filed_report(root)/"validation.ipynb")       # the timing is provenance; the rest is compared on re-runs
+    assert any("Of the candidate&#x27;s bytes" in o or "Of the candidate's bytes" in o for o in outputs)
+    assert not any("Median / candidate" in o for o in outputs)

@@ -21,7 +21,7 @@ app = typer.Typer(name="healthml", no_args_is_help=True, rich_markup_mode="rich"
 
 Each pipeline stage is one subcommand; `dvc repro` runs them in order:
 
-ingest, validate, deidentify, split, datacard, train, evaluate, export, report, gate, model register, phi scan.
+ingest, validate, deidentify, split, datacard, train, evaluate, export, footprint, report, gate, model register, phi scan.
 
 In production: predict, serve, monitor.
 

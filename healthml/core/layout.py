@@ -42,6 +42,7 @@ class Layout:
         self.report_record = r/"metrics/report.json"            # report: the render's manifest hash
         self.plots = r/"plots"
         self.export_metrics = r/"metrics/export.json"
+        self.footprint = r/"metrics/footprint.json"             # footprint: each exported model's size, latency, quantisation effect
         self.reports = r/"reports"
         self.monitoring = r/"reports/monitoring"                 # monitor: one folder per date and window
 

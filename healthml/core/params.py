@@ -18,10 +18,10 @@ from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 # %% auto #0
 __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'within', 'ThresholdRule', 'SubgroupRule',
            'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'PrivacyRule', 'GateConfig',
-           'LightGBMConfig', 'LogisticConfig', 'Models', 'default_models', 'SplitConfig', 'ValidateConfig',
-           'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig', 'PrivacyConfig',
-           'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig', 'column_problems',
-           'ComputeConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
+           'LightGBMConfig', 'LogisticConfig', 'CompactConfig', 'Models', 'default_models', 'SplitConfig',
+           'ValidateConfig', 'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig',
+           'PrivacyConfig', 'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig',
+           'column_problems', 'ComputeConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 def within(value, lo, hi) -> bool:
@@ -120,8 +120,18 @@ class LogisticConfig(StrictModel):
     C: float = Field(1.0, gt=0)
     max_iter: int = Field(2000, ge=10)
 
-ModelConfig = Annotated[Union[LightGBMConfig, LogisticConfig], Field(discriminator="kind")]
-MODEL_KINDS = {cls.model_fields["kind"].default: cls for cls in (LightGBMConfig, LogisticConfig)}  # kind -> its config
+class CompactConfig(LightGBMConfig):
+    "A compact tree model for the edge: few, shallow LightGBM trees, reported beside the candidate."
+    kind: Literal["compact"] = "compact"
+    description: ClassVar[str] = "compact gradient-boosted trees (LightGBM, few and shallow)"
+    n_estimators: int = Field(40, ge=1)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    num_leaves: int = Field(7, ge=2)
+    teacher_weight: float = Field(0.0, ge=0, le=1)  # share of the target taken from the candidate's training risks (0: the outcome only)
+
+ModelConfig = Annotated[Union[LightGBMConfig, LogisticConfig, CompactConfig], Field(discriminator="kind")]
+MODEL_KINDS = {cls.model_fields["kind"].default: cls for cls in (LightGBMConfig, LogisticConfig, CompactConfig)}  # kind -> its config
+_FIRST_KINDS = ("lightgbm", "logistic")  # the kinds a `models:` section written before kinds existed could name
 MODEL_PACKAGES = tuple(dict.fromkeys(p for cls in MODEL_KINDS.values() for p in cls.packages))
 RESERVED_NAMES = ("settings", "champion", "outcome", "n_train", "n_validation")  # keys the outputs hold beside model names
 
@@ -133,15 +143,15 @@ class Models(dict):
 
 def default_models() -> Models:
     "Without a `models:` section: one model of each kind, named after it."
-    return Models({kind: cls() for kind, cls in MODEL_KINDS.items()})
+    return Models({kind: MODEL_KINDS[kind]() for kind in _FIRST_KINDS})
 
 # %% ../../nbs/00_core/04_params.ipynb #9a4f3b18
 def _with_kinds(raw):
     "Fill in `kind` for models named after one; a section of such models only keeps its pre-kind meaning (see above)."
     if not isinstance(raw, dict): return raw
     raw = {n: {} if c is None else c for n, c in raw.items()}
-    if raw and all(n in MODEL_KINDS and isinstance(c, dict) and "kind" not in c for n, c in raw.items()):
-        raw = {kind: raw.get(kind, {}) for kind in MODEL_KINDS}
+    if raw and all(n in _FIRST_KINDS and isinstance(c, dict) and "kind" not in c for n, c in raw.items()):
+        raw = {kind: raw.get(kind, {}) for kind in _FIRST_KINDS}
     return {n: {"kind": n, **c} if n in MODEL_KINDS and isinstance(c, dict) and "kind" not in c else c for n, c in raw.items()}
 
 def _checked_names(models: dict) -> Models:
@@ -425,6 +435,11 @@ class Params(StrictModel):
         "Every model: the candidate first, then the others in the order `params.yaml` lists them."
         return [self.candidate] + [m for m in self.models if m != self.candidate]
 
+    @property
+    def compact_models(self) -> list[str]:
+        "The models of kind `compact`, in the order listed: each reported beside the candidate."
+        return [m for m, cfg in self.models.items() if isinstance(cfg, CompactConfig)]
+
     @model_validator(mode="after")
     def _check(self):
         problems = column_problems(self)
@@ -432,6 +447,9 @@ class Params(StrictModel):
         if attr is not None and attr not in self.dataset.sensitive_attributes:
             problems.append(f"privacy.sensitive_attribute: `{attr}` is not in dataset.sensitive_attributes "
                             f"({', '.join(self.dataset.sensitive_attributes) or 'none declared'})")
+        if isinstance(self.models[self.candidate], CompactConfig):
+            problems.append(f"{'gate.candidate' if self.gate else 'models'}: `{self.candidate}` is a compact model; it is reported "
+                            "beside the candidate, never validated as one (name another model as gate.candidate)")
         if problems: raise ValueError("\n".join(problems))
         return self
 

@@ -32,7 +32,8 @@ __all__ = ['INSUFFICIENT', 'TRIPOD_AI', 'PACKAGES', 'ReportError', 'ReportContex
            'participant_flow', 'split_table', 'table_one', 'sample_size_table', 'leakage_table',
            'deidentification_table', 'warnings_table', 'excluded_table', 'predictor_table', 'parity_table',
            'html_table', 'membership_table', 'membership_subgroup_table', 'attribute_table', 'mitigation_table',
-           'screen_text', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
+           'screen_text', 'compact_models', 'compact_table', 'compact_summary', 'latency_table', 'latency_note',
+           'quantisation_table', 'uncertainty_table', 'importance_table', 'typical_record', 'worked_examples',
            'prediction_examples', 'example_cards', 'verdict_banner', 'validation_headline', 'test_population',
            'validation_table', 'figure_alt', 'show_figure', 'figure_or_note', 'remote_references', 'add_toc',
            'notebook_to_html', 'package_versions', 'model_version', 'training_engine', 'manifest', 'report_index',
@@ -67,6 +68,7 @@ class ReportContext:
     review: dict
     dataset_card: dict
     privacy: dict | None = None  # metrics/privacy.json: membership and attribute inference, levers, training-data screen
+    footprint: dict | None = None  # metrics/footprint.json: each model's size, single-record latency, quantisation effect
 
     @classmethod
     def load(cls, root: str | Path = ".", params_path: str | Path = "params.yaml") -> "ReportContext":
@@ -80,12 +82,13 @@ class ReportContext:
         evaluation = EvaluationResult.read(layout, params.model_names)
         export = _models_first(_read_json(layout.export_metrics), params.model_names)
         privacy = json.loads(layout.privacy.read_text()) if layout.privacy.exists() else None
+        footprint = json.loads(layout.footprint.read_text()) if layout.footprint.exists() else None
         evidence = {"evaluation": evaluation, "export": export} | ({"privacy": privacy} if privacy else {})
         verdict = evaluate_gate(params.gate, evidence) if params.gate else None
         review_path = params.report.review if params.report.review.is_absolute() else layout.root/params.report.review
         return cls(params, layout, _read_json(layout.ingest_record), _read_json(layout.validation),
                    _read_json(layout.split_metrics), _read_json(layout.train_metrics), evaluation, export, verdict,
-                   load_review(review_path), _read_json(layout.dataset_card/"dataset_card.json"), privacy)
+                   load_review(review_path), _read_json(layout.dataset_card/"dataset_card.json"), privacy, footprint)
 
     @property
     def models(self) -> list[str]:
@@ -396,6 +399,74 @@ def screen_text(privacy: dict) -> str:
             f"({s['flagged_by_given_label']['1']:,} labelled as events, {s['flagged_by_given_label']['0']:,} as non-events; "
             f"out-of-fold AUROC {s['out_of_fold_auroc']:.3f}); method: {s['method']}. The rows are listed by surrogate patient key "
             f"in data/processed/label_screen.parquet for review; they are not removed.")
+
+# %% ../../nbs/40_governance/45_report.ipynb #0ac55305
+def compact_models(ctx: ReportContext) -> list[str]:
+    "The compact models (`kind: compact`) the evaluation scored."
+    return [m for m in ctx.params.compact_models if m in ctx.evaluation.models]
+
+def _footprint(ctx, model: str) -> dict: return (ctx.footprint or {}).get(model) or {}
+
+def _structure(f: dict) -> str:
+    if "trees" in f: return f"{f['trees']:,} trees, {f['leaves']:,} leaves"
+    return f"{f['coefficients']:,} coefficients" if "coefficients" in f else "n/a"
+
+def _kb(n) -> str: return "n/a" if n is None else f"{n / 1000:,.1f} KB"
+
+def compact_table(ctx: ReportContext) -> pd.DataFrame:
+    "The candidate and each compact model: test AUROC, calibration and Brier with 95% CIs, structure and ONNX size."
+    cand = ctx.params.candidate
+    whole = _footprint(ctx, cand).get("onnx_bytes")
+    def row(m):
+        ev, f = ctx.evaluation.models[m], _footprint(ctx, m)
+        share = f"{f['onnx_bytes'] / whole:.1%}" if whole and f.get("onnx_bytes") else "n/a"
+        return {"Model": _label(m, ctx.labels), "AUROC (95% CI)": _ci(ev, "auroc"), "Calibration slope (95% CI)": _ci(ev, "calibration_slope"),
+                "O/E (95% CI)": _ci(ev, "observed_expected"), "Brier (95% CI)": _ci(ev, "brier"), "Structure": _structure(f),
+                "ONNX graph": _kb(f.get("onnx_bytes")), "Of the candidate's bytes": share}
+    return pd.DataFrame([row(m) for m in [cand, *compact_models(ctx)]])
+
+def compact_summary(ctx: ReportContext, model: str) -> str:
+    "One sentence: what the compact model costs (paired AUROC difference with its CI) and what it saves (bytes)."
+    c, f, whole = ctx.comparison.get(model, {}).get("auroc"), _footprint(ctx, model), _footprint(ctx, ctx.params.candidate).get("onnx_bytes")
+    if c is None: return f"`{model}`: no paired comparison with the candidate ({INSUFFICIENT})."
+    d, ci = difference(c["difference"], c["ci_low"], c["ci_high"])
+    size = (f" at {f['onnx_bytes'] / whole:.1%} of the candidate's ONNX bytes ({_kb(f['onnx_bytes'])} against {_kb(whole)})"
+            if whole and f.get("onnx_bytes") else "")
+    return (f"**{_label(model, ctx.labels)}**: candidate minus compact AUROC {d} (95% CI {ci}, paired DeLong, p {p_value(c['p_value'])}) "
+            f"on the same test patients{size}.")
+
+def latency_table(ctx: ReportContext) -> pd.DataFrame:
+    "Single-record latency of the candidate and each compact model on this machine: median, 90th percentile, ratio to the candidate."
+    cand = ctx.params.candidate
+    base = _footprint(ctx, cand).get("latency", {}).get("median_us")
+    def row(m):
+        lat = _footprint(ctx, m).get("latency") or {}
+        if not lat: return {"Model": _label(m, ctx.labels), "Median (µs)": "n/a", "90th percentile (µs)": "n/a", "Median / candidate's": "n/a"}
+        return {"Model": _label(m, ctx.labels), "Median (µs)": f"{lat['median_us']:,.1f}", "90th percentile (µs)": f"{lat['p90_us']:,.1f}",
+                "Median / candidate's": f"{lat['median_us'] / base:.2f}x" if base else "n/a"}
+    return pd.DataFrame([row(m) for m in [cand, *compact_models(ctx)]])
+
+def latency_note(ctx: ReportContext) -> str:
+    "How the latency was measured (from `metrics/footprint.json` `settings`)."
+    s = (ctx.footprint or {}).get("settings") or {}
+    if not s: return "No latency measured: run `dvc repro footprint`."
+    return (f"Measured by the footprint stage on this machine ({s['cpu_count']} cores): {s['latency']}; "
+            f"{s['records']:,} test records x {s['rounds']} rounds per model.")
+
+def quantisation_table(ctx: ReportContext) -> pd.DataFrame:
+    "Per tree model (candidate, compact models): the float64 -> float32 gap export measured, the float share of the graph, float16 and int8."
+    rows = []
+    for m in [ctx.params.candidate, *compact_models(ctx)]:
+        f, q = _footprint(ctx, m), _footprint(ctx, m).get("quantisation")
+        if not q: continue
+        h, i8 = q["float16"], q["int8_dynamic"]
+        rows.append({"Model": _label(m, ctx.labels),
+                     "float32 graph vs float64 model, max |risk difference|": f"{ctx.export.get(m, {}).get('max_abs_diff', float('nan')):.1e}",
+                     "Thresholds and leaf values (float32)": f"{_kb(f['float_bytes'])} of {_kb(f['onnx_bytes'])} ({f['float_bytes'] / f['onnx_bytes']:.0%})",
+                     "float16: bytes saved": _kb(h["bytes_saved"]), "float16: max |risk change|": f"{h['max_abs_risk_change']:.1e}",
+                     "float16: alerts changed": f"{h['alerts_changed']:,} of {h['rows']:,}",
+                     "int8 (onnxruntime dynamic)": f"{i8['operators_quantised']} operators quantised; {i8['onnx_bytes']:,} bytes after"})
+    return pd.DataFrame(rows)
 
 # %% ../../nbs/40_governance/45_report.ipynb #c3e409b3
 def uncertainty_table(evaluation: EvaluationResult, labels: dict | None = None, tolerance: float = 0.02) -> pd.DataFrame:
@@ -718,7 +789,8 @@ def _outputs_text(nb_path: Path) -> list[str]:
         for o in cell.get("outputs", []):
             data = o.get("data", {})
             text = str(o.get("text", "")) + str(data.get("text/plain", "")) + str(data.get("text/html", "")) + str(data.get("text/markdown", ""))
-            if "<!-- provenance -->" not in text: out.append(text)     # when and with what it was generated: not a number
+            if "<!-- provenance -->" not in text: out.append(text)     # when, where and with what it was generated (a timing
+                                                                        # on this machine too): not a number of the evidence
     return out
 
 def _execute(template: Path, dest: Path, root: Path, params_path, version: str, kernel: str) -> None:

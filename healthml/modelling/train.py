@@ -27,15 +27,15 @@ from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.compute import engine_client
 from ..core.layout import Layout
-from ..core.params import LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
+from ..core.params import CompactConfig, LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed_spec
 
 # %% auto #0
 __all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
-           'model_pipeline', 'model_pipelines', 'ModelFileError', 'foreign_types', 'save_model', 'load_model',
-           'recorded_sha256', 'load_trained', 'pipeline_outputs', 'git_commit', 'using_tracking', 'mlflow_experiment',
-           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'global_bins',
-           'fit_on_cluster', 'train_models']
+           'model_pipeline', 'model_pipelines', 'soft_target', 'fit_compact', 'ModelFileError', 'foreign_types',
+           'save_model', 'load_model', 'recorded_sha256', 'load_trained', 'pipeline_outputs', 'git_commit',
+           'using_tracking', 'mlflow_experiment', 'flat_params', 'params_hash', 'run_name', 'dvc_experiment',
+           'run_description', 'global_bins', 'fit_on_cluster', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -78,7 +78,8 @@ def logistic_pipeline(spec: DatasetSpec, cfg: LogisticConfig) -> Pipeline:
         ("categorical", OneHotEncoder(categories=_categories(spec), handle_unknown="ignore"), spec.categorical)])
     return Pipeline([("prep", prep), ("model", LogisticRegression(C=cfg.C, max_iter=cfg.max_iter))])
 
-PIPELINES = {LightGBMConfig: lightgbm_pipeline, LogisticConfig: logistic_pipeline}  # the builder of each model kind
+PIPELINES = {LightGBMConfig: lightgbm_pipeline, LogisticConfig: logistic_pipeline,  # the builder of each model kind
+             CompactConfig: lightgbm_pipeline}                                     # a compact model: the same trees, fewer and shallower
 
 def model_pipeline(spec: DatasetSpec, cfg: ModelConfig) -> Pipeline:
     "The unfitted pipeline of one model, built by its `kind`."
@@ -87,6 +88,21 @@ def model_pipeline(spec: DatasetSpec, cfg: ModelConfig) -> Pipeline:
 def model_pipelines(params: Params, spec: DatasetSpec | None = None) -> dict[str, Pipeline]:
     "The unfitted pipeline of every model in `params.yaml` `models:`, by name, in the order listed (`spec`: the observed spec)."
     return {name: model_pipeline(spec or params.dataset, cfg) for name, cfg in params.models.items()}
+
+# %% ../../nbs/20_modelling/21_train.ipynb #f057703a
+def soft_target(y, teacher_risk, teacher_weight: float) -> np.ndarray:
+    "Each patient's training target: (1 - w) x outcome + w x the teacher's risk (w = `teacher_weight`)."
+    return (1 - teacher_weight) * np.asarray(y, np.float64) + teacher_weight * np.asarray(teacher_risk, np.float64)
+
+def fit_compact(pipe: Pipeline, X: pd.DataFrame, y, teacher_risk=None, teacher_weight: float = 0.0) -> Pipeline:
+    """Fit a compact LightGBM pipeline on the outcome, or (teacher_weight > 0) on the soft target with the teacher's
+    risks: each patient as an event weighted t and a non-event weighted 1 - t, min_child_samples doubled."""
+    if teacher_weight == 0: return pipe.fit(X, y)
+    if teacher_risk is None: raise ValueError("teacher_weight > 0 needs the teacher's risk for every training patient")
+    t = soft_target(y, teacher_risk, teacher_weight)
+    pipe.set_params(model__min_child_samples=2 * pipe.named_steps["model"].get_params()["min_child_samples"])
+    twice = pd.concat([X, X], ignore_index=True)
+    return pipe.fit(twice, np.r_[np.ones(len(X), np.int64), np.zeros(len(X), np.int64)], model__sample_weight=np.r_[t, 1 - t])
 
 # %% ../../nbs/20_modelling/21_train.ipynb #8ea6126f
 MODEL_TYPES = frozenset({  # beyond skops' own safe defaults; each a class, never a function, added only after review
@@ -310,16 +326,21 @@ def fit_on_cluster(pipe: Pipeline, X: pd.DataFrame, y: np.ndarray, client, parti
 
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
 def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
-    "Fit every model's pipeline on the train split (LightGBM on the Dask cluster with `compute.engine: dask`), score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
+    "Fit every model's pipeline on the train split (LightGBM on the Dask cluster with `compute.engine: dask`; compact models last, here), score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
     train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation"))
     spec = observed_spec(params.dataset, train)  # category lists as the de-identified data bears them out (rare levels pooled)
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
     record, fitted = {}, {}
+    pipes = model_pipelines(params, spec)
     with engine_client(params.compute) as client:  # None: this process (`compute.engine: local`)
-        for name, pipe in model_pipelines(params, spec).items():
-            on_cluster = client is not None and isinstance(params.models[name], LightGBMConfig)
+        for name in sorted(pipes, key=lambda m: m in params.compact_models):  # compact models last: the candidate may teach them
+            pipe, cfg, compact = pipes[name], params.models[name], name in params.compact_models
+            on_cluster = client is not None and isinstance(cfg, LightGBMConfig) and not compact
             t0 = time.perf_counter()
-            pipe = fitted[name] = fit_on_cluster(pipe, X, y, client, params.compute.partition_rows) if on_cluster else pipe.fit(X, y)
+            if compact:
+                teacher = fitted[params.candidate].predict_proba(X)[:, 1] if cfg.teacher_weight > 0 else None
+                pipe = fitted[name] = fit_compact(pipe, X, y, teacher, cfg.teacher_weight)
+            else: pipe = fitted[name] = fit_on_cluster(pipe, X, y, client, params.compute.partition_rows) if on_cluster else pipe.fit(X, y)
             seconds = time.perf_counter() - t0
             auc = float(roc_auc_score(yv, pipe.predict_proba(Xv)[:, 1]))
             path = save_model(pipe, layout.model_file(name))
