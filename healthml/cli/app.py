@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from . import ci, data, deploy, dvc, governance, modelling, retrain, summary
+from . import ci, data, deploy, dvc, features, governance, modelling, retrain, summary
 from .common import SETTINGS, flags_without_placeholder, telemetry_off
 
 # %% auto #0
@@ -32,7 +32,7 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show fu
     telemetry_off()
     SETTINGS["verbose"] = verbose
 
-for group in (data, modelling, governance, deploy, retrain, dvc, summary, ci): app.add_typer(group.app)
+for group in (data, features, modelling, governance, deploy, retrain, dvc, summary, ci): app.add_typer(group.app)
 
 
 # %% ../../nbs/60_cli/67_app.ipynb #f0782bbf

@@ -24,7 +24,8 @@ if TYPE_CHECKING: import pandas as pd
 # %% auto #0
 __all__ = ['PATIENT', 'TIME', 'ITEM', 'VALUE', 'UNIT', 'FeatureStoreError', 'read_events', 'empty_value', 'point_in_time',
            'historical_features', 'feature_definitions', 'definitions_sha256', 'read_registry', 'apply_definitions',
-           'feature_table', 'build_record_path', 'build_training_set', 'materialize', 'OnlineStore', 'store_status']
+           'feature_table', 'build_record_path', 'apply_features', 'build_training_set', 'materialize', 'OnlineStore',
+           'store_status']
 
 # %% ../../nbs/10_data/18_feature_store.ipynb #926c7868
 class FeatureStoreError(HealthmlError):
@@ -119,7 +120,8 @@ def _aggregate(how: str, v: np.ndarray, t: np.ndarray, lo: np.ndarray, hi: np.nd
     days = (t[idx] - q_t[q]) / _NS_PER_DAY                                          # days from the index time (<= 0)
     dt = days - (np.bincount(q, days, size) / np.maximum(n, 1))[q]
     sxx, sxy = np.bincount(q, dt * dt, size), np.bincount(q, dt * (pv - mean_v[q]), size)
-    ok = (n >= 2) & (sxx > 0)                                                       # a slope needs two distinct times
+    ok = has.copy()
+    ok[has] = t[lo[has]] < t[hi[has] - 1]                                          # a slope needs two distinct times
     out[ok] = sxy[ok] / sxx[ok]
     return out
 
@@ -225,9 +227,9 @@ def build_record_path(training_set: str | Path) -> Path:
     "Where `healthml features build` records how it built a training set: beside it, `<name>.features.json`."
     return Path(training_set).with_suffix(".features.json")
 
-def _applied(params, root: Path) -> dict:
+def apply_features(params, root: str | Path = ".") -> dict:
     "Register this model's declared features (refused on a clash), write the registry, return this spec's definitions."
-    spec, path = params.dataset, _at(root, params.feature_store.registry)
+    spec, path = params.dataset, _at(Path(root), params.feature_store.registry)
     if not spec.declared:
         raise FeatureStoreError("dataset.features: no feature is declared from event data (a `source:` block)",
                                 hint="declare one (README: Features from event data) or leave `healthml features` aside")
@@ -243,7 +245,7 @@ def build_training_set(params, root: str | Path = ".") -> dict:
     row's index time; beside it the record of what it was built from (definitions, sources, late events left out)."""
     from healthml.data.cohort import read_cohort
     spec, fs, root = params.dataset, params.feature_store, Path(root)
-    definitions = _applied(params, root)
+    definitions = apply_features(params, root)
     if fs.entity_rows is None:
         raise FeatureStoreError("feature_store.entity_rows: not set", hint="name the file of rows to build the training set for "
                                 "(patient key, index time, outcome and the features read as columns)")
@@ -279,7 +281,7 @@ def materialize(params, end: datetime | str | None = None, root: str | Path = ".
     table per feature view (the features of one event table), each swapped in whole; every materialisation recorded."""
     import pandas as pd
     spec, root = params.dataset, Path(root)
-    definitions = _applied(params, root)
+    definitions = apply_features(params, root)
     as_of = pd.Timestamp(end or datetime.now(timezone.utc))
     as_of = (as_of.tz_convert("UTC").tz_localize(None) if as_of.tzinfo else as_of).floor("s")
     store = _at(root, params.feature_store.online_store)
@@ -327,7 +329,7 @@ class OnlineStore:
         self.path = Path(path)
         if not self.path.exists():
             raise FeatureStoreError(f"online store {self.path} not found", hint="run `healthml features materialize` first")
-        self._local, self._catalogue, self._version = threading.local(), {}, None
+        self._local = threading.local()   # per thread: a connection, its catalogue and the data version it was read at
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -337,15 +339,15 @@ class OnlineStore:
 
     def catalogue(self) -> dict[str, dict]:
         "Feature -> its view, current materialisation (id, as of), definition and hash; re-read only after a new materialisation."
-        con = self._con()
-        version = con.execute("pragma data_version").fetchone()[0]
-        if version != self._version or not self._catalogue:
+        con, local = self._con(), self._local
+        version = con.execute("pragma data_version").fetchone()[0]   # changes when another connection commits
+        if version != getattr(local, "version", None):
             rows = con.execute("select v.feature_view, m.id, m.as_of, m.definitions from feature_views v "
                                "join materializations m on m.id = v.materialization").fetchall()
-            self._catalogue = {n: {"feature_view": view, "materialization": mid, "as_of": as_of, **d}
+            local.catalogue = {n: {"feature_view": view, "materialization": mid, "as_of": as_of, **d}
                                for view, mid, as_of, defs in rows for n, d in json.loads(defs).items()}
-            self._version = version
-        return self._catalogue
+            local.version = version
+        return local.catalogue
 
     def get_online_features(self, patient: str, features: list[str]) -> tuple[dict, dict]:
         """(`features` of one patient, where they came from). A patient absent from a view had no event in it: its features
