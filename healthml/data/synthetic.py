@@ -141,7 +141,7 @@ LABS = {"creatinine": "mg/dL", "sodium": "mmol/L", "wbc": "x1000/uL", "lactate":
 CHRONIC = {"I50": ("heart failure", -2.2), "N18": ("chronic kidney disease", -2.6), "J44": ("COPD", -2.4),
            "E11": ("type 2 diabetes", -1.8)}   # code: (condition, log-odds at 65; +0.04 per year of age)
 LATE_CODES = ("R57", "I46")  # shock, cardiac arrest: coded at discharge in deaths (after the index time, a classic leak)
-READMISSION_COEFFICIENTS = {"intercept": -2.4, "prior_admissions_365d": 0.45, "I50": 0.7, "N18": 0.5, "low_albumin": 0.4}
+READMISSION_COEFFICIENTS = {"intercept": -3.0, "prior_admissions_365d": 0.9, "I50": 1.4, "N18": 1.0, "low_albumin": 1.0}
 NOT_AT_RISK = -1  # `readmitted_30d` of an encounter that ended in death: never at risk of readmission
 
 def _long(enc: pd.DataFrame, item: str, value, time, unit: str, clock: str) -> pd.DataFrame:
