@@ -23,6 +23,8 @@ Each pipeline stage is one subcommand; `dvc repro` runs them in order:
 
 ingest, validate, deidentify, split, datacard, train, evaluate, export, report, gate, model register, phi scan.
 
+Features from event data: features build (the training set), features materialize (the online store).
+
 In production: predict, serve, monitor.
 
 Example: [bold]healthml validate --params params.yaml[/bold]""")
