@@ -142,3 +142,14 @@ def test_serve_scores_a_patient_key_with_the_training_values(events_project, tmp
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_the_slim_scoring_install_reads_the_online_store_without_pandas(events_project, tmp_path):
+    from test_slim_install import slim_python, slim_site
+    run(["healthml", "features", "materialize", "--as-of", "2024-01-01T12:00"], events_project)
+    code = ("import sys\nfrom healthml.deploy.feature_serving import FeatureLookup\nfrom healthml.data.feature_store import OnlineStore\n"
+            "values, info = OnlineStore('data/features/online.sqlite').get_online_features('nobody', ['admissions_365d'])\n"
+            "print(values, info['found'], sorted(m for m in ('pandas', 'sklearn', 'pandera', 'lightgbm') if m in sys.modules))")
+    r = slim_python(slim_site(tmp_path/"site"), code, events_project)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "{'admissions_365d': 0.0} False []"
