@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from . import ci, data, deploy, dvc, governance, modelling, retrain, summary
+from . import ci, data, deploy, dvc, features, governance, modelling, retrain, summary
 from .common import SETTINGS, flags_without_placeholder, telemetry_off
 
 # %% auto #0
@@ -23,6 +23,8 @@ Each pipeline stage is one subcommand; `dvc repro` runs them in order:
 
 ingest, validate, deidentify, split, datacard, train, evaluate, export, footprint, report, gate, model register, phi scan.
 
+Features from event data: features build (the training set), features materialize (the online store).
+
 In production: predict, serve, monitor.
 
 Example: [bold]healthml validate --params params.yaml[/bold]""")
@@ -32,7 +34,7 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show fu
     telemetry_off()
     SETTINGS["verbose"] = verbose
 
-for group in (data, modelling, governance, deploy, retrain, dvc, summary, ci): app.add_typer(group.app)
+for group in (data, features, modelling, governance, deploy, retrain, dvc, summary, ci): app.add_typer(group.app)
 
 
 # %% ../../nbs/60_cli/67_app.ipynb #f0782bbf

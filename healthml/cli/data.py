@@ -178,16 +178,26 @@ def synthetic(out: Annotated[Path, typer.Option("--out", "-o", help="CSV or Parq
               prevalence_shift: Annotated[float, typer.Option(help="Prevalence shift: added to the log-odds of death.")] = 0.0,
               concept_shift: Annotated[float, typer.Option(min=0, max=1, help="Concept shift: 0 (none) to 1 (other coefficients).")] = 0.0,
               creatinine_unit: Annotated[str, typer.Option(help="mg/dL, or umol/L to simulate a unit change.")] = "mg/dL",
-              missing_feature: Annotated[str | None, typer.Option(help="A column to send all missing.")] = None):
+              missing_feature: Annotated[str | None, typer.Option(help="A column to send all missing.")] = None,
+              events: Annotated[Path | None, typer.Option(help="Also write the event tables behind the encounters (vitals, labs, "
+                                                          "admissions, diagnoses; Parquet) into this folder, and add "
+                                                          "`readmitted_30d` to the extract.")] = None):
     """Write a synthetic encounter-level EHR extract (fake identifiers, known outcome mechanism, several sites).
 
-    Example: healthml synthetic --patients 4000 --seed 7 -o data/raw/synthetic_ehr.csv"""
+    With --events, the event tables that features can be declared from (README: Features from event data).
+    Examples: healthml synthetic --patients 4000 --seed 7 -o data/raw/synthetic_ehr.csv
+              healthml synthetic --patients 4000 --seed 7 -o data/raw/synthetic_admissions.csv --events data/raw/events"""
     def go():
         from healthml.core.io import atomic_write, write_parquet
-        from healthml.data.synthetic import synthetic_ehr
+        from healthml.data.synthetic import synthetic_ehr, synthetic_events
         df = synthetic_ehr(patients, seed, age_shift=age_shift, prevalence_shift=prevalence_shift, concept_shift=concept_shift,
                            creatinine_unit=creatinine_unit, missing_feature=missing_feature)
+        tables = {}
+        if events is not None:
+            df, tables = synthetic_events(df, seed, creatinine_unit)
+            for name, t in tables.items(): write_parquet(events/f"{name}.parquet", t)
         if out.suffix.lower() in (".parquet", ".pq"): write_parquet(out, df)
         else: atomic_write(out, df.to_csv(index=False))
-        return f"{len(df)} encounters of {df.mrn.nunique()} patients, {df.in_hospital_death.mean():.1%} deaths -> {out}"
+        return (f"{len(df)} encounters of {df.mrn.nunique()} patients, {df.in_hospital_death.mean():.1%} deaths -> {out}"
+                + (f"; {sum(map(len, tables.values())):,} events in {len(tables)} tables -> {events}" if tables else ""))
     run_stage("synthetic", go)

@@ -23,8 +23,8 @@ if TYPE_CHECKING: from healthml.deploy.serve import ModelSource
 # %% auto #0
 __all__ = ['app', 'ModelOpt', 'ManifestOpt', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref', 'open_registry',
            'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning', 'say_model',
-           'cluster_settings', 'predict_on_cluster', 'predict', 'serve', 'serve_auth', 'monitored_model', 'monitor',
-           'monitor_demo']
+           'cluster_settings', 'predict_on_cluster', 'predict', 'serve', 'patient_lookup', 'serve_auth',
+           'monitored_model', 'monitor', 'monitor_demo']
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f11cb317
 app = typer.Typer()
@@ -221,6 +221,9 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
           log_key: Annotated[Path, typer.Option(help="Secret for the log's keyed input hashes (made, 0600, if absent); "
                                                 "HEALTHML_LOG_KEY overrides it.")] = Path(".healthml/prediction-log.key"),
           max_records: Annotated[int, typer.Option(min=1, help="Most records per request.")] = 1000,
+          feature_store: Annotated[Path | None, typer.Option(help="Also serve POST /v1/predict/patient: a patient key in, the "
+                                                             "model's features from event data read from this online store "
+                                                             "(healthml features materialize).", show_default=False)] = None,
           params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Serve a verified model version over HTTP (FastAPI + uvicorn), following its alias.
 
@@ -228,11 +231,13 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
     after verifying it; a version that fails verification is refused and the old one keeps serving.
     Endpoints: POST /v1/predict, GET /v1/model, /metrics, /openapi.json (a user or admin key); POST /v1/admin/reload
     (an admin key) resolves the model again now; /healthz, /readyz (no key). Keys are sent as
-    `Authorization: Bearer <key>`. No /docs: Swagger UI would load from a public CDN.
+    `Authorization: Bearer <key>`. No /docs: Swagger UI would load from a public CDN. With --feature-store,
+    POST /v1/predict/patient takes {"patient_id": ..., "fields": {...the model's other features}}.
 
     Examples: HEALTHML_API_KEYS=$(cat user.key) HEALTHML_ADMIN_KEYS=$(cat admin.key) healthml serve --port 8000
               healthml serve --api-keys /etc/healthml/users --admin-keys /etc/healthml/admins --model candidate
-              healthml serve --insecure-local   (no keys; 127.0.0.1 only)"""
+              healthml serve --insecure-local   (no keys; 127.0.0.1 only)
+              healthml serve --feature-store data/features/online.sqlite"""
     try:
         import uvicorn
         from healthml.deploy.serve import ModelSlot, create_app, is_loopback, prediction_log_key
@@ -242,7 +247,9 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
         choice = choose_model(model, manifest, params, root)
         slot = ModelSlot(choice.resolve, peek=choice.peek)
         say_model(slot.current.source, choice.note)
-        app_ = create_app(slot, auth, log=log, log_key=key, max_records=max_records, poll_seconds=poll_seconds, say=_say_swap)
+        routers = [patient_lookup(feature_store, params, root)] if feature_store is not None else []
+        app_ = create_app(slot, auth, log=log, log_key=key, max_records=max_records, poll_seconds=poll_seconds, say=_say_swap,
+                          routers=routers)
     except Exception as e:                               # every start-up failure: one line and a hint, exit 1
         from healthml.deploy.serve import failure_reason
         fail("serve", e if isinstance(e, HealthmlError) else HealthmlError(
@@ -261,6 +268,15 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
     console.print(f"[green]✓[/green] serving {escape(src.label)}, model {slot.current.version}, on http://{host}:{port} "
                   f"(log: {log}{watching})")
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+def patient_lookup(store: Path, params: Path, root: Path):
+    "The router of POST /v1/predict/patient over the online store `store` (its age judged by feature_store.max_age_hours)."
+    from healthml.core.params import load_params
+    from healthml.data.feature_store import OnlineStore
+    from healthml.deploy.feature_serving import FeatureLookup, patient_router
+    store = store if store.is_absolute() else Path(root)/store
+    max_age = load_params(params).feature_store.max_age_hours if Path(params).exists() else None
+    return patient_router(FeatureLookup(OnlineStore(store), max_age))
 
 def serve_auth(api_keys: Path | None, admin_keys: Path | None, insecure_local: bool, host: str):
     "The callers the service admits; no keys only with --insecure-local, which binds loopback only."

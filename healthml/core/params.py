@@ -21,7 +21,8 @@ __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAM
            'LightGBMConfig', 'LogisticConfig', 'CompactConfig', 'Models', 'default_models', 'SplitConfig',
            'ValidateConfig', 'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig',
            'PrivacyConfig', 'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig',
-           'column_problems', 'ComputeConfig', 'Params', 'parse_params', 'read_yaml', 'load_params']
+           'column_problems', 'FeatureStoreConfig', 'ComputeConfig', 'Params', 'parse_params', 'read_yaml',
+           'load_params']
 
 # %% ../../nbs/00_core/04_params.ipynb #63710349
 def within(value, lo, hi) -> bool:
@@ -377,6 +378,14 @@ def column_problems(p) -> list[str]:
                                                 f"({', '.join(sorted(crossed)) or 'none declared'})")
     return out
 
+# %% ../../nbs/00_core/04_params.ipynb #282b6ca9
+class FeatureStoreConfig(StrictModel):
+    "Where features declared from event data are built, registered and served (`healthml features`)."
+    entity_rows: Path | None = None  # rows to build a training set for (key, index time, outcome, other features); build writes dataset.file
+    registry: Path = Path("features/registry.json")  # every feature definition and the models using it (committed, reviewed)
+    online_store: Path = Path("data/features/online.sqlite")  # each patient's latest values for the service (holds patient keys)
+    max_age_hours: float = Field(24.0, gt=0)  # freshness: monitoring alerts when the last materialisation is older
+
 # %% ../../nbs/00_core/04_params.ipynb #3d46d8de
 _ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?$|^[A-Za-z0-9.\-\[\]:]+:\d+$")
 
@@ -409,6 +418,7 @@ class Params(StrictModel):
     report: ReportConfig
     monitor: MonitorConfig = MonitorConfig()
     compute: ComputeConfig = ComputeConfig()  # local, or a Dask cluster (training and batch scoring)
+    feature_store: FeatureStoreConfig = FeatureStoreConfig()  # features declared from event data: build, registry, online store
     gate: GateConfig | None = None  # promotion rules; without them `healthml gate` refuses to pass a model
 
     @field_validator("models", mode="before")
@@ -450,6 +460,10 @@ class Params(StrictModel):
         if isinstance(self.models[self.candidate], CompactConfig):
             problems.append(f"{'gate.candidate' if self.gate else 'models'}: `{self.candidate}` is a compact model; it is reported "
                             "beside the candidate, never validated as one (name another model as gate.candidate)")
+        rows = self.feature_store.entity_rows
+        if rows is not None and Path(rows) == Path(self.dataset.file):
+            problems.append("feature_store.entity_rows: is dataset.file itself, which `healthml features build` writes from it; "
+                            "name the built file apart")
         if problems: raise ValueError("\n".join(problems))
         return self
 
@@ -467,7 +481,7 @@ def _describe(errors) -> list[str]:
     lines = []
     for e in errors:
         key, msg = _key(e["loc"]), e["msg"].removeprefix("Value error, ")
-        if not key and all(_KEYED.match(line) for line in msg.split("\n")):   # cross-checks name their own keys
+        if all(_KEYED.match(line) and (not key or line.startswith(f"{key}.")) for line in msg.split("\n")):  # checks naming their keys
             lines += msg.split("\n"); continue
         if e["type"] == "extra_forbidden": msg = "unknown key (check its spelling)"
         if e["type"] == "string_type" and isinstance(e.get("input"), bool):

@@ -3,6 +3,8 @@
 # %% ../../nbs/00_core/03_spec.ipynb #3e996601
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -11,13 +13,43 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, fie
 from .outcome import OutcomeRule, OutcomeRuleError, compile_outcome, parse_condition
 
 # %% auto #0
-__all__ = ['IDENTIFIER_KINDS', 'ROW_KEY', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute',
-           'Provenance', 'Identifier', 'Abstention', 'DatasetSpec', 'category_labels', 'observed_spec']
+__all__ = ['AGGREGATIONS', 'IDENTIFIER_KINDS', 'ROW_KEY', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'FeatureSource',
+           'Feature', 'SensitiveAttribute', 'Provenance', 'Identifier', 'EventTable', 'Abstention', 'DatasetSpec',
+           'category_labels', 'observed_spec']
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
 class StrictModel(BaseModel):
     "A settings model that refuses unknown keys (a misspelt key is an error, not silently ignored) and cannot change."
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+AGGREGATIONS = ("last", "min", "max", "mean", "count", "slope")
+_WINDOW = re.compile(r"^(\d+(?:\.\d+)?)\s*(min|h|d)$")
+_UNIT = {"min": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+
+class FeatureSource(StrictModel):
+    "A feature from event data: `aggregation` of the events of `item` in one `table` over the `window` before the index time."
+    table: str  # a key of `dataset.events`
+    item: str | None = None  # only the events of this item (a lab or vital name, a diagnosis code); none: every event of the table
+    aggregation: Literal[AGGREGATIONS]  # last value, min, max, mean, count of events, or slope (unit per day, least squares)
+    window: str  # look-back from the index time: `30min`, `24h`, `365d` (an event at the index time counts, one after it never)
+    unit: str | None = None  # the unit the events must be in (default: the feature's unit, for last, min, max and mean)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v):
+        m = _WINDOW.match(str(v).strip())
+        if not m or float(m.group(1)) <= 0: raise ValueError("write the window as a positive number and a unit: 30min, 24h or 365d")
+        return str(v).strip()
+
+    @property
+    def lookback(self) -> timedelta:
+        "The window as a duration."
+        m = _WINDOW.match(self.window)
+        return float(m.group(1)) * _UNIT[m.group(2)]
+
+    def event_unit(self, feature_unit: str | None) -> str | None:
+        "The unit every event used must carry: `unit`, else the feature's own for an aggregation that keeps the unit."
+        return self.unit or (feature_unit if self.aggregation in ("last", "min", "max", "mean") else None)
 
 class Feature(StrictModel):
     "One predictor: its kind, plausible range or categories, unit and meaning."
@@ -32,9 +64,12 @@ class Feature(StrictModel):
     soft_max: float | None = None
     recorded_at: str | None = None  # column with the time this value was recorded (checked against the index time)
     required: bool = False  # a score is never given without this value: the record abstains as "insufficient data"
+    source: FeatureSource | None = None  # declared from event data (`dataset.events`), computed as of the index time
 
     @model_validator(mode="after")
     def _check(self):
+        if self.source is not None and self.kind != "numeric":
+            raise ValueError("a feature from event data is numeric (every aggregation gives a number): set `kind: numeric`")
         if self.kind == "categorical" and any(v is not None for v in (self.min, self.max, self.soft_min, self.soft_max)):
             raise ValueError("a categorical feature has no min/max; list its `categories` instead")
         if self.kind == "numeric" and self.categories is not None:
@@ -81,6 +116,17 @@ class Identifier(StrictModel):
     kind: Literal[IDENTIFIER_KINDS]
     to: Literal["year", "days_from_index"] = "year"  # dates only: keep the year, or days relative to the index date
 
+# %% ../../nbs/00_core/03_spec.ipynb #c76d8b19
+class EventTable(StrictModel):
+    "One event table of the patient (Feast: a data source of the patient entity): one row per event."
+    file: Path  # CSV, TSV or Parquet; holds patient keys, so it lives where the cohort does (git-ignored)
+    time: str  # column with the time the event became known (a result time): the join's clock
+    patient_id: str | None = None  # column with the patient key (default: the dataset's `patient_id`)
+    item: str | None = None  # column naming what the event is: a lab or vital sign, a diagnosis code
+    value: str | None = None  # column with the measured number; without one the events can only be counted
+    unit: str | None = None  # column with each value's unit, checked against the unit the feature declares
+    description: str = ""
+
 # %% ../../nbs/00_core/03_spec.ipynb #9e3e0a33
 class Abstention(StrictModel):
     "When a record gets no score: too little of it is present, or it lies outside the data the model was trained on."
@@ -112,6 +158,7 @@ class DatasetSpec(StrictModel):
     identifiers: dict[str, Identifier] = {}  # direct identifiers: removed or generalised by `healthml deidentify`
     abstention: Abstention = Abstention()  # when a record is too sparse or too unfamiliar to be scored
     rare_category_min: int = Field(10, ge=1)  # a category level held by fewer patients is pooled into `(other)` at de-identification
+    events: dict[str, EventTable] = {}  # event tables that features are declared from (`source:`), by name
     _outcome: OutcomeRule = PrivateAttr(None)
     _key_made: bool = PrivateAttr(False)
 
@@ -147,6 +194,11 @@ class DatasetSpec(StrictModel):
                 raise ValueError(f"feature `{name}` has `recorded_at` but the dataset has no `index_time`")
         if self.index_time and self.index_time in self.features:
             raise ValueError(f"the index time `{self.index_time}` cannot be a feature")
+        problems = _source_problems(self)
+        if problems: raise ValueError("\n".join(problems))
+        features = {n: f.model_copy(update={"recorded_at": f"{n}_at"}) if f.source and not f.recorded_at else f
+                    for n, f in self.features.items()}
+        object.__setattr__(self, "features", features)   # the join writes each declared feature's latest event time there
         return self
 
     @property
@@ -182,6 +234,41 @@ class DatasetSpec(StrictModel):
     def categorical(self) -> list[str]:
         "Categorical feature names, in spec order."
         return [n for n, f in self.features.items() if f.kind == "categorical"]
+
+    @property
+    def declared(self) -> list[str]:
+        "Features declared from event data (`source:`), in spec order."
+        return [n for n, f in self.features.items() if f.source is not None]
+
+    def feature_definition(self, name: str) -> dict:
+        """What fixes a declared feature's values: its source, unit and the event table's columns (not the file's place,
+        nor range, direction or `required`, which judge a value without changing it). Equal definitions, equal values."""
+        f = self.features[name]
+        t = self.events[f.source.table]
+        return {"unit": f.unit, "source": f.source.model_dump(),
+                "table": t.model_dump(include={"time", "patient_id", "item", "value", "unit"}) | {"patient_id": t.patient_id or self.patient_id}}
+
+def _source_problems(spec: DatasetSpec) -> list[str]:
+    "Every declared feature checked against `dataset.events` and the index time: one `dotted.key: problem and fix` line each."
+    out, tables = [], ", ".join(spec.events) or "none declared"
+    for name, f in spec.features.items():
+        if f.source is None: continue
+        key, s = f"dataset.features.{name}.source", f.source
+        t = spec.events.get(s.table)
+        if t is None:
+            out.append(f"{key}.table: '{s.table}' is not an event table of dataset.events ({tables}); declare it there or fix the name")
+            continue
+        if s.item is not None and t.item is None:
+            out.append(f"{key}.item: dataset.events.{s.table} has no `item` column; declare it, or leave `item` out to use every event")
+        if s.aggregation != "count" and t.value is None:
+            out.append(f"{key}.aggregation: '{s.aggregation}' needs values and dataset.events.{s.table} has no `value` column; "
+                       "declare it, or use `count`")
+        if s.event_unit(f.unit) and t.unit is None:
+            out.append(f"{key}: the events must be in '{s.event_unit(f.unit)}' but dataset.events.{s.table} has no `unit` column to "
+                       "check it against; declare the table's unit column, or leave the unit out")
+    if spec.declared and not spec.index_time:
+        out.append("dataset.index_time: features from event data are computed as of the index time; declare the index time column")
+    return out
 
 # %% ../../nbs/00_core/03_spec.ipynb #15e3720f
 MISSING_CATEGORY = "(missing)"

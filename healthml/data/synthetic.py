@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['TRUE_COEFFICIENTS', 'SHIFTED_COEFFICIENTS', 'CENTRES', 'SITES', 'CREATININE_UMOL_PER_MGDL', 'synthetic_ehr']
+__all__ = ['TRUE_COEFFICIENTS', 'SHIFTED_COEFFICIENTS', 'CENTRES', 'SITES', 'CREATININE_UMOL_PER_MGDL', 'VITALS', 'LABS',
+           'CHRONIC', 'LATE_CODES', 'READMISSION_COEFFICIENTS', 'NOT_AT_RISK', 'synthetic_ehr', 'synthetic_events']
 
 # %% ../../nbs/10_data/12_synthetic.ipynb #4385a456
 TRUE_COEFFICIENTS = {"intercept": -2.6, "age": 0.035, "heart_rate": 0.015, "sbp": -0.018, "resp_rate": 0.06,
@@ -131,3 +132,95 @@ def synthetic_ehr(n_patients: int = 2000, seed: int = 0, *, mean_encounters: flo
     out = e[cols].copy()
     if return_risk: out["true_risk"] = e["_risk"]
     return out
+
+# %% ../../nbs/10_data/12_synthetic.ipynb #06ec0538
+VITALS = {"heart_rate": ("beats/min", 30, 220, 6, 25), "sbp": ("mmHg", 55, 240, 10, -30), "resp_rate": ("breaths/min", 6, 50, 2, 8),
+          "spo2": ("%", 70, 100, 1.5, -8), "temperature": ("Celsius", 34, 41.5, 0.3, 0.8)}
+# unit, plausible clip, SD of the triage set around the last set, change after the index time in a death
+LABS = {"creatinine": "mg/dL", "sodium": "mmol/L", "wbc": "x1000/uL", "lactate": "mmol/L", "albumin": "g/dL", "glucose": "mg/dL"}
+CHRONIC = {"I50": ("heart failure", -2.2), "N18": ("chronic kidney disease", -2.6), "J44": ("COPD", -2.4),
+           "E11": ("type 2 diabetes", -1.8)}   # code: (condition, log-odds at 65; +0.04 per year of age)
+LATE_CODES = ("R57", "I46")  # shock, cardiac arrest: coded at discharge in deaths (after the index time, a classic leak)
+READMISSION_COEFFICIENTS = {"intercept": -3.0, "prior_admissions_365d": 0.9, "I50": 1.4, "N18": 1.0, "low_albumin": 1.0}
+NOT_AT_RISK = -1  # `readmitted_30d` of an encounter that ended in death: never at risk of readmission
+
+def _long(enc: pd.DataFrame, item: str, value, time, unit: str, clock: str) -> pd.DataFrame:
+    "One item's events in long form (patient, item, value, unit, time), rows with a value only."
+    v = pd.Series(np.asarray(value, dtype=float))
+    keep = v.notna().to_numpy()
+    return pd.DataFrame({"mrn": enc["mrn"].to_numpy()[keep], "item": item, "value": v.to_numpy()[keep], "unit": unit,
+                         clock: pd.DatetimeIndex(time)[keep].floor("min")})
+
+# %% ../../nbs/10_data/12_synthetic.ipynb #f8078955
+def synthetic_events(ehr: pd.DataFrame, seed: int = 0, creatinine_unit: str = "mg/dL") -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Event tables behind the encounters of `synthetic_ehr` (vital signs, labs, admissions, diagnoses), and the extract with
+    `readmitted_30d` added. Every event has the time it became known; some are planted after the index time (late)."""
+    rng = np.random.default_rng(seed)
+    enc, n = ehr.reset_index(drop=True), len(ehr)
+    admit, died = enc["admit_time"], enc["in_hospital_death"].to_numpy() == 1
+    hours = lambda lo, hi: pd.to_timedelta(rng.uniform(lo, hi, n), unit="h")
+    vitals, labs = [], []
+    for item, (unit, lo, hi, sd, worse) in VITALS.items():
+        v = enc[item].to_numpy(float)
+        triage = np.clip(v + rng.normal(0, sd, n), lo, hi).round(1)
+        late = np.clip(np.where(died, v + worse, v + 0.5 * (np.nanmedian(v) - v)), lo, hi).round(1)
+        vitals += [_long(enc, item, triage, admit - hours(2, 10), unit, "charted_at"),
+                   _long(enc, item, v, admit - hours(0, 2), unit, "charted_at"),          # the last before the index time
+                   _long(enc, item, late, admit + hours(0.25, 48), unit, "charted_at")]   # late: after it
+    for item, unit in LABS.items():
+        unit = creatinine_unit if item == "creatinine" else unit
+        when = enc["lactate_time"] if item == "lactate" else admit - hours(0, 6)   # a few lactates result after the index time
+        labs.append(_long(enc, item, enc[item], when, unit, "resulted_at"))
+    crea = enc["creatinine"].to_numpy(float)
+    labs += [_long(enc, "creatinine", (crea * np.exp(rng.normal(-0.15, 0.1, n))).round(2), admit - hours(24, 72), creatinine_unit,
+                   "resulted_at"),                                                        # a day or three before: a trend
+             _long(enc, "lactate", np.where(died, enc["lactate"] * 2 + 2, enc["lactate"] * 0.7).round(1), admit + hours(1, 72),
+                   "mmol/L", "resulted_at"),
+             _long(enc, "creatinine", np.where(died, crea * 1.6, crea * 0.9).round(2), admit + hours(1, 72), creatinine_unit,
+                   "resulted_at")]
+    discharged = (admit + pd.to_timedelta(np.exp(rng.normal(1.3, 0.6, n)), unit="D")).dt.floor("min")
+    admissions = pd.DataFrame({"mrn": enc["mrn"], "encounter_id": enc["encounter_id"], "admitted_at": admit, "discharged_at": discharged})
+    diagnoses, chronic = _diagnoses(enc, discharged, died, rng)
+    prior = _prior_admissions(admissions, enc["mrn"], admit, pd.Timedelta(days=365))
+    c = READMISSION_COEFFICIENTS
+    logit = (c["intercept"] + c["prior_admissions_365d"] * np.minimum(prior, 4) + c["I50"] * chronic["I50"]
+             + c["N18"] * chronic["N18"] + c["low_albumin"] * (enc["albumin"].to_numpy(float) < 3.0))
+    readmitted = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))) & ~died
+    back = discharged[readmitted] + pd.to_timedelta(rng.uniform(1, 30, int(readmitted.sum())), unit="D")
+    again = pd.DataFrame({"mrn": enc["mrn"][readmitted].to_numpy(), "encounter_id": [f"R{i:09d}" for i in range(int(readmitted.sum()))],
+                          "admitted_at": back.dt.floor("min").to_numpy()})
+    again["discharged_at"] = (again["admitted_at"] + pd.to_timedelta(np.exp(rng.normal(1.3, 0.6, len(again))), unit="D")).dt.floor("min")
+    out = ehr.copy()
+    out["readmitted_30d"] = np.where(died, NOT_AT_RISK, readmitted.astype(int))
+    tables = {"vitals": pd.concat(vitals, ignore_index=True), "labs": pd.concat(labs, ignore_index=True),
+              "admissions": pd.concat([admissions, again], ignore_index=True), "diagnoses": diagnoses}
+    return out, {k: t.sort_values(t.columns[-1] if k != "admissions" else "discharged_at", kind="stable").reset_index(drop=True)
+                 for k, t in tables.items()}
+
+def _prior_admissions(admissions: pd.DataFrame, mrn: pd.Series, index: pd.Series, window: pd.Timedelta) -> np.ndarray:
+    "Per encounter (`mrn`, `index` time): the patient's admissions discharged in the `window` before it (the mechanism's count)."
+    pairs = admissions[["mrn", "discharged_at"]].merge(pd.DataFrame({"mrn": mrn.to_numpy(), "row": np.arange(len(index)),
+                                                                     "index": index.to_numpy()}), on="mrn")
+    inside = (pairs["discharged_at"] <= pairs["index"]) & (pairs["discharged_at"] > pairs["index"] - window)
+    return pairs[inside].groupby("row").size().reindex(range(len(index)), fill_value=0).to_numpy()
+
+def _diagnoses(enc: pd.DataFrame, discharged: pd.Series, died: np.ndarray, rng) -> tuple[pd.DataFrame, dict]:
+    "Chronic conditions coded before the first admission (most) or at one encounter's discharge; late codes in deaths."
+    first = enc.groupby("mrn")["admit_time"].transform("min")
+    rows, known = [], {}
+    per_patient = enc.drop_duplicates("mrn")
+    for code, (_, base) in CHRONIC.items():
+        has = rng.uniform(size=len(per_patient)) < 1 / (1 + np.exp(-(base + 0.04 * (per_patient["age"].to_numpy() - 65))))
+        pat = per_patient[has]
+        at_discharge = rng.uniform(size=len(pat)) < 0.2   # coded during a stay: late for that stay, known for the next
+        pick = enc[enc["mrn"].isin(pat["mrn"])].groupby("mrn").sample(1, random_state=int(rng.integers(1 << 31)))
+        when_stay = discharged[pick.index].set_axis(pick["mrn"]).reindex(pat["mrn"]).to_numpy()
+        when_before = (first[pat.index] - pd.to_timedelta(rng.uniform(30, 1500, len(pat)), unit="D")).to_numpy()
+        when = pd.Series(np.where(at_discharge, when_stay, when_before)).dt.floor("min")
+        rows.append(pd.DataFrame({"mrn": pat["mrn"].to_numpy(), "code": code, "recorded_at": when.to_numpy()}))
+        coded = dict(zip(pat["mrn"], when))
+        known[code] = (enc["mrn"].map(coded) <= enc["admit_time"]).to_numpy()   # known at the index time
+    for code in LATE_CODES:   # coded at discharge in deaths: after the index time
+        pick = died & (rng.uniform(size=len(enc)) < (0.9 if code == "R57" else 0.5))
+        rows.append(pd.DataFrame({"mrn": enc["mrn"][pick].to_numpy(), "code": code, "recorded_at": discharged[pick].to_numpy()}))
+    return pd.concat(rows, ignore_index=True), known

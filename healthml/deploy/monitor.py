@@ -32,9 +32,10 @@ __all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'UNSEEN
            'development_footprint', 'WindowSummary', 'summarise', 'known_categories', 'maturity_summary',
            'overlap_summary', 'data_quality_alerts', 'category_view', 'feature_drift', 'drift_alerts', 'wilson',
            'newcombe_difference', 'prediction_monitors', 'mark_abstentions', 'abstention_monitor', 'outcome_rate',
-           'outcome_monitors', 'retrain_command', 'recommendation', 'overall_status', 'compare_windows',
-           'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring',
-           'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
+           'outcome_monitors', 'feature_freshness', 'retrain_command', 'recommendation', 'overall_status',
+           'compare_windows', 'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name',
+           'file_monitoring', 'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table',
+           'quality_table']
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #8db8c321
 OUTCOME, PATIENT, RISK = "_outcome", "_patient", "_risk"
@@ -508,6 +509,14 @@ def outcome_monitors(ref: pd.DataFrame, cur: pd.DataFrame, ref_counts: tuple[int
                              f"{'too extreme' if ratio < 1 else 'too modest'} for this population"))
     return out, alerts
 
+# %% ../../nbs/50_deploy/53_monitor.ipynb #48547646
+def feature_freshness(status: dict, max_age_hours: float) -> list[dict]:
+    "A critical alert for each feature view of the online store (`store_status`) materialised as of more than `max_age_hours` ago."
+    return [_alert("critical", "feature freshness", view, "hours since the values' time", s["age_hours"], max_age_hours,
+                   f"feature view `{view}` holds values as of {s['as_of']} UTC, {s['age_hours']:.1f} h ago (limit {max_age_hours:g} h): "
+                   "the service scores on stale features; run `healthml features materialize`")
+            for view, s in status.items() if s["age_hours"] > max_age_hours]
+
 # %% ../../nbs/50_deploy/53_monitor.ipynb #0c98ae92
 def retrain_command(window: str | Path, as_of: str) -> str:
     "The first step of retraining on `window`: write the development-plus-window cohort; it prints the experiment to run."
@@ -520,13 +529,14 @@ def recommendation(alerts: list[dict], window: str | Path | None, as_of: str, pr
     if not alerts:
         return {"action": "none", "text": "No monitor crossed its threshold: keep the model in service and monitor the next window.",
                 "command": None}
-    broken = [a for a in alerts if a["monitor"] == "data quality" and a["severity"] == "critical"]
+    broken = [a for a in alerts if a["monitor"] in ("data quality", "feature freshness") and a["severity"] == "critical"]
     if broken:
         feats = sorted({a["feature"] for a in broken})
-        return {"action": "fix the data feed", "command": None,
+        stale = any(a["monitor"] == "feature freshness" for a in broken)
+        return {"action": "fix the data feed", "command": "healthml features materialize" if stale else None,
                 "text": f"The inputs are broken ({', '.join(feats)}): predictions made on them are unreliable now. Fix the feed "
-                        "(units, mappings, interfaces) and re-run the monitor. Do not retrain on this window: a model trained on "
-                        "a broken feed learns the break."}
+                        "(units, mappings, interfaces" + (", the online store's refresh" if stale else "") + ") and re-run the "
+                        "monitor. Do not retrain on this window: a model trained on a broken feed learns the break."}
     if kinds & {"discrimination", "calibration", "prevalence"}:
         what = "; ".join(a["message"] for a in alerts if a["monitor"] in ("discrimination", "calibration", "prevalence"))
         runs = window is not None and not prediction_log and labelled > 0
@@ -551,14 +561,15 @@ def overall_status(alerts: list[dict]) -> str:
 def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cfg: MonitorConfig,
                     current_name: str = "current window", today: str | None = None, samples=None,
                     features_measured: bool = True, report: bool = True, window_file: str | Path | None = None,
-                    shown: dict | None = None):
+                    shown: dict | None = None, extra_alerts: list[dict] = ()):
     """Every monitor on two summarised windows; (result, Evidently snapshot or None).
 
     `samples`: the two (sample, how) pairs when already drawn and scored; `features_measured=False` for a
     window without features (a prediction log): no data-quality monitors, and the report says why. `report=False`:
     the numbers only, no Evidently snapshot (studies over many windows). `window_file`: the window's file, for the
     retraining command (None: no command). `shown`: the categories a report may name, per feature (default: the
-    reference's own and the spec's); every other value is counted as `(unseen category)`, never named."""
+    reference's own and the spec's); every other value is counted as `(unseen category)`, never named. `extra_alerts`: alerts
+    from outside the two windows (the online store's `feature_freshness`)."""
     today = today or datetime.now(timezone.utc).date().isoformat()
     as_of = cur.as_of or today
     spec = ref.spec
@@ -569,6 +580,7 @@ def compare_windows(ref: WindowSummary, cur: WindowSummary, threshold: float, cf
     pred, a = prediction_monitors(rs, cs, threshold, cfg); alerts += a
     abstention, a = abstention_monitor(rs, cs, cfg); alerts += a
     outcomes, a = outcome_monitors(rs, cs, (ref.events, ref.known_outcomes), (cur.events, cur.known_outcomes), cfg); alerts += a
+    alerts += list(extra_alerts)
     order = {"critical": 0, "warning": 1}
     alerts.sort(key=lambda x: (order[x["severity"]], x["monitor"], x["feature"] or ""))
     follow_up = {"maturity": maturity_summary(cur), "overlap": overlap_summary(cur)} if features_measured else \
@@ -727,8 +739,16 @@ def monitor(params: Params, layout: Layout, current: str | Path, reference: str 
     say("comparing the windows (Evidently drift, data quality, outcomes)")
     support = json.loads(scorer.metadata.get("training_support", "{}"))  # the categories a report may name: the model's
     shown = {n: set(v["categories"]) for n, v in support.items() if v.get("kind") == "categorical"} or None
+    status, freshness = None, []
+    store = params.feature_store.online_store
+    store = store if store.is_absolute() else layout.root/store
+    if spec.declared and store.exists():   # features from event data, served from the online store: is it fresh?
+        from healthml.data.feature_store import store_status
+        status = store_status(store)
+        freshness = feature_freshness(status, params.feature_store.max_age_hours)
     result, snap = compare_windows(ref, cur, threshold, cfg, str(current), samples=((rs, r_how), (cs, c_how)),
-                                   features_measured=not log_only, window_file=current, shown=shown)
+                                   features_measured=not log_only, window_file=current, shown=shown, extra_alerts=freshness)
+    result["feature_store"] = status
     result["model"] = {"file": model.name, "sha256": sha, "threshold": threshold,
                        "name": scorer.metadata.get("model_name", "model"),
                        "registry": registry}  # the caller's record of the version (number, alias, gate, registered)

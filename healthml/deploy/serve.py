@@ -578,9 +578,11 @@ def _log_line(line: str, ok: bool) -> None:
     logging.getLogger("healthml.serve").log(logging.INFO if ok else logging.WARNING, line)
 
 def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, log_key: bytes = b"", max_records: int = 1000,
-               max_body_bytes: int = 1_000_000, poll_seconds: float = 0, say: Callable[[str, bool], None] = _log_line):
+               max_body_bytes: int = 1_000_000, poll_seconds: float = 0, say: Callable[[str, bool], None] = _log_line,
+               routers: Iterable[Callable] = ()):  # each `build(score, slot)` -> an APIRouter whose routes score through `score`
     """The FastAPI scoring service around `slot`, admitting the callers `auth` knows; with `poll_seconds` (and an alias
-    to watch) it follows the alias. No `/docs` (Swagger UI loads from a CDN); `/openapi.json` needs a key."""
+    to watch) it follows the alias. No `/docs` (Swagger UI loads from a CDN); `/openapi.json` needs a key. `routers` add
+    routes that assemble records themselves (`healthml.deploy.feature_serving`) and score them as `POST /v1/predict` does."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -646,6 +648,7 @@ def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, lo
                 **({"reasons_note": scorer.reasons_note} if scorer.reasons_note else {}), "predictions": out}
     predict.__annotations__["body"] = PredictRequest  # a real class, not the postponed string (built at run time)
     app.post("/v1/predict")(predict)
+    for build in routers: app.include_router(build(lambda records: predict(PredictRequest(records=records)), slot))
     _info_routes(app, slot, Record, max_records, reg, m, say)
     app.state.slot, app.state.watch = slot, watch
     return Guard(app, max_body_bytes, observe, auth)

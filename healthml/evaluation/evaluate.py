@@ -169,7 +169,7 @@ def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str,
         sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
         models = {m: model_evaluation(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
         comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg) for m in st if m != cand}
-        return EvaluationResult(models, evaluation_settings(cfg), comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
+        return EvaluationResult(models, {**evaluation_settings(cfg), "candidate": cand}, comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
                                 _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #6d079c1e

@@ -93,8 +93,10 @@ class EvaluationResult:
 
     @classmethod
     def from_json(cls, evaluation: dict, order=(), **analyses) -> EvaluationResult:
-        "From `metrics/evaluate.json`'s content (the other files' as `comparison=` ...); models in `order` first."
+        """From `metrics/evaluate.json`'s content (the other files' as `comparison=` ...); models in `order` first, else
+        the candidate the file names (JSON is written with sorted keys, so file order is alphabetical, not the candidate's)."""
         models = {k: v for k, v in evaluation.items() if k != SETTINGS}
+        order = list(order) or [m for m in [evaluation.get(SETTINGS, {}).get("candidate")] if m in models]
         if "comparison" in analyses: analyses["comparison"] = _first(analyses["comparison"], order)
         return cls(_first(models, order), evaluation.get(SETTINGS, {}), **analyses)
 

@@ -25,9 +25,9 @@ from ..modelling.train import git_commit, mlflow_experiment, using_tracking
 # %% auto #0
 __all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'RegistryError',
            'synthetic_example', 'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync',
-           'outputs_current', 'verified_verdict', 'dvc_hashes', 'register_version', 'verify_artifact',
-           'evidence_verdict', 'ServedModel', 'parse_model_ref', 'resolve_model', 'promote', 'rollback', 'lineage',
-           'verify_audit']
+           'outputs_current', 'verified_verdict', 'dvc_hashes', 'feature_lineage', 'register_version',
+           'verify_artifact', 'evidence_verdict', 'ServedModel', 'parse_model_ref', 'resolve_model', 'promote',
+           'rollback', 'lineage', 'verify_audit']
 
 # %% ../../nbs/40_governance/46_registry.ipynb #84217bd3
 class RegistryError(HealthmlError):
@@ -231,6 +231,23 @@ def _log_as(path: Path, artifact: str) -> None:
         shutil.copy(path, target)
         mlflow.log_artifact(str(target), str(Path(artifact).parent))
 
+# %% ../../nbs/40_governance/46_registry.ipynb #3565a833
+def feature_lineage(params: Params, layout: Layout, cohort_sha256: str) -> dict:
+    """The tags naming the feature definitions and the training-set build a model was trained on, when the spec declares
+    features from event data ({} otherwise); the build record must be the record of the cohort ingest read."""
+    spec = params.dataset
+    if not spec.declared: return {}
+    from healthml.data.feature_store import build_record_path
+    path = build_record_path(spec.file if spec.file.is_absolute() else layout.root/spec.file)
+    if not path.exists():
+        raise RegistryError(f"{path.name} not found: the training set of features from event data has no build record",
+                            hint="build it with `healthml features build`, then `dvc repro`")
+    record = json.loads(path.read_text())
+    if record["training_set"]["sha256"] != cohort_sha256:
+        raise RegistryError(f"the cohort the pipeline read is not the training set {path.name} records (their hashes differ)",
+                            hint="rebuild it with `healthml features build`, then `dvc repro`")
+    return {"healthml.feature_definitions_sha256": record["definitions_sha256"], "healthml.feature_retrieval": record["retrieval"]}
+
 # %% ../../nbs/40_governance/46_registry.ipynb #aa86a139
 def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple[int, str]:
     "Log the run (model, evidence, report) and create the registry version; (version, run id)."
@@ -247,7 +264,8 @@ def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple
             "healthml.git_commit": git_commit(L.root), "healthml.train_data_sha256": sha256_file(L.split_file("train")),
             "healthml.cohort_sha256": json.loads(L.ingest_record.read_text())["sha256"],
             "healthml.params_sha256": sha256_file(L.root/"params.yaml"), "healthml.registered_by": who, "healthml.model": cand,
-            **dvc_hashes(L, {"cohort": p.dataset.file, "train": "data/processed/train.parquet", "onnx": onnx.relative_to(L.root).as_posix()})}
+            **dvc_hashes(L, {"cohort": p.dataset.file, "train": "data/processed/train.parquet", "onnx": onnx.relative_to(L.root).as_posix()}),
+            **feature_lineage(p, L, json.loads(L.ingest_record.read_text())["sha256"])}
     with using_tracking(reg.uri):
         with mlflow.start_run(experiment_id=reg.experiment_id, run_name=f"register-{cand}-{onnx_sha[:8]}",
                               description=f"registration of {cand} (model {onnx_sha[:12]}), commit {tags['healthml.git_commit']}") as run:
@@ -444,7 +462,9 @@ def lineage(reg: Registry, key: str) -> dict:
             "onnx_sha256": v.get("onnx_sha256"), "mlflow_run": v["run_id"], "report": v.get("report"),
             "git_commit": v.get("git_commit"), "params_sha256": v.get("params_sha256"),
             "cohort_sha256": v.get("cohort_sha256"), "train_data_sha256": v.get("train_data_sha256"),
-            "registered_by": v.get("registered_by")}
+            "registered_by": v.get("registered_by"),
+            **({"feature_definitions_sha256": v["feature_definitions_sha256"], "feature_retrieval": v.get("feature_retrieval")}
+               if v.get("feature_definitions_sha256") else {})}
 
 def verify_audit(reg: Registry) -> list[str]:
     "Problems in the audit log, and differences between the registry and what the log implies."

@@ -62,6 +62,8 @@ def to_onnx(pipeline, spec: DatasetSpec, metadata: dict | None = None, opset: in
     meta = {"feature_schema": json.dumps(schema, sort_keys=True), "missing_category": MISSING_CATEGORY,
             "abstention": json.dumps(spec.abstention.model_dump(), sort_keys=True),
             **({"training_support": json.dumps(support, sort_keys=True)} if support is not None else {}),
+            **({"feature_definitions": json.dumps({n: spec.feature_definition(n) for n in spec.declared}, sort_keys=True)}
+               if spec.declared else {}),   # features from event data: what the online store must compute the same way
             **{k: str(v) for k, v in (metadata or {}).items()}}
     for k, v in sorted(meta.items()):
         p = onx.metadata_props.add()
