@@ -8,11 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator, model_validator
 
+from .io import MISSING_CATEGORY  # defined with the other data conventions; re-exported here
 from .outcome import OutcomeRule, OutcomeRuleError, compile_outcome, parse_condition
 
 # %% auto #0
-__all__ = ['IDENTIFIER_KINDS', 'ROW_KEY', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute',
-           'Provenance', 'Identifier', 'Abstention', 'DatasetSpec', 'category_labels', 'observed_spec']
+__all__ = ['IDENTIFIER_KINDS', 'ROW_KEY', 'RARE_CATEGORY', 'StrictModel', 'Feature', 'SensitiveAttribute', 'Provenance',
+           'Identifier', 'Abstention', 'DatasetSpec', 'category_labels', 'observed_spec']
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
 class StrictModel(BaseModel):
@@ -183,7 +184,6 @@ class DatasetSpec(StrictModel):
         return [n for n, f in self.features.items() if f.kind == "categorical"]
 
 # %% ../../nbs/00_core/03_spec.ipynb #15e3720f
-MISSING_CATEGORY = "(missing)"
 RARE_CATEGORY = "(other)"  # the pooled level of categories too rare to keep (fewer than `rare_category_min` patients)
 
 def category_labels(col):

@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..core.spec import MISSING_CATEGORY, Abstention
+from ..core.io import MISSING_CATEGORY
+from ..core.rules import CodedText
 from .scoring import OutcomeSets, risk_bands
 
 # %% auto #0
@@ -42,7 +43,10 @@ class DecisionRules:
     def from_metadata(cls, metadata: Mapping[str, str]) -> DecisionRules:
         "The rules of a model, from its ONNX metadata (`OnnxScorer(...).metadata`)."
         schema = json.loads(metadata["feature_schema"])
-        rules = Abstention(**json.loads(metadata.get("abstention", "{}")))
+        if "abstention" in metadata: rules = json.loads(metadata["abstention"])   # every export writes it: no pydantic needed
+        else:                                                                     # a model exported before abstentions
+            from healthml.core.spec import Abstention
+            rules = Abstention().model_dump()
         support = json.loads(metadata["training_support"]) if "training_support" in metadata else None
         numeric = tuple(n for n, f in schema.items() if f["kind"] == "numeric")
         categorical = tuple(n for n, f in schema.items() if f["kind"] != "numeric")
@@ -51,12 +55,12 @@ class DecisionRules:
             s = support.get(n, {})
             if s.get("min") is None: bounds[n] = (math.inf, -math.inf)  # training never saw a value: any value is outside
             else:
-                pad = rules.support_margin * (s["max"] - s["min"])
+                pad = rules["support_margin"] * (s["max"] - s["min"])
                 bounds[n] = (s["min"] - pad, s["max"] + pad)
         for n in categorical if support else ():
             categories[n] = frozenset(support.get(n, {}).get("categories", ()))
         return cls(numeric, categorical, tuple(n for n, f in schema.items() if f.get("required")),
-                   max(1, math.ceil(rules.min_present_fraction * len(schema) - 1e-9)), bounds, categories,
+                   max(1, math.ceil(rules["min_present_fraction"] * len(schema) - 1e-9)), bounds, categories,
                    float(metadata.get("decision_threshold", "0.5")), metadata.get("missing_category", MISSING_CATEGORY),
                    support is not None, tuple(schema),
                    OutcomeSets.from_metadata(json.loads(metadata["outcome_sets"])) if "outcome_sets" in metadata else None)
@@ -72,8 +76,19 @@ def _numbers(col, n: int) -> np.ndarray:
 def _labels(col, n: int, missing: str) -> np.ndarray:
     "A column as text labels, `missing` where unrecorded (None, NaN, pandas NA or the missing label itself)."
     if col is None: return np.full(n, missing, dtype=object)
+    if isinstance(col, CodedText): return col.text(missing)
     return np.array([missing if v is None or type(v).__name__ == "NAType" or (isinstance(v, float) and v != v) else str(v)
                      for v in col], dtype=object)
+
+def _category_flags(col, n: int, missing: str, seen: frozenset | None) -> tuple[np.ndarray, np.ndarray]:
+    "Per record: whether the category is recorded, and whether it is one training never saw (judged per distinct value when coded)."
+    seen = np.array(sorted(seen or ()), dtype=object)
+    if isinstance(col, CodedText):
+        recorded = col.values != missing
+        return col.per_row(recorded), col.per_row(recorded & ~np.isin(col.values, seen))
+    labels = _labels(col, n, missing)
+    present = labels != missing
+    return present, present & ~np.isin(labels, seen)
 
 @dataclass(frozen=True)
 class Decisions:
@@ -128,8 +143,8 @@ def decide(rules: DecisionRules,
     p = np.asarray(raw_risk, dtype=np.float64).reshape(-1)
     n = len(p)
     nums = {f: _numbers(columns.get(f), n) for f in rules.numeric}
-    cats = {f: _labels(columns.get(f), n, rules.missing) for f in rules.categorical}
-    present = {f: ~np.isnan(x) for f, x in nums.items()} | {f: c != rules.missing for f, c in cats.items()}
+    cats = {f: _category_flags(columns.get(f), n, rules.missing, rules.categories.get(f)) for f in rules.categorical}
+    present = {f: ~np.isnan(x) for f, x in nums.items()} | {f: c[0] for f, c in cats.items()}
     count = np.sum([present[f] for f in rules.features], axis=0) if rules.features else np.zeros(n, int)
     sparse = count < rules.min_present
     lacking = {f: ~present[f] for f in rules.required}
@@ -137,7 +152,7 @@ def decide(rules: DecisionRules,
     outside = {}
     with np.errstate(invalid="ignore"):
         for f, (lo, hi) in rules.bounds.items(): outside[f] = present[f] & ((nums[f] < lo) | (nums[f] > hi))
-    for f, seen in rules.categories.items(): outside[f] = present[f] & ~np.isin(cats[f], list(seen))
+    for f in rules.categories: outside[f] = cats[f][1]
     unfamiliar = ~insufficient & (np.any(list(outside.values()), axis=0) if outside else np.zeros(n, bool))
     decision = np.where(insufficient, INSUFFICIENT, np.where(unfamiliar, OUTSIDE, SCORED)).astype(object)
     band = np.where(decision == SCORED, risk_bands(p, rules.threshold, rules.sets), decision).astype(object)
