@@ -27,38 +27,31 @@ import numpy as np
 
 from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name
-from ..modelling.decision import Decisions, DecisionRules, decide as decide_by_rules
-from ..core.rules import compile_rules, frame_problems, record_model, record_problems
-from ..modelling.scoring import ModelIntegrityError, OnnxScorer, expected_sha256, load_verified
+from ..core.rules import CodedText, Column, frame_problems, record_model
+from ..modelling.decision import Decisions
+from ..modelling.runtime import Scorer
+from ..modelling.scoring import ModelIntegrityError, column_feed, expected_sha256, load_verified
 
 # %% auto #0
-__all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'score_chunk', 'add_counts',
-           'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key',
+__all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'chunk_outcome', 'score_chunk',
+           'add_counts', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key',
            'PredictionLog', 'input_hash', 'ApiKeys', 'presented_key', 'is_loopback', 'Guard', 'failure_reason',
            'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
-class RecordScorer:
-    "Check, encode and score feature records (dicts) with a verified ONNX model."
-    def __init__(self, model: bytes, sha256: str, threads: int = 1, source: ModelSource | None = None):
+class RecordScorer(Scorer):
+    "The runtime's `Scorer` with the model's source and, when its verified explainer is there, reasons for each score."
+    def __init__(self, model: bytes, sha256: str, threads: int = 1, source: ModelSource | None = None, folder: str | Path | None = None):
+        super().__init__(model, sha256, threads, folder)
         self.source = source                             # where the model came from (registry version or file), when known
-        self.model = OnnxScorer(model, threads)          # the session, its metadata and the whole-frame encoding
-        self.session, self.metadata, self.schema, self.missing = (self.model.session, self.model.metadata,
-                                                                  self.model.schema, self.model.missing)
-        self.sha256, self.version = sha256, sha256[:12]
-        self.name = self.metadata.get("model_name", "model")
-        self.threshold = float(self.metadata.get("decision_threshold", "0.5"))
-        self.numeric = [n for n, f in self.schema.items() if f["kind"] == "numeric"]
-        self.categorical = [n for n, f in self.schema.items() if f["kind"] == "categorical"]
-        self.rules = compile_rules(self.schema)
-        self.decision_rules = DecisionRules.from_metadata(self.metadata)   # when the model gives no score (healthml.modelling.decision)
-        self._out = ["probabilities"]
+        self.model = self.onnx                           # the ONNX graph's whole-frame scorer (the reference)
         self.explainer, self.reasons_note = None, "this model file names no explainer"
         self._explainer_artifact, self._explainer_lock = None, threading.Lock()
 
     @classmethod
     def from_file(cls, model: str | Path, sha256: str, threads: int = 1, source: ModelSource | None = None) -> "RecordScorer":
-        scorer = cls(load_verified(model, sha256), sha256, threads, source)
+        "The scorer of a model file whose bytes must hash to `sha256`, with its compiled trees and explainer from beside it."
+        scorer = cls(load_verified(model, sha256), sha256, threads, source, Path(model).parent)
         scorer.attach_explainer(Path(model).parent)
         return scorer
 
@@ -93,51 +86,36 @@ class RecordScorer:
         if self.explainer is None: return None
         return explain(self.explainer, columns, top_k)
 
-    def check(self, record: dict) -> list[dict]:
-        "Field-level problems with one record (field and rule; never the value)."
-        return record_problems(self.rules, record)
-
     def feed(self, records: list[dict]) -> dict:
         "Named ONNX inputs for already-checked records."
-        out = {}
-        for n in self.numeric:
-            out[n] = np.array([[np.nan if (v := r.get(n)) is None else v] for r in records], dtype=np.float32)
-        for n in self.categorical:
-            out[n] = np.array([[self.missing if (v := r.get(n)) is None else v] for r in records], dtype=object)
-        return out
-
-    def score(self, records: list[dict]) -> np.ndarray:
-        "Risk for each checked record."
-        return self.session.run(self._out, self.feed(records))[0][:, 1].astype(np.float64)
-
-    def score_one(self, record: dict) -> float:
-        "Check and score one record; `ValueError` listing the field problems if it fails."
-        errors = self.check(record)
-        if errors: raise ValueError("; ".join(f"{e['field']}: {e['rule']}" for e in errors))
-        return float(self.score([record])[0])
+        return column_feed(self.schema, self.missing, self.columns(records), len(records))
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #e215d66d
 def decide(scorer: RecordScorer, columns: dict, raw: np.ndarray) -> Decisions:
     "Per record: scored (band, alert), or an abstention with its fields; the one place a band or an alert is decided."
-    return decide_by_rules(scorer.decision_rules, columns, raw)
+    return scorer.decisions(columns, raw)
 
 def feature_columns(scorer: RecordScorer, records: list[dict]) -> dict:
     "Records (dicts) as the model's feature columns, missing as None."
-    return {f: [r.get(f) for r in records] for f in scorer.schema}
+    return scorer.columns(records)
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #fda2db6a
-def file_chunks(path: Path, size: int):
-    "DataFrames of at most `size` rows from a Parquet or CSV file, read one after another (memory stays bounded)."
+def _is_parquet(path: Path) -> bool: return path.suffix.lower() in (".parquet", ".pq")
+
+def file_chunks(path: Path, size: int, columns: list[str] | None = None):
+    """Chunks of at most `size` rows, read one after another (memory stays bounded): Arrow tables from Parquet (only
+    `columns` when given: the features and kept columns, never through pandas), DataFrames from CSV."""
     import pandas as pd
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if _is_parquet(path):
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=size): yield batch.to_pandas()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns): yield pa.Table.from_batches([batch])
     else:
         yield from pd.read_csv(path, chunksize=size, low_memory=False)
 
 def file_rows(path: Path) -> int | None:
     "Rows in a Parquet file (from its footer); None for CSV (unknown without reading it)."
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if _is_parquet(path):
         import pyarrow.parquet as pq
         return pq.ParquetFile(path).metadata.num_rows
     return None
@@ -148,59 +126,125 @@ def _reason_columns(why: list[list[dict]], abstained, k: int) -> dict:
     from healthml.modelling.explain import reason_text
     return {f"reason_{j + 1}": ["" if a or j >= len(w) else reason_text(w[j]) for w, a in zip(why, abstained)] for j in range(k)}
 
-def _columns(df, src: Path, scorer: RecordScorer, keep: list[str]):
-    "`df` with names canonicalised as at ingest; every feature column and every kept column must be there."
-    names = [canonical_name(c) for c in df.columns]
+def _canonical_names(names: list, src: Path, scorer: RecordScorer, keep: list[str]) -> list[str]:
+    "A file's column names canonicalised as at ingest; every feature column and every kept column must be there."
+    names = [canonical_name(c) for c in names]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes: raise HealthmlError(f"{src.name} has columns that are the same name once canonicalised: {', '.join(dupes)}",
                                   hint="rename them: names are canonicalised as at ingest (`flc.grp` is `flc_grp`)")
-    df.columns = names
-    absent = [c for c in scorer.schema if c not in df]
+    absent = [c for c in scorer.schema if c not in names]
     if absent: raise HealthmlError(f"{src.name} has no column for feature(s) {', '.join(absent)}",
                                    hint="every feature the model takes needs a column (empty cells are allowed); "
                                         "names are canonicalised as at ingest (`flc.grp` is `flc_grp`)")
-    missing_keep = [c for c in keep if c not in df]
+    missing_keep = [c for c in keep if c not in names]
     if missing_keep: raise HealthmlError(f"{src.name} has no column(s) {', '.join(missing_keep)} to keep",
                                          hint="`source_row` is always written; other names are canonicalised as at ingest")
+    return names
+
+def _columns(df, src: Path, scorer: RecordScorer, keep: list[str]):
+    "`df` (a DataFrame or an Arrow table) with names canonicalised as at ingest (see `_canonical_names`)."
+    if hasattr(df, "rename_columns"): return df.rename_columns(_canonical_names(df.column_names, src, scorer, keep))
+    df.columns = _canonical_names(list(df.columns), src, scorer, keep)
     return df
 
-def score_chunk(scorer: RecordScorer, df, src: str | Path, keep: list[str] = (), start: int = 0, reasons: int = 0):
-    """One chunk of an input, the rows after the first `start`: (scored rows, rejected rows), each a DataFrame or None.
-    Scored rows carry risk, band, alert, abstention and its fields; rejected rows their reasons (never values). The one
-    implementation of a batch row's outcome: `predict_file` here and each partition on a Dask worker use it."""
+def _arrow_column(col, kind: str):
+    "An Arrow column as the rules and the scorer take it: floats (NaN missing) or `CodedText`; a pandas Series when neither fits."
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    t = col.type
+    if kind == "numeric" and (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    if kind != "numeric" and (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_dictionary(t)):
+        if pa.types.is_dictionary(t): col = pc.cast(col, t.value_type)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)): col = pc.cast(col, pa.string())  # a code as its digits
+        coded = pc.dictionary_encode(col).combine_chunks() if isinstance(col, pa.ChunkedArray) else pc.dictionary_encode(col)
+        if isinstance(coded, pa.ChunkedArray): coded = coded.chunk(0) if coded.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
+        return CodedText(coded.indices.fill_null(-1).to_numpy().astype(np.int64), np.array(coded.dictionary.to_pylist(), dtype=object))
+    return col.to_pandas()
+
+def _frame_column(s, kind: str):
+    "A DataFrame column as the rules and the scorer take it: floats for a numeric dtype, `CodedText` for text; else the Series."
     import pandas as pd
-    df = _columns(df, Path(src), scorer, keep)
-    df.index = pd.RangeIndex(start + 1, start + 1 + len(df))          # 1-based source row numbers
-    why = frame_problems(scorer.rules, df)
+    if kind == "numeric":
+        return s.to_numpy(dtype=float, na_value=np.nan) if s.dtype.kind in "fiu" else s
+    codes, uniques = pd.factorize(s)
+    return CodedText(codes.astype(np.int64), np.array([str(v) for v in uniques], dtype=object))
+
+def _take(col, rows: np.ndarray):
+    "Rows `rows` (a mask) of a column, numbers parsed (`Column.numbers`) when it is still a Series."
+    if isinstance(col, CodedText): return col.take(rows)
+    if isinstance(col, np.ndarray): return col[rows]
+    return Column(col[rows]).numbers
+
+def chunk_outcome(scorer: RecordScorer, chunk, src: str | Path, keep: list[str] = (), start: int = 0, reasons: int = 0):
+    """One chunk of an input (a DataFrame or an Arrow table), the rows after the first `start`: (scored rows, rejected
+    rows), each a dict of columns or None. Scored rows carry risk, band, alert, abstention and its fields; rejected rows
+    their reasons (never values). The one implementation of a batch row's outcome: `predict_file` here and each
+    partition on a Dask worker use it (through `score_chunk`)."""
+    arrow = hasattr(chunk, "rename_columns")
+    chunk = _columns(chunk, Path(src), scorer, keep)
+    n = chunk.num_rows if arrow else len(chunk)
+    to_column = _arrow_column if arrow else _frame_column
+    cols = {f: to_column(chunk.column(f) if arrow else chunk[f], spec["kind"]) for f, spec in scorer.schema.items()}
+    rows = np.arange(start + 1, start + 1 + n)                               # 1-based source row numbers
+    why = frame_problems(scorer.rules, cols) if n else np.empty(0, dtype=object)
     bad = why != ""
-    good, res, rej = df[~bad], None, None
-    if len(good):
-        cols = {f: good[f].to_numpy() for f in scorer.schema}
-        d = decide(scorer, cols, scorer.model.predict_proba(good))
-        res = pd.DataFrame({SOURCE_ROW: good.index.to_numpy(), **{c: good[c].to_numpy() for c in keep},
-                            "risk": d.risk, "band": d.band.astype(str), "alert": d.alert, "abstained": d.abstained,
-                            "fields": [", ".join(f) for f in d.fields], "raw_risk": d.raw_risk,
-                            **({"outcome_set": d.outcome_set_labels()} if d.sets is not None else {}),
-                            **(_reason_columns(scorer.column_reasons(cols, reasons), d.abstained, reasons) if reasons else {}),
-                            "model_version": scorer.version})
+    def kept(c, mask):
+        if not arrow: return chunk[c].to_numpy()[mask]
+        import pyarrow as pa
+        return chunk.column(c).filter(pa.array(mask))
+    res = rej = None
+    if (~bad).any():
+        good = {f: _take(col, ~bad) for f, col in cols.items()}
+        m = int((~bad).sum())
+        d = scorer.decisions(good, scorer.score_columns(good, m))
+        fields = np.full(m, "", dtype=object)
+        for i in np.flatnonzero(d.abstained): fields[i] = ", ".join(d.fields[i])
+        res = {SOURCE_ROW: rows[~bad], **{c: kept(c, ~bad) for c in keep}, "risk": d.risk, "band": d.band, "alert": d.alert,
+               "abstained": d.abstained, "fields": fields, "raw_risk": d.raw_risk,
+               **({"outcome_set": d.outcome_set_labels()} if d.sets is not None else {}),
+               **(_reason_columns(scorer.column_reasons({f: c.text(None) if isinstance(c, CodedText) else c for f, c in good.items()}, reasons),
+                                  d.abstained, reasons) if reasons else {}),
+               "model_version": np.full(m, scorer.version, dtype=object)}
     if bad.any():
-        rej = pd.DataFrame({SOURCE_ROW: df.index[bad.to_numpy()], **{c: df.loc[bad, c].to_numpy() for c in keep},
-                            "reasons": why[bad].to_numpy()})
+        rej = {SOURCE_ROW: rows[bad], **{c: kept(c, bad) for c in keep}, "reasons": why[bad]}
     return res, rej
+
+def score_chunk(scorer: RecordScorer, df, src: str | Path, keep: list[str] = (), start: int = 0, reasons: int = 0):
+    "`chunk_outcome` as DataFrames (scored rows, rejected rows), each None when there are none."
+    import pandas as pd
+    res, rej = chunk_outcome(scorer, df, src, keep, start, reasons)
+    frame = lambda cols: None if cols is None else pd.DataFrame({k: (v.to_numpy() if hasattr(v, "to_numpy") and not isinstance(v, np.ndarray) else v) for k, v in cols.items()})
+    return frame(res), frame(rej)
+
+def _rows_in(cols: dict | None) -> int: return 0 if cols is None else len(cols[SOURCE_ROW])
 
 def add_counts(counts: dict, res, rej) -> dict:
     "Add one chunk's rows, scored, rejected and abstained to `counts`."
-    scored, rejected = (0 if res is None else len(res)), (0 if rej is None else len(rej))
+    scored, rejected = (0 if res is None else len(res[SOURCE_ROW])), (0 if rej is None else len(rej[SOURCE_ROW]))
     counts["rows"] += scored + rejected; counts["scored"] += scored; counts["rejected"] += rejected
-    counts["abstained"] += 0 if res is None else int(res["abstained"].sum())
+    counts["abstained"] += 0 if res is None else int(np.asarray(res["abstained"]).sum())
     return counts
+
+def _table(cols: dict):
+    "Columns (numpy or Arrow) as an Arrow table; text as Arrow strings."
+    import pyarrow as pa
+    return pa.table({k: (pa.array(v, pa.string()) if isinstance(v, np.ndarray) and v.dtype == object else v) for k, v in cols.items()})
+
+def _needed(src: Path, scorer: RecordScorer, keep: list[str]) -> list[str] | None:
+    "The Parquet columns to read (features and kept ones, by their names in the file), after checking the names; None for CSV."
+    if not _is_parquet(src): return None
+    import pyarrow.parquet as pq
+    names = pq.ParquetFile(src).schema_arrow.names
+    canonical = _canonical_names(names, src, scorer, keep)
+    return [n for n, c in zip(names, canonical) if c in scorer.schema or c in keep]
 
 def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects: str | Path | None = None,
                  keep: list[str] = (), chunk_rows: int = 100_000, progress=None,
                  reasons: int = 0) -> dict:  # top reasons per scored row, as text columns `reason_1`..; 0: none
     """Score every row of `src` into `out` (Parquet or CSV); rejected rows (with reasons) go to `rejects`. Every row
-    of both carries `source_row`, its 1-based row number in `src`."""
-    import pyarrow as pa
+    of both carries `source_row`, its 1-based row number in `src`. Parquet is read and written as Arrow, only the
+    columns needed, with no pandas step."""
     import pyarrow.parquet as pq
     src, out = Path(src), Path(out)
     keep = [c for c in dict.fromkeys(canonical_name(c) for c in keep) if c != SOURCE_ROW]
@@ -217,13 +261,14 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             if kind not in writers: writers[kind] = pq.ParquetWriter(path, table.schema)
             writers[kind].write_table(table)
     try:
-        for df in file_chunks(src, chunk_rows):
-            res, rej = score_chunk(scorer, df, src, keep, start, reasons)
-            start += len(df)
-            if res is not None: write("out", tmp_out, pa.Table.from_pandas(res, preserve_index=False))
-            if rej is not None: write("rej", tmp_rej, pa.Table.from_pandas(rej, preserve_index=False))
+        for chunk in file_chunks(src, chunk_rows, _needed(src, scorer, keep)):
+            rows = chunk.num_rows if hasattr(chunk, "num_rows") else len(chunk)
+            res, rej = chunk_outcome(scorer, chunk, src, keep, start, reasons)
+            start += rows
+            if res is not None: write("out", tmp_out, _table(res))
+            if rej is not None: write("rej", tmp_rej, _table(rej))
             add_counts(counts, res, rej)
-            if progress: progress(len(df))
+            if progress: progress(rows)
         for w in writers.values():
             if not isinstance(w, bool): w.close()
         if "out" in writers: tmp_out.replace(out)

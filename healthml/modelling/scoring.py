@@ -81,10 +81,14 @@ class OnnxScorer:
         return self.run(self.feed(df))
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #62666333
+def _number(v) -> float:
+    "One numeric value as the model takes it: NaN where missing."
+    return np.nan if v is None else v
+
 def _numbers(col, n: int) -> np.ndarray:
     "A numeric column as float64, NaN where missing."
     if isinstance(col, np.ndarray) and col.dtype.kind == "f": return col.astype(np.float64, copy=False)
-    return np.array([np.nan if v is None else v for v in col], dtype=np.float64) if n else np.empty(0)
+    return np.array([_number(v) for v in col], dtype=np.float64) if n else np.empty(0)
 
 def _texts(col, missing: str) -> np.ndarray:
     "A categorical column as text labels, `missing` where there is no value."
@@ -103,20 +107,25 @@ def column_feed(schema: dict, missing: str, columns: dict, n: int) -> dict:
 # %% ../../nbs/20_modelling/22_scoring.ipynb #c2ce6e8e
 TREES_SYMBOL = "forest_root"  # the C entry point of a compiled tree file: forest_root(double *rows, double *out, int first, int last)
 
-def _codes(col, categories: list, missing: str) -> np.ndarray:
-    "A categorical column as float positions in `categories` (the missing label's position where missing; -1 if unseen)."
-    lookup = {c: float(i) for i, c in enumerate(categories)}
-    absent = lookup.get(missing, -1.0)
-    if isinstance(col, CodedText):
-        return np.append(np.array([lookup.get(str(v), -1.0) for v in col.values]), absent)[col.index]
-    return np.array([absent if v is None or v != v else lookup.get(str(v), -1.0) for v in col], dtype=np.float64)
+class _Positions:
+    "One categorical feature's positions in the category list its encoder learned in training."
+    def __init__(self, categories: list, missing: str):
+        self.lookup = {c: float(i) for i, c in enumerate(categories)}
+        self.absent = self.lookup.get(missing, -1.0)     # a missing value: the missing label's position (-1 if training had none)
+    def of(self, v) -> float:
+        "One value's position: `absent` where missing, -1 for a category training never saw."
+        return self.absent if v is None or v != v else self.lookup.get(str(v), -1.0)
+    def column(self, col) -> np.ndarray:
+        "A column's positions (per distinct value when coded)."
+        if isinstance(col, CodedText): return np.append(np.array([self.of(v) for v in col.values]), self.absent)[col.index]
+        return np.array([self.of(v) for v in col], dtype=np.float64)
 
 def tree_rows(encoding: dict, columns: dict, n: int) -> np.ndarray:
     "The float64 rows (C order) the compiled trees take, for `n` records given as columns."
     X = np.empty((n, len(encoding["numeric"]) + len(encoding["categorical"])), dtype=np.float64)
     for j, name in enumerate(encoding["numeric"]): X[:, j] = _numbers(columns.get(name, [None] * n), n)
     for j, (name, cats) in enumerate(encoding["categorical"].items(), len(encoding["numeric"])):
-        X[:, j] = _codes(columns.get(name, [None] * n), cats, encoding["missing"])
+        X[:, j] = _Positions(cats, encoding["missing"]).column(columns.get(name, [None] * n))
     return X
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #40c79e51
@@ -132,6 +141,12 @@ class CompiledTrees:
         self._root = getattr(self._lib, TREES_SYMBOL)
         self._root.restype, self._root.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
         self._pool = None
+        self._numeric = encoding["numeric"]
+        self._positions = [(n, _Positions(c, encoding["missing"])) for n, c in encoding["categorical"].items()]
+
+    def row(self, record: dict) -> np.ndarray:
+        "One record (a dict) as a 1-row matrix: the single-record path, without building columns."
+        return np.array([[*(_number(record.get(n)) for n in self._numeric), *(p.of(record.get(n)) for n, p in self._positions)]])
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         "Risk for each row of the float64 matrix `X` (from `tree_rows`); rows split across `threads` (the GIL is released)."
