@@ -154,16 +154,19 @@ def decide(rules: DecisionRules,
         for f, (lo, hi) in rules.bounds.items(): outside[f] = present[f] & ((nums[f] < lo) | (nums[f] > hi))
     for f in rules.categories: outside[f] = cats[f][1]
     unfamiliar = ~insufficient & (np.any(list(outside.values()), axis=0) if outside else np.zeros(n, bool))
-    decision = np.where(insufficient, INSUFFICIENT, np.where(unfamiliar, OUTSIDE, SCORED)).astype(object)
-    band = np.where(decision == SCORED, risk_bands(p, rules.threshold, rules.sets), decision).astype(object)
-    alert = (decision == SCORED) & (p >= rules.threshold)
+    kind = np.where(insufficient, 1, np.where(unfamiliar, 2, 0))   # 0 scored, 1 insufficient, 2 outside
+    decision, scored = _DECISIONS[kind], kind == 0                     # shared labels: no string built per record
+    band = np.where(scored, risk_bands(p, rules.threshold, rules.sets), decision)
+    alert = scored & (p >= rules.threshold)
     fields = [()] * n
     for i in np.flatnonzero(insufficient):
         why = [f for f in rules.required if lacking[f][i]]
         if sparse[i]: why += [f for f in rules.features if not present[f][i] and f not in why]
         fields[i] = tuple(why)
     for i in np.flatnonzero(unfamiliar): fields[i] = tuple(f for f in rules.features if f in outside and outside[f][i])
-    return Decisions(decision, band, alert, np.where(decision == SCORED, p, np.nan), p, fields, rules.sets)
+    return Decisions(decision, band, alert, np.where(scored, p, np.nan), p, fields, rules.sets)
+
+_DECISIONS = np.array([SCORED, INSUFFICIENT, OUTSIDE], dtype=object)
 
 # %% ../../nbs/20_modelling/23_decision.ipynb #2be25156
 def record_columns(rules: DecisionRules, records: Sequence[Mapping]) -> dict[str, list]:

@@ -20,8 +20,8 @@ from ..core.rules import CodedText
 if TYPE_CHECKING: import pandas as pd  # only for annotations: the HTTP service never loads pandas
 
 # %% auto #0
-__all__ = ['TREES_SYMBOL', 'ModelIntegrityError', 'expected_sha256', 'load_verified', 'OnnxScorer', 'column_feed', 'tree_rows',
-           'CompiledTrees', 'OutcomeSets', 'risk_bands', 'risk_band']
+__all__ = ['TREES_SYMBOL', 'ModelIntegrityError', 'expected_sha256', 'load_verified', 'OnnxScorer', 'column_feed', 'tree_columns',
+           'tree_rows', 'CompiledTrees', 'OutcomeSets', 'risk_bands', 'risk_band']
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #99a96f95
 class ModelIntegrityError(HealthmlError):
@@ -120,13 +120,22 @@ class _Positions:
         if isinstance(col, CodedText): return np.append(np.array([self.of(v) for v in col.values]), self.absent)[col.index]
         return np.array([self.of(v) for v in col], dtype=np.float64)
 
-def tree_rows(encoding: dict, columns: dict, n: int) -> np.ndarray:
-    "The float64 rows (C order) the compiled trees take, for `n` records given as columns."
-    X = np.empty((n, len(encoding["numeric"]) + len(encoding["categorical"])), dtype=np.float64)
-    for j, name in enumerate(encoding["numeric"]): X[:, j] = _numbers(columns.get(name, [None] * n), n)
-    for j, (name, cats) in enumerate(encoding["categorical"].items(), len(encoding["numeric"])):
-        X[:, j] = _Positions(cats, encoding["missing"]).column(columns.get(name, [None] * n))
+def tree_columns(encoding: dict, columns: dict, n: int) -> list[np.ndarray]:
+    "The trees' input columns, as float64 arrays, for `n` records given as columns (an absent feature: missing throughout)."
+    absent = lambda name: columns[name] if name in columns else [None] * n
+    src = [_numbers(absent(name), n) for name in encoding["numeric"]]
+    return src + [_Positions(cats, encoding["missing"]).column(absent(name)) for name, cats in encoding["categorical"].items()]
+
+def _rows(src: list[np.ndarray], first: int, last: int) -> np.ndarray:
+    "Rows `first`..`last` of the input columns as a C-order matrix (a block small enough to stay in cache)."
+    X = np.empty((last - first, len(src)), dtype=np.float64)
+    for j, col in enumerate(src): X[:, j] = col[first:last]
     return X
+
+def tree_rows(encoding: dict, columns: dict, n: int, block: int = 8192) -> np.ndarray:
+    "The float64 rows (C order) the compiled trees take, for `n` records given as columns."
+    src = tree_columns(encoding, columns, n)
+    return np.concatenate([_rows(src, a, min(a + block, n)) for a in range(0, n, block)]) if n else np.empty((0, len(src)))
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #40c79e51
 class CompiledTrees:
@@ -164,9 +173,20 @@ class CompiledTrees:
         list(self._pool.map(lambda s: self._root(X.ctypes.data, out.ctypes.data, s, min(s + step, n)), range(0, n, step)))
         return out
 
-    def score(self, columns: dict, n: int) -> np.ndarray:
-        "Risk for `n` records given as columns."
-        return self.predict(tree_rows(self.encoding, columns, n))
+    def score(self, columns: dict, n: int, block: int = 16384) -> np.ndarray:
+        "Risk for `n` records given as columns: blocks of rows built and scored in parallel (numpy and the trees release the GIL)."
+        src, out = tree_columns(self.encoding, columns, n), np.empty(n, dtype=np.float64)
+        def run(first: int) -> None:
+            X = _rows(src, first, min(first + block, n))
+            self._root(X.ctypes.data, out[first:].ctypes.data, 0, len(X))
+        if self.threads == 1 or n <= block:
+            for first in range(0, n, block): run(first)
+            return out
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="healthml-trees")
+        list(self._pool.map(run, range(0, n, block)))
+        return out
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #d6a27610
 class OutcomeSets:
@@ -201,8 +221,11 @@ class OutcomeSets:
 def risk_bands(p: np.ndarray, threshold: float, sets: OutcomeSets | None = None) -> np.ndarray:
     "Per risk: `high` at or above the alert threshold (`elevated` there if `sets` cannot rule out no event), `medium` from half of it, else `low`."
     p = np.asarray(p, dtype=np.float64)
-    top = "high" if sets is None else np.where(sets.predict(p)[1], "elevated", "high")
-    return np.where(p >= threshold, top, np.where(p >= threshold / 2, "medium", "low"))
+    level = (p >= threshold / 2).astype(np.int8) + (p >= threshold)          # 0 low, 1 medium, 2 high
+    if sets is not None: level = level + ((level == 2) & sets.predict(p)[1])   # 3: elevated
+    return _BANDS[level]                                                       # shared labels: no string built per record
+
+_BANDS = np.array(["low", "medium", "high", "elevated"], dtype=object)
 
 def risk_band(p: float, threshold: float, sets: OutcomeSets | None = None) -> str:
     "The band of one risk (see `risk_bands`)."
