@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..core.errors import HealthmlError
+from ..core.faults import checkpoint
 from ..core.io import SOURCE_ROW, canonical_name
 from ..core.rules import CodedText, Column, frame_problems, record_model
 from ..modelling.decision import Decisions
@@ -36,7 +37,7 @@ from ..modelling.scoring import ModelIntegrityError, column_feed, expected_sha25
 __all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'chunk_outcome', 'score_chunk',
            'add_counts', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key',
            'PredictionLog', 'input_hash', 'ApiKeys', 'presented_key', 'is_loopback', 'Guard', 'failure_reason',
-           'create_app']
+           'FastPredict', 'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
 class RecordScorer(Scorer):
@@ -394,10 +395,13 @@ def prediction_log_key(path: str | Path, env: dict | None = None) -> bytes:
     return key
 
 class PredictionLog:
-    "Append-only JSONL of predictions (0600), fsync'd per request; no identifiers, inputs only as keyed hashes."
+    """Append-only JSONL of predictions (0600), on disk before any answer; no identifiers, inputs only as keyed hashes.
+    Group commit: one thread writes the entries of every request waiting at that moment, fsyncs once, and only then
+    releases them, so concurrent requests share an fsync and none is answered before its entry is durable."""
     def __init__(self, path: str | Path | None, key: bytes = b""):
         self.path, self.key = (Path(path) if path else None), key
-        self._lock = threading.Lock()
+        self._cond, self._queue, self._committer = threading.Condition(), [], None
+        self.commits = 0                                 # group commits so far (each one write and one fsync)
         if not self.path: return
         if len(key) < 16: raise HealthmlError("the prediction log needs a secret key of 16 or more characters",
                                               hint="set HEALTHML_LOG_KEY, or let `healthml serve` make its key file")
@@ -407,13 +411,53 @@ class PredictionLog:
 
     def hash(self, record: dict) -> str: return input_hash(record, self.key)
 
+    def _lines(self, entries: list[dict]) -> bytes:
+        return "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode()
+
+    def _submit(self, data: bytes, done: Callable[[BaseException | None], None]) -> None:
+        "Queue `data` for the next group commit; `done(error)` is called once it is on disk (error None) or failed."
+        with self._cond:
+            self._queue.append((data, done))
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_forever, name="healthml-log-commit", daemon=True)
+                self._committer.start()
+            self._cond.notify()
+
+    def _commit_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue: self._cond.wait()
+                batch, self._queue = self._queue, []
+            error = None
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, b"".join(d for d, _ in batch))   # one append: lines of concurrent requests never interleave
+                    checkpoint("prediction-log.written")           # written, not yet durable: no request has been answered
+                    os.fsync(fd)
+                finally: os.close(fd)
+                self.commits += 1
+            except OSError as e: error = e
+            for _, done in batch: done(error)
+
     def write(self, entries: list[dict]) -> None:
+        "Append `entries`; returns once they are on disk (blocking: for a thread)."
         if not self.path: return
-        data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode()
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "ab") as f:
-                f.write(data); f.flush(); os.fsync(f.fileno())
+        finished, outcome = threading.Event(), []
+        self._submit(self._lines(entries), lambda error: (outcome.append(error), finished.set()))
+        finished.wait()
+        if outcome[0] is not None: raise outcome[0]
+
+    async def awrite(self, entries: list[dict]) -> None:
+        "Append `entries`; returns once they are on disk (for the event loop: other requests run meanwhile)."
+        if not self.path: return
+        import asyncio
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        def settle(error):
+            if not future.done(): future.set_exception(error) if error else future.set_result(None)
+        self._submit(self._lines(entries), lambda error: loop.call_soon_threadsafe(settle, error))
+        await future
 
 def input_hash(record: dict, key: bytes) -> str:
     "HMAC-SHA256 of a record's canonical JSON under the deployment's key: ties a logged prediction to its input, unguessable without the key."
@@ -617,6 +661,45 @@ def _info_routes(app, slot: ModelSlot, Record, max_records: int, reg, m: dict, s
         return {"previous_version": old.version, "model_version": new.version,
                 "previous": old.source.record(), "model": new.source.record()}
 
+# %% ../../nbs/50_deploy/51_serve.ipynb #fc77126b
+class FastPredict:
+    """ASGI: `POST /v1/predict` without FastAPI's per-request machinery. pydantic-core parses and validates the JSON body
+    in one pass against the same request model, the answer is the route's own (`answer`), and the response leaves only
+    after the log entries are on disk (`PredictionLog.awrite`, group commit) while the event loop serves other requests.
+    A body that fails validation, or is not declared JSON, goes to the FastAPI route, so every error reads the same."""
+    def __init__(self, app, request_model, answer: Callable, plog: PredictionLog, route):
+        from pydantic import TypeAdapter
+        self.app, self.answer, self.plog, self.route = app, answer, plog, route
+        self.adapter = TypeAdapter(request_model)
+
+    def __getattr__(self, name): return getattr(self.app, name)   # `state`, `routes`: the FastAPI application's
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/predict": return await self.app(scope, receive, send)
+        body, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect": return
+            body.append(msg.get("body", b"")); more = msg.get("more_body", False)
+        body = b"".join(body)
+        from pydantic import ValidationError
+        declared = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
+        try:
+            if declared != b"application/json": raise ValueError("not declared JSON")
+            request = self.adapter.validate_json(body)
+        except (ValidationError, ValueError):
+            sent = False
+            async def replay():
+                nonlocal sent
+                if sent: return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await self.app(scope, replay, send)
+        scope["route"] = self.route                      # named like the route in metrics
+        status, payload, entries = self.answer([r.model_dump(exclude_none=True) for r in request.records])
+        if status == 200: await self.plog.awrite(entries)
+        await _send_json(send, status, payload)
+
 # %% ../../nbs/50_deploy/51_serve.ipynb #f8255a33
 def _log_line(line: str, ok: bool) -> None:
     "The default `say`: the `healthml.serve` logger (INFO for a swap, WARNING for a refusal)."
@@ -667,31 +750,38 @@ def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, lo
     async def _http(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-    def predict(body: PredictRequest):
+    def answer(records: list[dict]) -> tuple[int, dict, list[dict]]:
+        "(status, body, prediction-log entries) for records the request schema admitted: the one answer both paths give."
         t0 = time.perf_counter()
         scorer = slot.current                            # taken once: a swap during this request does not touch it
-        records = [r.model_dump(exclude_none=True) for r in body.records]
         problems = [(i, e) for i, r in enumerate(records) for e in scorer.check(r)]
         if problems:  # the schema already enforces these; this keeps the scorer's own rules authoritative
             for _, e in problems: m["rejected"].labels("spec").inc()
-            return JSONResponse({"detail": "invalid request", "errors": [
+            return 422, {"detail": "invalid request", "errors": [
                 {"field": f"records.{i}.{e['field'] if e['field'] in known else '(unknown)'}", "rule": e["rule"], "type": "spec"}
-                for i, e in problems]}, status_code=422)
+                for i, e in problems]}, []
         d = decide(scorer, feature_columns(scorer, records), scorer.score(records))
         reasons = scorer.reasons(records)
         ms = (time.perf_counter() - t0) * 1000
         rid, now, src = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source
         out = d.records(reasons=reasons)
-        plog.write([{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
-                     "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
-                     "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)])
+        entries = [{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
+                    "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
+                    "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)]
         m["predictions"].inc(len(out))
-        return {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
-                                             "alias": src.alias}, "threshold": scorer.threshold,
-                **({"reasons_note": scorer.reasons_note} if scorer.reasons_note else {}), "predictions": out}
+        return 200, {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
+                                                  "alias": src.alias}, "threshold": scorer.threshold,
+                     **({"reasons_note": scorer.reasons_note} if scorer.reasons_note else {}), "predictions": out}, entries
+
+    def predict(body: PredictRequest):
+        status, payload, entries = answer([r.model_dump(exclude_none=True) for r in body.records])
+        if status != 200: return JSONResponse(payload, status_code=status)
+        plog.write(entries)                              # on disk (group commit) before the answer leaves
+        return payload
     predict.__annotations__["body"] = PredictRequest  # a real class, not the postponed string (built at run time)
     app.post("/v1/predict")(predict)
     _info_routes(app, slot, Record, max_records, reg, m, say)
     app.state.slot, app.state.watch = slot, watch
-    return Guard(app, max_body_bytes, observe, auth)
+    route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/predict")
+    return Guard(FastPredict(app, PredictRequest, answer, plog, route), max_body_bytes, observe, auth)
 
