@@ -21,10 +21,10 @@ from ..core.params import Params, load_params
 if TYPE_CHECKING: from healthml.deploy.serve import ModelSource
 
 # %% auto #0
-__all__ = ['app', 'ModelOpt', 'ManifestOpt', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref', 'open_registry',
-           'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning', 'say_model',
-           'cluster_settings', 'predict_on_cluster', 'predict', 'serve', 'serve_auth', 'monitored_model', 'monitor',
-           'monitor_demo']
+__all__ = ['app', 'ModelOpt', 'ManifestOpt', 'SERVICE_ENV', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref',
+           'open_registry', 'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning',
+           'say_model', 'cluster_settings', 'predict_on_cluster', 'predict', 'serve', 'service', 'worker_service',
+           'serve_auth', 'monitored_model', 'monitor', 'monitor_demo']
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f11cb317
 app = typer.Typer()
@@ -221,6 +221,10 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
           log_key: Annotated[Path, typer.Option(help="Secret for the log's keyed input hashes (made, 0600, if absent); "
                                                 "HEALTHML_LOG_KEY overrides it.")] = Path(".healthml/prediction-log.key"),
           max_records: Annotated[int, typer.Option(min=1, help="Most records per request.")] = 1000,
+          workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes, each verifying and loading the model (one "
+                                               "per core scores fastest: bench/bench_serve.py). With more than one, POST "
+                                               "/v1/admin/reload reaches the worker that answers it; every worker follows the alias "
+                                               "within --poll-seconds.")] = 1,
           params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Serve a verified model version over HTTP (FastAPI + uvicorn), following its alias.
 
@@ -233,16 +237,14 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
     Examples: HEALTHML_API_KEYS=$(cat user.key) HEALTHML_ADMIN_KEYS=$(cat admin.key) healthml serve --port 8000
               healthml serve --api-keys /etc/healthml/users --admin-keys /etc/healthml/admins --model candidate
               healthml serve --insecure-local   (no keys; 127.0.0.1 only)"""
+    settings = {"model": model, "manifest": manifest and str(manifest), "poll_seconds": poll_seconds, "host": host,
+                "api_keys": api_keys and str(api_keys), "admin_keys": admin_keys and str(admin_keys), "insecure_local": insecure_local,
+                "log": str(log), "log_key": str(log_key), "max_records": max_records, "params": str(params), "root": str(root)}
     try:
         import uvicorn
-        from healthml.deploy.serve import ModelSlot, create_app, is_loopback, prediction_log_key
-        auth = serve_auth(api_keys, admin_keys, insecure_local, host)
-        if insecure_local: host = "127.0.0.1"
-        key = prediction_log_key(log_key if log_key.is_absolute() else Path(root)/log_key)
-        choice = choose_model(model, manifest, params, root)
-        slot = ModelSlot(choice.resolve, peek=choice.peek)
+        from healthml.deploy.serve import is_loopback
+        app_, slot, choice, auth, host = service(settings)
         say_model(slot.current.source, choice.note)
-        app_ = create_app(slot, auth, log=log, log_key=key, max_records=max_records, poll_seconds=poll_seconds, say=_say_swap)
     except Exception as e:                               # every start-up failure: one line and a hint, exit 1
         from healthml.deploy.serve import failure_reason
         fail("serve", e if isinstance(e, HealthmlError) else HealthmlError(
@@ -260,7 +262,32 @@ def serve(model: ModelOpt = None, manifest: ManifestOpt = None,
     watching = f"; following `{src.alias}` every {poll_seconds:g} s" if choice.peek and poll_seconds else ""
     console.print(f"[green]✓[/green] serving {escape(src.label)}, model {slot.current.version}, on http://{host}:{port} "
                   f"(log: {log}{watching})")
-    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+    if workers == 1: uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+    else:                                                # each worker builds the same service from the same settings
+        import os
+        os.environ[SERVICE_ENV] = json.dumps(settings)
+        uvicorn.run("healthml.cli.deploy:worker_service", factory=True, workers=workers, host=host, port=port,
+                    log_level="warning", access_log=False)
+
+SERVICE_ENV = "HEALTHML_SERVICE_SETTINGS"   # how `healthml serve --workers N` hands its settings to each worker process
+
+def service(s: dict):
+    "The scoring service `healthml serve` runs, from its settings: (ASGI app, model slot, model choice, callers, host)."
+    from healthml.deploy.serve import ModelSlot, create_app, prediction_log_key
+    p = lambda v: None if v is None else Path(v)
+    auth = serve_auth(p(s["api_keys"]), p(s["admin_keys"]), s["insecure_local"], s["host"])
+    host = "127.0.0.1" if s["insecure_local"] else s["host"]
+    log_key, root = Path(s["log_key"]), Path(s["root"])
+    key = prediction_log_key(log_key if log_key.is_absolute() else root/log_key)
+    choice = choose_model(s["model"], p(s["manifest"]), Path(s["params"]), root)
+    slot = ModelSlot(choice.resolve, peek=choice.peek)
+    app_ = create_app(slot, auth, log=s["log"], log_key=key, max_records=s["max_records"], poll_seconds=s["poll_seconds"], say=_say_swap)
+    return app_, slot, choice, auth, host
+
+def worker_service():
+    "One `healthml serve --workers N` worker's application (uvicorn calls this in each worker process)."
+    import os
+    return service(json.loads(os.environ[SERVICE_ENV]))[0]
 
 def serve_auth(api_keys: Path | None, admin_keys: Path | None, insecure_local: bool, host: str):
     "The callers the service admits; no keys only with --insecure-local, which binds loopback only."
