@@ -341,3 +341,27 @@ def test_rows_with_no_feature_are_not_scored_low(pipeline_project, tmp_path):
     assert s.source_row.tolist() == list(range(1, 11))
     assert (s.band.iloc[5:] == "insufficient data").all() and not s.alert.iloc[5:].any() and s.risk.iloc[5:].isna().all()
     assert s.raw_risk.notna().all() and s.fields.iloc[5:].str.contains("age").all()
+
+
+@pytest.mark.slow
+def test_no_acknowledged_prediction_is_lost_when_the_service_is_killed(pipeline_project, tmp_path):
+    """kill -9 inside a group commit (the 20th batch of log lines written, its fsync not yet done): every request that got
+    a 200 is in the log, and the log holds only whole lines."""
+    root, _ = pipeline_project
+    records, _ = records_of(root, 40)
+    records = [{k: v for k, v in r.items() if v is not None} for r in records]
+    log = tmp_path/"predictions.jsonl"
+    server = Server(root, "--log", str(log), env=service_env() | {"HEALTHML_FAULT": "prediction-log.written@20"})
+    acknowledged, lock = [], threading.Lock()
+    def client(k):
+        for i in range(200):
+            try: status, body = server.post("/v1/predict", {"records": [records[(k + i) % len(records)]]}, key=USER_KEY)
+            except (OSError, http.client.HTTPException): return                   # the service died
+            if status == 200:
+                with lock: acknowledged.append(body["request_id"])
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join(120)
+    assert server.proc.wait(30) == -9                                             # killed at the named step, not a timer
+    logged = [json.loads(line)["request_id"] for line in log.read_text().splitlines()]
+    assert len(acknowledged) >= 19 and set(acknowledged) <= set(logged)

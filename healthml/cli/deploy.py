@@ -24,7 +24,7 @@ if TYPE_CHECKING: from healthml.deploy.serve import ModelSource
 __all__ = ['app', 'ModelOpt', 'ManifestOpt', 'SERVICE_ENV', 'monitor_app', 'default_model', 'filed_manifest', 'is_registry_ref',
            'open_registry', 'ModelChoice', 'registry_choice', 'file_choice', 'choose_model', 'model_warning',
            'say_model', 'cluster_settings', 'predict_on_cluster', 'predict', 'serve', 'service', 'worker_service',
-           'serve_auth', 'monitored_model', 'monitor', 'monitor_demo']
+           'serve_auth', 'bundle', 'monitored_model', 'monitor', 'monitor_demo']
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f11cb317
 app = typer.Typer()
@@ -305,6 +305,34 @@ def serve_auth(api_keys: Path | None, admin_keys: Path | None, insecure_local: b
 def _say_swap(line: str, ok: bool) -> None:
     "The alias watch's one line: a swap, or a refusal (the old model keeps serving)."
     console.print(f"[green]✓[/green] {escape(line)}" if ok else f"[red]✗ {escape(line)}[/red]")
+
+# %% ../../nbs/60_cli/65_deploy.ipynb #3ef7757b
+@app.command(rich_help_panel="Production")
+def bundle(version: Annotated[str, typer.Argument(help="The model: champion, candidate, a version number, models:/<name>/<N> (from "
+                                                  "the registry, checked against its registration), or an ONNX file (with --manifest).")],
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="The new folder to write (default: bundles/<name>-<version>).",
+                                                    show_default=False)] = None,
+           manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
+    """Write an edge bundle: a folder that scores patients with only numpy and onnxruntime installed.
+
+    It holds the verified model (and its compiled trees when it has them), its input schema, bundle.json (the model's
+    SHA-256 and every file's), and the scorer healthml itself runs (healthml.modelling.runtime, copied unchanged), with a
+    command line and a Python API. Nothing from the training stack; pandas is not needed.
+
+    Examples: healthml bundle champion -o /media/usb/support2-v3
+              healthml bundle 3
+              python bundles/support2-mortality-lightgbm-3 predict records.csv -o scores.csv   (then, on the device)"""
+    def go():
+        from healthml.deploy.bundle import write_bundle
+        choice = choose_model(version, manifest, params, root)
+        source = choice.resolve()
+        say_model(source, choice.note)
+        dest = out or Path(root)/"bundles"/f"{source.name or Path(source.path).stem}-{source.version or source.sha256[:12]}"
+        b = write_bundle(source.path, source.sha256, dest, source.version, source.alias)
+        size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+        return (f"bundle of {source.label}, model {b['version']} ({b['engine']}), {len(b['files'])} files, {size / 1e6:.1f} MB -> {dest}; "
+                f"needs {', '.join(f'{n}=={v}' for n, v in b['requires'].items())}")
+    run_stage("bundle", go)
 
 # %% ../../nbs/60_cli/65_deploy.ipynb #f854f78a
 monitor_app = typer.Typer()

@@ -20,7 +20,7 @@ from ..core.params import Params
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, observed_spec
 from .explain import (Explainer, build_explainer, explainer_bytes, explainer_parity, global_importance,
                                         native_log_odds)
-from .scoring import CompiledTrees, OnnxScorer, tree_rows
+from .scoring import CompiledTrees, OnnxScorer
 from .train import load_trained, model_frame
 
 # %% auto #0

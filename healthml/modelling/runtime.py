@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .decision import Decisions, DecisionRules, decide
 from .scoring import CompiledTrees, ModelIntegrityError, OnnxScorer, column_feed, load_verified
 
 # %% auto #0
-__all__ = ['Scorer']
+__all__ = ['BUNDLE_FILE', 'Scorer', 'load_bundle', 'read_records', 'write_predictions', 'main']
 
 # %% ../../nbs/20_modelling/26_runtime.ipynb #08b8a7ae
 class Scorer:
@@ -101,3 +100,75 @@ def _predict(self, records: list[dict], digits: int = 6) -> list[dict]:
     return out
 
 Scorer.predict = _predict
+
+# %% ../../nbs/20_modelling/26_runtime.ipynb #2d3ea9d8
+BUNDLE_FILE = "bundle.json"   # what an edge bundle holds: the model, its hash, every file's hash, the packages it needs
+
+def load_bundle(folder: str | Path, threads: int = 1) -> Scorer:
+    "The scorer of an edge bundle, once every file it lists hashes to the value `bundle.json` records."
+    folder = Path(folder)
+    meta = json.loads((folder/BUNDLE_FILE).read_text())
+    for name, sha in meta["files"].items(): load_verified(folder/name, sha)
+    return Scorer.from_file(folder/meta["model"], meta["sha256"], threads)
+
+def _cell(value: str, kind: str):
+    "One CSV cell as a record value: empty is missing; a numeric feature's text that reads as a number is that number."
+    if value == "": return None
+    if kind != "numeric": return value
+    try: return float(value)
+    except ValueError: return value                  # kept as text: the checks say `must be a number`
+
+def read_records(path: str, schema: dict) -> list[dict]:
+    "Records from a CSV file (a header row of feature names) or JSON lines (one object a line); `-` is JSON lines on stdin."
+    import csv, io
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    if path.endswith(".csv"):
+        return [{k: _cell(v, schema[k]["kind"]) if k in schema else v for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+def write_predictions(out: list[dict], path: str | None) -> None:
+    "Predictions as JSON lines (stdout, or a .jsonl file) or CSV (a .csv file: errors and fields joined by `; ` and `, `)."
+    import csv, io
+    if path and path.endswith(".csv"):
+        cols = ["row", "risk", "band", "alert", "abstained", "fields", "raw_risk", "errors"]
+        buf = io.StringIO(); w = csv.DictWriter(buf, cols, extrasaction="ignore"); w.writeheader()
+        for o in out: w.writerow({**o, "fields": ", ".join(o.get("fields", [])),
+                                  "errors": "; ".join(f"{e['field']}: {e['rule']}" for e in o.get("errors", []))})
+        Path(path).write_text(buf.getvalue())
+        return
+    text = "".join(json.dumps(o) + "\n" for o in out)
+    if path: Path(path).write_text(text)
+    else: sys.stdout.write(text)
+
+# %% ../../nbs/20_modelling/26_runtime.ipynb #c736a1f3
+def main(argv: list[str] | None = None, folder: str | Path | None = None) -> int:
+    "The bundle's command line: `predict` records into risks and decisions, `info` about the model."
+    import argparse
+    folder = Path(folder or Path(__file__).resolve().parents[2])
+    ap = argparse.ArgumentParser(prog=f"python {folder.name}", description="Score patient records with this bundle's verified model "
+                                 "(numpy and onnxruntime only). Example: python bundle predict records.csv -o scores.csv")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="risk, band, alert (or an abstention, or the field problems) per record",
+                       description="Example: python bundle predict records.jsonl -o scores.jsonl")
+    p.add_argument("records", help="CSV (a header of feature names) or JSON lines; - for JSON lines on stdin")
+    p.add_argument("-o", "--out", help="scores file, .csv or .jsonl (default: JSON lines on stdout)")
+    sub.add_parser("info", help="the model, its hash, engine and input schema")
+    a = ap.parse_args(argv)
+    try:
+        scorer = load_bundle(folder)
+        if a.command == "info":
+            print(json.dumps({"model": scorer.name, "sha256": scorer.sha256, "engine": scorer.engine, "threshold": scorer.threshold,
+                              "features": scorer.schema}, indent=1))
+            return 0
+        records = read_records(a.records, scorer.schema)
+        out = [{"row": i + 1, **o} for i, o in enumerate(scorer.predict(records))]
+        write_predictions(out, a.out)
+        bad = sum("errors" in o for o in out)
+        print(f"{len(out) - bad} of {len(out)} records scored with {scorer.name} ({scorer.version}, {scorer.engine})"
+              + (f"; {bad} with field problems" if bad else ""), file=sys.stderr)
+        return 0
+    except (HealthmlError, OSError, ValueError, KeyError) as e:       # one line, never a traceback or a value
+        hint = getattr(e, "hint", "")
+        print(f"error: {e if isinstance(e, HealthmlError) else type(e).__name__ + ' reading the bundle or the records'}"
+              + (f" ({hint})" if hint else ""), file=sys.stderr)
+        return 1
