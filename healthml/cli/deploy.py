@@ -191,7 +191,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
         choice = choose_model(model, manifest, params, root)
         source = choice.resolve()
         say_model(source, choice.note)
-        scorer = RecordScorer.from_file(source.path, source.sha256, source=source)      # hashed again as it is read
+        import os
+        scorer = RecordScorer.from_file(source.path, source.sha256, threads=os.cpu_count() or 1, source=source)  # hashed again as it is read
         if partitioned: return predict_on_cluster(scorer, source, compute, input, out, rejects, keep or [], chunk_rows)
         with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                       transient=True) as bar:

@@ -104,6 +104,7 @@ def tree_encoding(pipeline) -> dict:
 def compile_trees(pipeline) -> bytes:
     "The booster's trees as a shared library (baseline x86-64, entry point `forest_root`), built with lleaves, LLVM and cc."
     import platform, shutil, subprocess, tempfile
+    tree_encoding(pipeline)                                       # a tree ensemble with the encoder the trees expect, or refused
     if platform.machine().lower() not in ("x86_64", "amd64"): raise TreesUnavailable(f"compiled trees are built for x86-64, not {platform.machine()}")
     try:
         import llvmlite.binding as llvm
