@@ -93,10 +93,10 @@ def tree_encoding(pipeline) -> dict:
     "How records become the compiled trees' inputs: numeric features, then categorical ones as positions in the encoder's categories."
     prep, model = pipeline.steps[0][1], pipeline.steps[-1][1]
     if type(model).__name__ != "LGBMClassifier": raise TreesUnavailable(f"{type(model).__name__} is not a tree ensemble")
-    numeric, categorical = [], {}
+    numeric, categorical = [], []
     for name, step, cols in prep.transformers_:
         if name == "numeric": numeric += list(cols)           # passed through as they are
-        elif name == "categorical": categorical |= {c: [str(v) for v in cats] for c, cats in zip(cols, step.categories_)}
+        elif name == "categorical": categorical += [[c, [str(v) for v in cats]] for c, cats in zip(cols, step.categories_)]
     if [n for n, *_ in prep.transformers_ if n != "remainder"] != ["numeric", "categorical"]:
         raise TreesUnavailable("the pipeline does not put numeric columns before categorical ones")
     return {"numeric": numeric, "categorical": categorical, "missing": MISSING_CATEGORY}
@@ -142,20 +142,25 @@ def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetS
     diff = np.abs(scorer.predict_proba(df) - native_pipeline.predict_proba(model_frame(df, spec))[:, 1])
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
 
-def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float) -> tuple[bytes | None, dict]:
-    "The compiled trees and their parity record; (None, why) when they cannot be built here or disagree with the ONNX graph."
+def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str):
+    """The compiled trees (`library`) and the ONNX bytes that vouch for them (`onnx`, from `onnx_with(metadata)`), with
+    their parity record; (None, why) when they cannot be built here or disagree with the ONNX graph. The check loads them
+    as every scorer will: from the final ONNX file's metadata (`trees_encoding` decoded from its JSON)."""
     import tempfile, time
     t0 = time.perf_counter()
     try: lib = compile_trees(pipe)
     except TreesUnavailable as e: return None, {"built": False, "why": str(e)}
     sha = hashlib.sha256(lib).hexdigest()
+    data = onnx_with({"trees_file": name, "trees_sha256": sha, "trees_encoding": json.dumps(tree_encoding(pipe), sort_keys=True)})
+    meta = OnnxScorer(data).metadata
     with tempfile.TemporaryDirectory() as d:
-        (Path(d)/"trees.so").write_bytes(lib)
-        check = trees_parity(CompiledTrees(Path(d)/"trees.so", sha, tree_encoding(pipe)), scorer, test, spec)
+        (Path(d)/name).write_bytes(lib)
+        trees = CompiledTrees(Path(d)/meta["trees_file"], meta["trees_sha256"], json.loads(meta["trees_encoding"]))
+        check = trees_parity(trees, scorer, test, spec)
     check |= {"built": True, "sha256": sha, "bytes": len(lib), "tolerance": tolerance, "seconds": round(time.perf_counter() - t0, 2),
               "passed": check["max_abs_diff_onnx"] <= tolerance}
     if not check["passed"]: check["why"] = "refused: the compiled trees disagree with the ONNX graph; the ONNX graph scores"
-    return (lib if check["passed"] else None), check
+    return ({"library": lib, "onnx": data} if check["passed"] else None), check
 
 def explainer_path(layout: Layout, model: str) -> Path:
     "The explainer of model `model`, next to its ONNX graph: `models/onnx/<model>.explain.json`."
@@ -187,11 +192,10 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
         data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
         scorer = OnnxScorer(data)
         check = parity(pipe, scorer, test, spec)
-        trees, check["compiled"] = _compiled(pipe, scorer, test, spec, min(params.export.parity_tolerance, 1e-6))
-        if trees is not None:   # the ONNX metadata vouches for the compiled file, as for the explainer
-            meta |= {"trees_file": trees_path(layout, name).name, "trees_sha256": check["compiled"]["sha256"],
-                     "trees_encoding": json.dumps(tree_encoding(pipe), sort_keys=True)}
-            data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
+        trees, check["compiled"] = _compiled(pipe, scorer, test, spec, min(params.export.parity_tolerance, 1e-6),
+                                             lambda extra: to_onnx(pipe, spec, meta | extra, params.export.opset, support).SerializeToString(),
+                                             trees_path(layout, name).name)
+        if trees is not None: data = trees["onnx"]   # the ONNX metadata vouches for the compiled file, as for the explainer
         check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
         result[name] = check
         if check["passed"]:
@@ -213,7 +217,7 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
                               hint="the ONNX file was not written; check categorical encoding and the converter version")
         atomic_write(layout.model_file(name, "onnx"), data)
         atomic_write(explainer_path(layout, name), explainer_data)
-        if trees is not None: atomic_write(trees_path(layout, name), trees)
+        if trees is not None: atomic_write(trees_path(layout, name), trees["library"])
         else: trees_path(layout, name).unlink(missing_ok=True)   # never a stale file the new ONNX does not vouch for
         result[name]["sha256"] = sha256_file(layout.model_file(name, "onnx"))
     write_json(layout.export_metrics, result)

@@ -124,7 +124,7 @@ def tree_columns(encoding: dict, columns: dict, n: int) -> list[np.ndarray]:
     "The trees' input columns, as float64 arrays, for `n` records given as columns (an absent feature: missing throughout)."
     absent = lambda name: columns[name] if name in columns else [None] * n
     src = [_numbers(absent(name), n) for name in encoding["numeric"]]
-    return src + [_Positions(cats, encoding["missing"]).column(absent(name)) for name, cats in encoding["categorical"].items()]
+    return src + [_Positions(cats, encoding["missing"]).column(absent(name)) for name, cats in encoding["categorical"]]
 
 def _rows(src: list[np.ndarray], first: int, last: int) -> np.ndarray:
     "Rows `first`..`last` of the input columns as a C-order matrix (a block small enough to stay in cache)."
@@ -151,7 +151,7 @@ class CompiledTrees:
         self._root.restype, self._root.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
         self._pool = None
         self._numeric = encoding["numeric"]
-        self._positions = [(n, _Positions(c, encoding["missing"])) for n, c in encoding["categorical"].items()]
+        self._positions = [(n, _Positions(c, encoding["missing"])) for n, c in encoding["categorical"]]
 
     def row(self, record: dict) -> np.ndarray:
         "One record (a dict) as a 1-row matrix: the single-record path, without building columns."
