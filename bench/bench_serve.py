@@ -12,7 +12,8 @@ sampled with replacement from the test split.
 2. Single record (p50 over 2,000 records of the test split): `RecordScorer.score_one` (a dict in: field checks,
    encoding, compiled trees) against `Booster.predict` on a ready 1-row numpy array (1 thread, its fastest); context:
    the ONNX engine and sklearn `predict_proba` on a one-row DataFrame. Target: ratio <= 1.0.
-3. HTTP over loopback (`healthml serve`, 1 and 2 worker processes; prediction log durable by group commit): the most
+3. HTTP over loopback (`healthml serve`, 1 and 2 worker processes; prediction log durable by group commit; scores
+   without reasons, as the issue's baseline: the model and its compiled trees, no explainer beside them): the most
    requests/s 32 keep-alive clients get (closed loop), and p99 at a paced 1,000 requests/s (open loop: latency from
    each request's scheduled time, so a stall is not hidden). The load generator is asyncio on the same 2 cores.
    Targets: >= 4,000 req/s, p99 <= 10 ms at 1,000 req/s. Parity: 50 records in one request against ONNX.
@@ -148,7 +149,8 @@ def single(spec, pipe, test, onnx, sha, model_frame, n=2000):
          "anchor_booster_predict_ready_row": p50_us(lambda a: booster.predict(a, num_threads=1), rows),
          "healthml_score_one": p50_us(scorer.score_one, recs),
          "healthml_score_one_onnx_engine": p50_us(onnx_engine.score_one, recs),
-         "sklearn_predict_proba_one_row_dataframe": p50_us(lambda f: pipe.predict_proba(f), frames)}
+         "sklearn_predict_proba_one_row_dataframe": p50_us(lambda f: pipe.predict_proba(f), frames),
+         "context_reasons_treeshap_one_record": p50_us(lambda x: scorer.reasons([x]), recs[:300])}
     p = np.array([scorer.score_one(x) for x in recs[:len(X)]])
     r["parity_vs_booster_max_abs"] = float(np.abs(p - booster.predict(X[:len(p)])).max())
     r["parity_vs_onnx_max_abs"] = float(np.abs(p - onnx_engine.score(recs[:len(X)])).max())
@@ -205,7 +207,14 @@ def http_load(port, records, clients, per_client, rate=None):
 
 
 def http_bench(onnx, tmp, records, workers):
+    "The service scoring without reasons (model and compiled trees only, as the issue's baseline was measured): TreeSHAP per record is priced in `single_record`."
+    import shutil
     from healthml.modelling.scoring import OnnxScorer
+    folder = tmp/"http-model"
+    if not folder.exists():
+        folder.mkdir()
+        for f in (onnx, onnx.with_suffix(".trees.so")): shutil.copy(f, folder/f.name)
+    onnx = folder/onnx.name
     port, log = free_port(), tmp/f"pred-{workers}.jsonl"
     proc = subprocess.Popen([str(Path(sys.executable).parent/"healthml"), "serve", "--model", str(onnx), "--manifest", str(tmp/"manifest.json"),
                              "--port", str(port), "--log", str(log), "--insecure-local", "--log-key", str(tmp/"log.key"),
