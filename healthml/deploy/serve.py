@@ -664,13 +664,24 @@ def _info_routes(app, slot: ModelSlot, Record, max_records: int, reg, m: dict, s
 # %% ../../nbs/50_deploy/51_serve.ipynb #fc77126b
 class FastPredict:
     """ASGI: `POST /v1/predict` without FastAPI's per-request machinery. pydantic-core parses and validates the JSON body
-    in one pass against the same request model, the answer is the route's own (`answer`), and the response leaves only
-    after the log entries are on disk (`PredictionLog.awrite`, group commit) while the event loop serves other requests.
-    A body that fails validation, or is not declared JSON, goes to the FastAPI route, so every error reads the same."""
-    def __init__(self, app, request_model, answer: Callable, plog: PredictionLog, route):
+    in one pass against the same request model; the requests that arrive in the same turn of the event loop are
+    answered together (`answer_many`: one vectorised pass over all their records, the route's own answer), and each
+    response leaves only after its log entries are on disk (`PredictionLog.awrite`, group commit) while the event loop
+    serves other requests. A body that fails validation, or is not declared JSON, goes to the FastAPI route, so every
+    error reads the same."""
+    def __init__(self, app, request_model, answer_many: Callable, plog: PredictionLog, route):
         from pydantic import TypeAdapter
-        self.app, self.answer, self.plog, self.route = app, answer, plog, route
+        self.app, self.answer_many, self.plog, self.route = app, answer_many, plog, route
         self.adapter = TypeAdapter(request_model)
+        self._waiting: list = []                         # (records, future) of requests to answer in the next batch
+
+    def _answer_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        try: results = self.answer_many([records for records, _ in batch])
+        except Exception as e:                           # every waiting request gets the error (a plain 500 from Guard)
+            for _, future in batch: future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results): future.set_result(result)
 
     def __getattr__(self, name): return getattr(self.app, name)   # `state`, `routes`: the FastAPI application's
 
@@ -696,7 +707,11 @@ class FastPredict:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await self.app(scope, replay, send)
         scope["route"] = self.route                      # named like the route in metrics
-        status, payload, entries = self.answer([r.model_dump(exclude_none=True) for r in request.records])
+        import asyncio
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(([r.model_dump(exclude_none=True) for r in request.records], future))
+        if len(self._waiting) == 1: asyncio.get_running_loop().call_soon(self._answer_waiting)   # after the requests read this turn
+        status, payload, entries = await future
         if status == 200: await self.plog.awrite(entries)
         await _send_json(send, status, payload)
 
@@ -750,31 +765,41 @@ def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, lo
     async def _http(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-    def answer(records: list[dict]) -> tuple[int, dict, list[dict]]:
-        "(status, body, prediction-log entries) for records the request schema admitted: the one answer both paths give."
+    def answer_many(requests: list[list[dict]]) -> list[tuple[int, dict, list[dict]]]:
+        """(status, body, prediction-log entries) per request, for records the request schema admitted: the one answer
+        both paths give. The records of every request without a field problem are scored and decided together (one
+        vectorised pass), then split back; a request with a problem gets its 422 alone."""
         t0 = time.perf_counter()
-        scorer = slot.current                            # taken once: a swap during this request does not touch it
-        problems = [(i, e) for i, r in enumerate(records) for e in scorer.check(r)]
-        if problems:  # the schema already enforces these; this keeps the scorer's own rules authoritative
-            for _, e in problems: m["rejected"].labels("spec").inc()
-            return 422, {"detail": "invalid request", "errors": [
-                {"field": f"records.{i}.{e['field'] if e['field'] in known else '(unknown)'}", "rule": e["rule"], "type": "spec"}
-                for i, e in problems]}, []
+        scorer = slot.current                            # taken once: a swap during these requests does not touch them
+        out: list = [None] * len(requests)
+        for k, records in enumerate(requests):
+            problems = [(i, e) for i, r in enumerate(records) for e in scorer.check(r)]
+            if problems:  # the schema already enforces these; this keeps the scorer's own rules authoritative
+                for _, e in problems: m["rejected"].labels("spec").inc()
+                out[k] = (422, {"detail": "invalid request", "errors": [
+                    {"field": f"records.{i}.{e['field'] if e['field'] in known else '(unknown)'}", "rule": e["rule"], "type": "spec"}
+                    for i, e in problems]}, [])
+        good = [k for k in range(len(requests)) if out[k] is None]
+        if not good: return out
+        records = [r for k in good for r in requests[k]]
         d = decide(scorer, feature_columns(scorer, records), scorer.score(records))
-        reasons = scorer.reasons(records)
-        ms = (time.perf_counter() - t0) * 1000
-        rid, now, src = str(uuid.uuid4()), datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source
-        out = d.records(reasons=reasons)
-        entries = [{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
-                    "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
-                    "risk": o["risk"], "band": o["band"], "latency_ms": round(ms, 3)} for r, o in zip(records, out)]
-        m["predictions"].inc(len(out))
-        return 200, {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
-                                                  "alias": src.alias}, "threshold": scorer.threshold,
-                     **({"reasons_note": scorer.reasons_note} if scorer.reasons_note else {}), "predictions": out}, entries
+        payloads = d.records(reasons=scorer.reasons(records))
+        ms = round((time.perf_counter() - t0) * 1000, 3)
+        now, src, start = datetime.now(timezone.utc).isoformat(timespec="milliseconds"), scorer.source, 0
+        for k in good:
+            n, rid = len(requests[k]), str(uuid.uuid4())
+            mine, start = payloads[start:start + n], start + n
+            entries = [{"request_id": rid, "time": now, "model_version": scorer.version, "model_sha256": scorer.sha256,
+                        "registry_version": src.version, "model_alias": src.alias, "input_hmac_sha256": plog.hash(r),
+                        "risk": o["risk"], "band": o["band"], "latency_ms": ms} for r, o in zip(requests[k], mine)]
+            out[k] = (200, {"request_id": rid, "model": {"name": scorer.name, "version": scorer.version, "registry_version": src.version,
+                                                         "alias": src.alias}, "threshold": scorer.threshold,
+                            **({"reasons_note": scorer.reasons_note} if scorer.reasons_note else {}), "predictions": mine}, entries)
+        m["predictions"].inc(len(records))
+        return out
 
     def predict(body: PredictRequest):
-        status, payload, entries = answer([r.model_dump(exclude_none=True) for r in body.records])
+        status, payload, entries = answer_many([[r.model_dump(exclude_none=True) for r in body.records]])[0]
         if status != 200: return JSONResponse(payload, status_code=status)
         plog.write(entries)                              # on disk (group commit) before the answer leaves
         return payload
@@ -783,5 +808,5 @@ def create_app(slot: ModelSlot, auth: ApiKeys, log: str | Path | None = None, lo
     _info_routes(app, slot, Record, max_records, reg, m, say)
     app.state.slot, app.state.watch = slot, watch
     route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/predict")
-    return Guard(FastPredict(app, PredictRequest, answer, plog, route), max_body_bytes, observe, auth)
+    return Guard(FastPredict(app, PredictRequest, answer_many, plog, route), max_body_bytes, observe, auth)
 
