@@ -4,9 +4,9 @@ The model is the project's own export (`dvc repro` first): models/onnx/lightgbm.
 native pipeline it was converted from (models/native/lightgbm.skops, loaded only at its recorded SHA-256). Rows are
 sampled with replacement from the test split.
 
-1. Batch (1M rows): healthml's batch path (`chunk_outcome`: field checks, encoding, compiled trees, decisions; in
-   memory, 100k-row Arrow chunks) and `predict_file` (Parquet in, Parquet out), against the anchor: lleaves (LLVM-compiled
-   LightGBM) on a ready float64 matrix, all cores. Context on 200k rows: `Booster.predict`, onnxruntime (1 thread and
+1. Batch (1M rows): healthml's batch path (`scored_chunks`: field checks, encoding, compiled trees, decisions; in
+   memory, 100k-row Arrow chunks, as many at once as cores) and `predict_file` (Parquet in, Parquet out), against the anchor: lleaves (LLVM-compiled
+   LightGBM) on a ready float64 matrix, all cores; three interleaved rounds, the best of each. Context on 200k rows: `Booster.predict`, onnxruntime (1 thread and
    all cores, from a DataFrame). Parity: predict_file's raw risk against the audited ONNX graph on every row.
    Target: healthml >= 0.5x compiled trees, parity <= 1e-6.
 2. Single record (p50 over 2,000 records of the test split): `RecordScorer.score_one` (a dict in: field checks,
@@ -85,7 +85,7 @@ def setup(rows: int, tmp: Path):
 def batch(spec, pipe, big, src, onnx, sha, model_frame, tmp, context_rows=200_000):
     import lleaves
     import pyarrow.parquet as pq
-    from healthml.deploy.serve import RecordScorer, chunk_outcome, predict_file
+    from healthml.deploy.serve import RecordScorer, predict_file, scored_chunks
     from healthml.modelling.scoring import OnnxScorer
     n = len(big)
     scorer = RecordScorer.from_file(onnx, sha, threads=CORES)
@@ -94,12 +94,15 @@ def batch(spec, pipe, big, src, onnx, sha, model_frame, tmp, context_rows=200_00
     booster = pipe.steps[-1][1].booster_
     booster.save_model(str(tmp/"booster.txt"))
     ll = lleaves.Model(str(tmp/"booster.txt")); ll.compile()
-    t_ll, p_ll = best_of(lambda: ll.predict(X, n_jobs=CORES))
-    t_raw, _ = best_of(lambda: scorer.trees.predict(X))
     table = pq.read_table(src)
     chunks = [table.slice(a, 100_000) for a in range(0, n, 100_000)]
-    t_mem, _ = best_of(lambda: [chunk_outcome(scorer, c, src, [], 0) for c in chunks])
-    t_file, counts = best_of(lambda: predict_file(scorer, src, tmp/"scores.parquet", chunk_rows=100_000), 1)
+    times = {"lleaves": [], "trees": [], "memory": [], "file": []}       # interleaved rounds: load from other jobs hits all alike
+    for _ in range(3):
+        t0 = time.perf_counter(); p_ll = ll.predict(X, n_jobs=CORES); times["lleaves"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); scorer.trees.predict(X); times["trees"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); list(scored_chunks(scorer, chunks, src, workers=CORES)); times["memory"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); counts = predict_file(scorer, src, tmp/"scores.parquet", chunk_rows=100_000); times["file"].append(time.perf_counter() - t0)
+    t_ll, t_raw, t_mem, t_file = (min(times[k]) for k in ("lleaves", "trees", "memory", "file"))
     sub, Xs = big.head(context_rows), X[:context_rows]
     t_boost, p_boost = best_of(lambda: booster.predict(Xs, num_threads=CORES), 1)
     ort1, ortn = OnnxScorer(onnx, 1), OnnxScorer(onnx, CORES)
@@ -111,7 +114,8 @@ def batch(spec, pipe, big, src, onnx, sha, model_frame, tmp, context_rows=200_00
     r = {"rows": n, "chunk_rows": 100_000, "threads": CORES,
          "anchor_lleaves_compiled_trees": {"seconds": round(t_ll, 3), "rows_per_second": rate(t_ll)},
          "healthml_in_memory": {"seconds": round(t_mem, 3), "rows_per_second": rate(t_mem),
-                                "what": "chunk_outcome on 100k-row Arrow chunks: checks, encoding, compiled trees, decisions"},
+                                "what": "scored_chunks on 100k-row Arrow chunks, 2 at once: checks, encoding, compiled trees, decisions"},
+         "rounds_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
          "healthml_predict_file": {"seconds": round(t_file, 3), "rows_per_second": rate(t_file), "scored": counts["scored"],
                                    "rejected": counts["rejected"], "what": "Parquet in, Parquet out, Arrow only"},
          "healthml_trees_alone": {"seconds": round(t_raw, 3), "rows_per_second": rate(t_raw),
@@ -283,9 +287,10 @@ def main():
         batch_r = batch(spec, pipe, big, src, onnx, sha, model_frame, tmp)
         print(json.dumps(batch_r, indent=1), flush=True)
         http_r = {f"workers_{w}": http_bench(onnx, tmp, records, w) for w in (1, 2)}
-        best = max(http_r.values(), key=lambda r: r["max"]["requests_per_second"])
-        http_r["chosen_workers"] = best["workers"]
-        http_r["met"] = best["max"]["requests_per_second"] >= 4000 and best["paced_1000_rps"]["p99_ms"] <= 10
+        meets = lambda r: r["max"]["requests_per_second"] >= 4000 and r["paced_1000_rps"]["p99_ms"] <= 10
+        runs = list(http_r.values())
+        best = max([r for r in runs if meets(r)] or runs, key=lambda r: r["max"]["requests_per_second"])
+        http_r["chosen_workers"], http_r["met"] = best["workers"], meets(best)   # both targets first, then throughput
         print(json.dumps(http_r, indent=1), flush=True)
         edge_r = edge(onnx, tmp, records)
     result = {"benchmark": "production inference against anchors measured in the same run (issue 18)",

@@ -35,9 +35,9 @@ from ..modelling.scoring import ModelIntegrityError, column_feed, expected_sha25
 
 # %% auto #0
 __all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'chunk_outcome', 'score_chunk',
-           'add_counts', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch', 'prediction_log_key',
-           'PredictionLog', 'input_hash', 'ApiKeys', 'presented_key', 'is_loopback', 'Guard', 'failure_reason',
-           'FastPredict', 'create_app']
+           'scored_chunks', 'add_counts', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch',
+           'prediction_log_key', 'PredictionLog', 'input_hash', 'ApiKeys', 'presented_key', 'is_loopback', 'Guard',
+           'failure_reason', 'FastPredict', 'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
 class RecordScorer(Scorer):
@@ -220,6 +220,27 @@ def score_chunk(scorer: RecordScorer, df, src: str | Path, keep: list[str] = (),
 
 def _rows_in(cols: dict | None) -> int: return 0 if cols is None else len(cols[SOURCE_ROW])
 
+def scored_chunks(scorer: RecordScorer, chunks, src: str | Path, keep: list[str] = (), reasons: int = 0, workers: int = 1):
+    """`(rows, scored, rejected)` for each chunk, in order, with `workers` chunks scored at once (Arrow, numpy and the
+    compiled trees release the GIL, so the checks, encoding and decisions use every core, not only the trees). At most
+    `workers` + 1 chunks are held: memory stays bounded."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    def job(chunk, start: int):
+        return (chunk.num_rows if hasattr(chunk, "num_rows") else len(chunk)), *chunk_outcome(scorer, chunk, src, keep, start, reasons)
+    if workers <= 1:
+        start = 0
+        for chunk in chunks:
+            r = job(chunk, start); start += r[0]; yield r
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="healthml-chunks") as ex:
+        pending, start = deque(), 0
+        for chunk in chunks:
+            pending.append(ex.submit(job, chunk, start))
+            start += chunk.num_rows if hasattr(chunk, "num_rows") else len(chunk)
+            if len(pending) > workers: yield pending.popleft().result()
+        while pending: yield pending.popleft().result()
+
 def add_counts(counts: dict, res, rej) -> dict:
     "Add one chunk's rows, scored, rejected and abstained to `counts`."
     scored, rejected = (0 if res is None else len(res[SOURCE_ROW])), (0 if rej is None else len(rej[SOURCE_ROW]))
@@ -251,7 +272,7 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
     keep = [c for c in dict.fromkeys(canonical_name(c) for c in keep) if c != SOURCE_ROW]
     rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects" + out.suffix)
     tmp_out, tmp_rej = out.with_name(f".{out.name}.tmp"), rejects.with_name(f".{rejects.name}.tmp")
-    writers, counts, start = {}, {"rows": 0, "scored": 0, "rejected": 0, "abstained": 0}, 0
+    writers, counts = {}, {"rows": 0, "scored": 0, "rejected": 0, "abstained": 0}
     if reasons and scorer.reasons([{}], 1) is None:                  # before anything is written
         raise HealthmlError(scorer.reasons_note or "this model has no explainer", hint="score without --reasons, or install `healthml[explain]`")
     def write(kind, path, table):
@@ -262,10 +283,8 @@ def predict_file(scorer: RecordScorer, src: str | Path, out: str | Path, rejects
             if kind not in writers: writers[kind] = pq.ParquetWriter(path, table.schema)
             writers[kind].write_table(table)
     try:
-        for chunk in file_chunks(src, chunk_rows, _needed(src, scorer, keep)):
-            rows = chunk.num_rows if hasattr(chunk, "num_rows") else len(chunk)
-            res, rej = chunk_outcome(scorer, chunk, src, keep, start, reasons)
-            start += rows
+        workers = 1 if reasons else max(1, getattr(scorer.trees, "threads", 1))   # reasons: LightGBM's own threads
+        for rows, res, rej in scored_chunks(scorer, file_chunks(src, chunk_rows, _needed(src, scorer, keep)), src, keep, reasons, workers):
             if res is not None: write("out", tmp_out, _table(res))
             if rej is not None: write("rej", tmp_rej, _table(rej))
             add_counts(counts, res, rej)
