@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
-EXTRAS := dev,serve,monitor,dask
+EXTRAS := dev,serve,monitor,dask,compiled
 # `dvc plots show` draws offline: Vega, Vega-Lite and Vega-Embed from the npm registry (versions and integrity pinned in
 # docs/plots/vendor.py) inlined into an HTML template that this clone's DVC uses (.dvc/config.local plots.html_template).
 PLOTS_TEMPLATE := vendor/vega/dvc_plots.html

@@ -43,11 +43,11 @@ def report(ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), root: Ro
 
 # %% ../../nbs/60_cli/64_governance.ipynb #bff35d4b
 @report_app.command("verify")
-def report_verify(report_dir: Annotated[Path, typer.Argument(help="A filed report, e.g. reports/support2-mortality/aab3baf6f0f6")],
+def report_verify(report_dir: Annotated[Path, typer.Argument(help="A filed report, e.g. reports/support2-mortality/4ec0697f7ccd")],
                   params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Recompute every hash in the report's manifest, and the manifest's own from the verified audit log; exit 1 on any change.
 
-    Example: healthml report verify reports/support2-mortality/aab3baf6f0f6"""
+    Example: healthml report verify reports/support2-mortality/4ec0697f7ccd"""
     def go():
         from healthml.governance.report import ReportError, verify_report
         reg = registry(params, root)
@@ -179,7 +179,7 @@ def lineage_cmd(key: Annotated[str, typer.Argument(help="A model hash (prefix) f
                 params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Walk from a model hash or version to its registry version, report, data, params and code.
 
-    Example: healthml lineage aab3baf6f0f6"""
+    Example: healthml lineage 4ec0697f7ccd"""
     def go():
         from healthml.governance.registry import lineage
         info = lineage(registry(params, root), key)

@@ -62,7 +62,12 @@ def export(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     def go():
         from healthml.modelling.export import export_models
         r = export_models(load_params(params), Layout(root), __version__)
-        return "; ".join(f"{m} parity max |dp| {v['max_abs_diff']:.1e}" for m, v in r.items())
+        def trees(c: dict) -> str:
+            if not c: return ""
+            if c.get("passed"): return f", compiled trees {c['max_abs_diff_onnx']:.1e} from ONNX"
+            return f" (no compiled trees: {c['why']})" if c.get("built") is False and "tree ensemble" not in c.get("why", "") else \
+                   ("" if not c.get("built") else f" (compiled trees refused: {c['max_abs_diff_onnx']:.1e} from ONNX)")
+        return "; ".join(f"{m} parity max |dp| {v['max_abs_diff']:.1e}{trees(v.get('compiled') or {})}" for m, v in r.items())
     run_stage("export", go)
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #2b535994

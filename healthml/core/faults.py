@@ -17,11 +17,16 @@ FAULT_ENV = "HEALTHML_FAULT"
 class InjectedFault(RuntimeError):
     "Raised at a named step when a test asked for `<step>:raise`."
 
+_passes: dict[str, int] = {}  # per step, how often this process has reached it (counted only when a fault names the step)
+
 def checkpoint(step: str, environ=None) -> None:
-    "A named step between two writes; dies here (SIGKILL) or raises if the environment asks for this step."
+    "A named step between two writes; dies here (SIGKILL) or raises if the environment asks for this step (`@N`: its N-th pass)."
     spec = (os.environ if environ is None else environ).get(FAULT_ENV, "")
     if not spec: return
     name, _, how = spec.partition(":")
+    name, _, nth = name.partition("@")
     if name != step: return
+    _passes[step] = _passes.get(step, 0) + 1
+    if nth and _passes[step] != int(nth): return
     if how == "raise": raise InjectedFault(f"fault injected at {step}")
     os.kill(os.getpid(), signal.SIGKILL)

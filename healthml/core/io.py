@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SOURCE_ROW', 'atomic_write', 'write_json', 'write_parquet', 'sha256_file', 'canonical_name', 'staged_dir',
-           'quiet_stderr']
+__all__ = ['SOURCE_ROW', 'MISSING_CATEGORY', 'atomic_write', 'write_json', 'write_parquet', 'sha256_file', 'canonical_name',
+           'staged_dir', 'quiet_stderr']
 
 # %% ../../nbs/00_core/02_io.ipynb #b0a0e65e
 import json, tempfile as _tempfile
@@ -65,6 +65,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 import re
 
 SOURCE_ROW = "source_row"  # the 1-based row number in the file a row came from, added at ingest and by `healthml predict`
+MISSING_CATEGORY = "(missing)"  # how an unrecorded categorical value is written, in files and to a model
 
 def canonical_name(name: str) -> str:
     "A column name safe for Parquet, ONNX and MLflow: word characters only."

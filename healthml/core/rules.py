@@ -8,35 +8,66 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Mapping
+from typing import TYPE_CHECKING, ClassVar, Mapping
 
 import numpy as np
 
-from .params import ValidateConfig
-from .spec import DatasetSpec
+if TYPE_CHECKING:  # only for annotations: the record rules run where pydantic is not installed (an edge bundle)
+    from healthml.core.params import ValidateConfig
+    from healthml.core.spec import DatasetSpec
 
 # %% auto #0
-__all__ = ['MAX_TEXT', 'VALIDATED', 'Column', 'ValueRule', 'IsNumber', 'IsFinite', 'AtLeast', 'AtMost', 'IsText', 'InCategories',
-           'feature_rules', 'compile_rules', 'select', 'record_problems', 'any_broken', 'frame_problems',
-           'record_model', 'dataset_schema']
+__all__ = ['MAX_TEXT', 'VALIDATED', 'CodedText', 'Column', 'ValueRule', 'IsNumber', 'IsFinite', 'AtLeast', 'AtMost', 'IsText',
+           'InCategories', 'feature_rules', 'compile_rules', 'select', 'record_problems', 'any_broken',
+           'frame_problems', 'record_model', 'dataset_schema']
 
 # %% ../../nbs/00_core/07_rules.ipynb #0cfb26c8
+@dataclass(frozen=True)
+class CodedText:
+    """A text column as indices into its distinct values (-1 where missing), the way Arrow and pandas hold a categorical
+    column: a rule, an encoder or a decision judges each distinct value once, not each row."""
+    index: np.ndarray   # per row: position in `values`, -1 where the value is missing
+    values: np.ndarray  # the distinct values, as text (object array)
+
+    def __len__(self) -> int: return len(self.index)
+    def take(self, rows) -> "CodedText": return CodedText(self.index[rows], self.values)
+    def per_row(self, flags: np.ndarray, missing=False) -> np.ndarray:
+        "Per row, the flag of its value (`missing` where it has none), from one flag per distinct value."
+        return np.append(np.asarray(flags), missing)[self.index]
+    def text(self, missing: str) -> np.ndarray:
+        "Each row's value as text, `missing` where it has none."
+        return np.append(self.values, missing).astype(object)[self.index]
+
 class Column:
-    "A column of a file as the rules read it: which values are present, and the values as numbers or as text."
+    """A column of a file as the rules read it: which values are present, and the values as numbers or as text. From a
+    pandas Series, a float array (NaN: missing) or `CodedText`; neither of the last two needs pandas."""
     def __init__(self, values):
-        self.values = values  # a pandas Series
-        self.present = values.notna().to_numpy(bool)
+        self.values = values
+        if isinstance(values, CodedText): self.present = values.index >= 0
+        elif isinstance(values, np.ndarray) and values.dtype.kind == "f": self.present = ~np.isnan(values)
+        else: self.present = values.notna().to_numpy(bool)  # a pandas Series
 
     @cached_property
     def numbers(self) -> np.ndarray:
         "Floats: text that parses as a number counts, anything else (and a missing value) is NaN."
+        if isinstance(self.values, np.ndarray): return self.values
         import pandas as pd
+        if isinstance(self.values, CodedText):
+            return self.values.per_row(pd.to_numeric(pd.Series(self.values.values), errors="coerce").to_numpy(float), np.nan)
         return pd.to_numeric(self.values, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
     @cached_property
     def text(self) -> np.ndarray:
         "Each value as text (a code stored as a number reads as its digits)."
+        if isinstance(self.values, CodedText): return self.values.text("nan")
+        if isinstance(self.values, np.ndarray): return self.values.astype(str).astype(object)
         return self.values.astype(str).to_numpy(object)
+
+    def isin(self, allowed) -> np.ndarray:
+        "Whether each value, as text, is one of `allowed` (judged once per distinct value when coded)."
+        allowed = np.array(list(allowed), dtype=object)
+        if isinstance(self.values, CodedText): return self.values.per_row(np.isin(self.values.values, allowed))
+        return np.isin(self.text, allowed)
 
 # %% ../../nbs/00_core/07_rules.ipynb #fa704c63
 @dataclass(frozen=True)
@@ -122,8 +153,7 @@ class InCategories(ValueRule):
     kind, problem, requirement = "category", "not a declared category", "in declared categories"
     def __post_init__(self): object.__setattr__(self, "_allowed", frozenset(self.categories))
     def breaks(self, v) -> bool: return v not in self._allowed
-    def mask(self, col: Column) -> np.ndarray:
-        return col.present & np.fromiter(map(self.breaks, col.text), bool, len(col.text))
+    def mask(self, col: Column) -> np.ndarray: return col.present & ~col.isin(self.categories)
     def pydantic(self) -> dict:
         from typing import Literal
         return {"type": Literal[self.categories] if self.categories else type(None), "max_length": None}
@@ -171,17 +201,20 @@ def any_broken(field_rules: list[ValueRule], col: Column) -> np.ndarray:
     return out
 
 def frame_problems(rules: dict, df):
-    "Per row of `df`: each feature's first broken rule as 'feature: problem', joined by '; ' ('' when the row is fine)."
-    import pandas as pd
-    reasons = np.full(len(df), "", dtype=object)
+    """Per row of `df`: each feature's first broken rule as 'feature: problem', joined by '; ' ('' when the row is fine).
+    `df` is a DataFrame (a Series comes back) or a dict of columns as `Column` takes them (an array comes back)."""
+    n = len(df) if hasattr(df, "index") else len(next(iter(df.values())))
+    reasons = np.full(n, "", dtype=object)
     for name, field_rules in rules.items():
         if name not in df: continue
-        col, judged = Column(df[name]), np.zeros(len(df), bool)
+        col, judged = Column(df[name]), np.zeros(n, bool)
         for rule in field_rules:
             hit = rule.mask(col) & ~judged
             if not hit.any(): continue
             judged |= hit
             reasons[hit] = [f"{r}; {name}: {rule.problem}" if r else f"{name}: {rule.problem}" for r in reasons[hit]]
+    if not hasattr(df, "index"): return reasons
+    import pandas as pd
     return pd.Series(reasons, index=df.index)
 
 # %% ../../nbs/00_core/07_rules.ipynb #3d534afd
@@ -206,8 +239,10 @@ def _is_time(s):
 VALIDATED = ("number", "range", "category")  # the kinds of value rule cohort validation runs
 
 # %% ../../nbs/00_core/07_rules.ipynb #21a66009
-def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig(), soft: bool = False):
+def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig | None = None, soft: bool = False):
     "The spec's hard rules (or, with `soft`, its warnings) as a pandera `DataFrameSchema`: one named check per rule and column."
+    from healthml.core.params import ValidateConfig
+    cfg = cfg or ValidateConfig()
     import pandas as pd
     import pandera.pandas as pa
     def check(fn, name: str, **kw): return pa.Check(fn, name=name, error=name, **kw)

@@ -10,11 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, field_validator, model_validator
 
+from .io import MISSING_CATEGORY  # defined with the other data conventions; re-exported here
 from .outcome import OutcomeRule, OutcomeRuleError, compile_outcome, parse_condition
 
 # %% auto #0
-__all__ = ['AGGREGATIONS', 'IDENTIFIER_KINDS', 'ROW_KEY', 'MISSING_CATEGORY', 'RARE_CATEGORY', 'StrictModel', 'FeatureSource',
-           'Feature', 'SensitiveAttribute', 'Provenance', 'Identifier', 'EventTable', 'Abstention', 'DatasetSpec',
+__all__ = ['AGGREGATIONS', 'IDENTIFIER_KINDS', 'ROW_KEY', 'RARE_CATEGORY', 'StrictModel', 'FeatureSource', 'Feature',
+           'SensitiveAttribute', 'Provenance', 'Identifier', 'EventTable', 'Abstention', 'DatasetSpec',
            'category_labels', 'observed_spec']
 
 # %% ../../nbs/00_core/03_spec.ipynb #e2bf575d
@@ -271,7 +272,6 @@ def _source_problems(spec: DatasetSpec) -> list[str]:
     return out
 
 # %% ../../nbs/00_core/03_spec.ipynb #15e3720f
-MISSING_CATEGORY = "(missing)"
 RARE_CATEGORY = "(other)"  # the pooled level of categories too rare to keep (fewer than `rare_category_min` patients)
 
 def category_labels(col):

@@ -23,8 +23,8 @@ from ..core.params import Params
 from ..modelling.train import git_commit, mlflow_experiment, using_tracking
 
 # %% auto #0
-__all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'RegistryError',
-           'synthetic_example', 'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync',
+__all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'TREES_ARTIFACT',
+           'RegistryError', 'synthetic_example', 'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync',
            'outputs_current', 'verified_verdict', 'dvc_hashes', 'feature_lineage', 'register_version',
            'verify_artifact', 'evidence_verdict', 'ServedModel', 'parse_model_ref', 'resolve_model', 'promote',
            'rollback', 'lineage', 'verify_audit']
@@ -37,6 +37,7 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 T_ANCHOR = "healthml.audit_head"                    # the audit log's signed head, on the registered model
 ONNX_ARTIFACT, EVIDENCE_ARTIFACT = "onnx/model.onnx", "evidence/gate.json"
 EXPLAINER_ARTIFACT = "onnx/explain.json"            # the reasons runtime; the ONNX metadata holds its SHA-256
+TREES_ARTIFACT = "onnx/trees.so"                    # the compiled trees; the ONNX metadata holds their SHA-256
 
 def synthetic_example(spec):
     "One made-up input row from the spec (mid-range numbers, first category): never patient data."
@@ -275,6 +276,7 @@ def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple
             mlflow.log_metrics(_flat_metrics(json.loads(L.evaluation.read_text())))
             _log_as(onnx, ONNX_ARTIFACT)
             if onnx.with_name(f"{cand}.explain.json").exists(): _log_as(onnx.with_name(f"{cand}.explain.json"), EXPLAINER_ARTIFACT)
+            if onnx.with_name(f"{cand}.trees.so").exists(): _log_as(onnx.with_name(f"{cand}.trees.so"), TREES_ARTIFACT)
             _log_as(L.gate, EVIDENCE_ARTIFACT)
             for f in (L.evaluation, L.comparison, L.subgroups):
                 if f.exists(): mlflow.log_artifact(str(f), "evidence")
@@ -307,7 +309,8 @@ def register_version(reg: Registry, actor: str | None = None) -> tuple[dict, lis
            native_sha256=sha256_file(L.model_file(p.candidate)), evidence_sha256=sha256_file(L.gate), gate=verdict["verdict"],
            plan=verdict["plan"], candidate=bool(verdict["passed"]), run_id=run_id, report=folder.relative_to(L.root.resolve()
            if folder.is_absolute() else L.root).as_posix(), manifest_sha256=sha256_file(folder/"manifest.json"),
-           git_commit=git_commit(L.root), model_key=p.candidate)
+           git_commit=git_commit(L.root), model_key=p.candidate,
+           **({"trees_sha256": sha256_file(trees)} if (trees := L.model_file(p.candidate, "onnx").with_suffix(".trees.so")).exists() else {}))
     return reg.version(version), notes
 
 # %% ../../nbs/40_governance/46_registry.ipynb #27b889aa
@@ -394,7 +397,19 @@ def resolve_model(reg: Registry, ref: str | int = CHAMPION, cache: str | Path | 
         with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as f: f.write(data)
         shutil.move(f.name, target)
     _fetch_explainer(reg, version, target)
+    _fetch_trees(reg, version, target)
     return ServedModel(reg.name, version, sha, target, alias)
+
+def _fetch_trees(reg: Registry, version: int, model: Path) -> None:
+    """Cache the version's compiled trees as `<sha256>.trees.so` beside its model, checked against the SHA-256 the
+    (already verified) ONNX metadata vouches for; a version without them, or a refused file, scores with its ONNX graph."""
+    import onnx
+    sha = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}.get("trees_sha256")
+    if not sha or (model.parent/f"{sha}.trees.so").exists(): return
+    try: data = _fetch(reg, version, TREES_ARTIFACT, sha, "compiled trees")
+    except RegistryError: return
+    with tempfile.NamedTemporaryFile(dir=model.parent, delete=False) as f: f.write(data)
+    Path(f.name).replace(model.parent/f"{sha}.trees.so")
 
 def _fetch_explainer(reg: Registry, version: int, model: Path) -> None:
     """Cache the version's explainer as `<sha256>.explain.json` beside its model, checked against the SHA-256 the

@@ -707,6 +707,7 @@ def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Pat
               "deidentified_cohort": L.deidentified, "dataset_card": L.dataset_card/"dataset_card.json", **{f"split_{s}": L.split_file(s) for s in ("train", "validation", "test")},
               **{f"model_{m}_native": L.model_file(m) for m in ctx.params.models},
               **{f"model_{m}_onnx": L.model_file(m, "onnx") for m in ctx.params.models},
+              **{f"model_{m}_trees": L.model_file(m, "onnx").with_suffix(".trees.so") for m in ctx.params.models},   # when compiled
               "constraints": L.root/"requirements/constraints.txt", "serve_requirements": L.root/"requirements/serve.txt"}
     outputs = sorted(p for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     return {"model_name": ctx.params.report.model_name, "candidate": ctx.params.candidate, "version": version, "git_commit": git_commit(L.root),

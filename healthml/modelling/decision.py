@@ -5,6 +5,7 @@
 # %% ../../nbs/20_modelling/23_decision.ipynb #b43fbe01
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..core.spec import MISSING_CATEGORY, Abstention
+from ..core.io import MISSING_CATEGORY
+from ..core.rules import CodedText
 from .scoring import OutcomeSets, risk_bands
 
 # %% auto #0
@@ -38,11 +40,24 @@ class DecisionRules:
     features: tuple[str, ...] = ()            # every feature, in the model's order (that of its `feature_schema`)
     sets: OutcomeSets | None = None           # the outcomes each risk cannot rule out (None: a model exported without them)
 
+    @functools.cached_property
+    def lows(self) -> np.ndarray:
+        "Per numeric feature (in `numeric` order), the lowest value inside the support; -inf where unknown."
+        return np.array([self.bounds.get(f, (-math.inf, math.inf))[0] for f in self.numeric], dtype=np.float64)
+
+    @functools.cached_property
+    def highs(self) -> np.ndarray:
+        "Per numeric feature, the highest value inside the support; inf where unknown."
+        return np.array([self.bounds.get(f, (-math.inf, math.inf))[1] for f in self.numeric], dtype=np.float64)
+
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> DecisionRules:
         "The rules of a model, from its ONNX metadata (`OnnxScorer(...).metadata`)."
         schema = json.loads(metadata["feature_schema"])
-        rules = Abstention(**json.loads(metadata.get("abstention", "{}")))
+        if "abstention" in metadata: rules = json.loads(metadata["abstention"])   # every export writes it: no pydantic needed
+        else:                                                                     # a model exported before abstentions
+            from healthml.core.spec import Abstention
+            rules = Abstention().model_dump()
         support = json.loads(metadata["training_support"]) if "training_support" in metadata else None
         numeric = tuple(n for n, f in schema.items() if f["kind"] == "numeric")
         categorical = tuple(n for n, f in schema.items() if f["kind"] != "numeric")
@@ -51,12 +66,12 @@ class DecisionRules:
             s = support.get(n, {})
             if s.get("min") is None: bounds[n] = (math.inf, -math.inf)  # training never saw a value: any value is outside
             else:
-                pad = rules.support_margin * (s["max"] - s["min"])
+                pad = rules["support_margin"] * (s["max"] - s["min"])
                 bounds[n] = (s["min"] - pad, s["max"] + pad)
         for n in categorical if support else ():
             categories[n] = frozenset(support.get(n, {}).get("categories", ()))
         return cls(numeric, categorical, tuple(n for n, f in schema.items() if f.get("required")),
-                   max(1, math.ceil(rules.min_present_fraction * len(schema) - 1e-9)), bounds, categories,
+                   max(1, math.ceil(rules["min_present_fraction"] * len(schema) - 1e-9)), bounds, categories,
                    float(metadata.get("decision_threshold", "0.5")), metadata.get("missing_category", MISSING_CATEGORY),
                    support is not None, tuple(schema),
                    OutcomeSets.from_metadata(json.loads(metadata["outcome_sets"])) if "outcome_sets" in metadata else None)
@@ -69,11 +84,31 @@ def _numbers(col, n: int) -> np.ndarray:
     except (TypeError, ValueError):
         return np.array([v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan for v in col], np.float64)
 
+def _label_list(col, n: int, missing: str) -> list:
+    "A column as a list of text labels, `missing` where unrecorded (None, NaN, pandas NA or the missing label itself)."
+    if col is None: return [missing] * n
+    return [missing if v is None or type(v).__name__ == "NAType" or (isinstance(v, float) and v != v) else str(v) for v in col]
+
 def _labels(col, n: int, missing: str) -> np.ndarray:
-    "A column as text labels, `missing` where unrecorded (None, NaN, pandas NA or the missing label itself)."
-    if col is None: return np.full(n, missing, dtype=object)
-    return np.array([missing if v is None or type(v).__name__ == "NAType" or (isinstance(v, float) and v != v) else str(v)
-                     for v in col], dtype=object)
+    "`_label_list` as an array (a coded column decoded per distinct value)."
+    if isinstance(col, CodedText): return col.text(missing)
+    return np.array(_label_list(col, n, missing), dtype=object)
+
+def _number_rows(cols: list, n: int) -> np.ndarray:
+    "Numeric columns as a float64 matrix, one row per column (NaN where missing or not a number)."
+    if not cols: return np.empty((0, n))
+    try: return np.array([np.full(n, np.nan) if c is None else c for c in cols], dtype=np.float64).reshape(len(cols), n)
+    except (TypeError, ValueError): return np.array([_numbers(c, n) for c in cols]).reshape(len(cols), n)
+
+def _category_flags(col, n: int, missing: str, seen: frozenset | None) -> tuple[np.ndarray, np.ndarray]:
+    "Per record: whether the category is recorded, and whether it is one training never saw (judged per distinct value when coded)."
+    seen = seen or frozenset()
+    if isinstance(col, CodedText):
+        recorded = col.values != missing
+        return col.per_row(recorded), col.per_row(recorded & ~np.fromiter((v in seen for v in col.values), bool, len(col.values)))
+    labels = _label_list(col, n, missing)                  # plain values: a few records, no array needed
+    present = [v != missing for v in labels]
+    return present, [p and v not in seen for p, v in zip(present, labels)]
 
 @dataclass(frozen=True)
 class Decisions:
@@ -127,28 +162,32 @@ def decide(rules: DecisionRules,
     "Per record: insufficient data, outside training data, or scored (band and alert as usual)."
     p = np.asarray(raw_risk, dtype=np.float64).reshape(-1)
     n = len(p)
-    nums = {f: _numbers(columns.get(f), n) for f in rules.numeric}
-    cats = {f: _labels(columns.get(f), n, rules.missing) for f in rules.categorical}
-    present = {f: ~np.isnan(x) for f, x in nums.items()} | {f: c != rules.missing for f, c in cats.items()}
-    count = np.sum([present[f] for f in rules.features], axis=0) if rules.features else np.zeros(n, int)
-    sparse = count < rules.min_present
-    lacking = {f: ~present[f] for f in rules.required}
-    insufficient = sparse | np.any([lacking[f] for f in rules.required], axis=0) if rules.required else sparse
-    outside = {}
+    # one row per feature, one column per record: a handful of array operations whatever the number of features
+    nums = _number_rows([columns.get(f) for f in rules.numeric], n)
+    flags = [_category_flags(columns.get(f), n, rules.missing, rules.categories.get(f)) for f in rules.categorical]
+    present = np.concatenate([nums == nums, np.array([f[0] for f in flags], dtype=bool).reshape(-1, n)])
     with np.errstate(invalid="ignore"):
-        for f, (lo, hi) in rules.bounds.items(): outside[f] = present[f] & ((nums[f] < lo) | (nums[f] > hi))
-    for f, seen in rules.categories.items(): outside[f] = present[f] & ~np.isin(cats[f], list(seen))
-    unfamiliar = ~insufficient & (np.any(list(outside.values()), axis=0) if outside else np.zeros(n, bool))
-    decision = np.where(insufficient, INSUFFICIENT, np.where(unfamiliar, OUTSIDE, SCORED)).astype(object)
-    band = np.where(decision == SCORED, risk_bands(p, rules.threshold, rules.sets), decision).astype(object)
-    alert = (decision == SCORED) & (p >= rules.threshold)
+        out_num = (nums < rules.lows[:, None]) | (nums > rules.highs[:, None])   # NaN (missing) is never outside
+    outside = np.concatenate([out_num, np.array([f[1] if c in rules.categories else np.zeros(n, bool)
+                                                  for f, c in zip(flags, rules.categorical)], dtype=bool).reshape(-1, n)])
+    row = {f: i for i, f in enumerate((*rules.numeric, *rules.categorical))}   # a feature's row in `present` and `outside`
+    sparse = present.sum(axis=0) < rules.min_present
+    lacking = ~present[[row[f] for f in rules.required]]
+    insufficient = sparse | lacking.any(axis=0)
+    unfamiliar = ~insufficient & outside.any(axis=0)
+    kind = np.where(insufficient, 1, np.where(unfamiliar, 2, 0))   # 0 scored, 1 insufficient, 2 outside
+    decision, scored = _DECISIONS[kind], kind == 0                     # shared labels: no string built per record
+    band = np.where(scored, risk_bands(p, rules.threshold, rules.sets), decision)
+    alert = scored & (p >= rules.threshold)
     fields = [()] * n
     for i in np.flatnonzero(insufficient):
-        why = [f for f in rules.required if lacking[f][i]]
-        if sparse[i]: why += [f for f in rules.features if not present[f][i] and f not in why]
+        why = [f for k, f in enumerate(rules.required) if lacking[k, i]]
+        if sparse[i]: why += [f for f in rules.features if not present[row[f], i] and f not in why]
         fields[i] = tuple(why)
-    for i in np.flatnonzero(unfamiliar): fields[i] = tuple(f for f in rules.features if f in outside and outside[f][i])
-    return Decisions(decision, band, alert, np.where(decision == SCORED, p, np.nan), p, fields, rules.sets)
+    for i in np.flatnonzero(unfamiliar): fields[i] = tuple(f for f in rules.features if outside[row[f], i])
+    return Decisions(decision, band, alert, np.where(scored, p, np.nan), p, fields, rules.sets)
+
+_DECISIONS = np.array([SCORED, INSUFFICIENT, OUTSIDE], dtype=object)
 
 # %% ../../nbs/20_modelling/23_decision.ipynb #2be25156
 def record_columns(rules: DecisionRules, records: Sequence[Mapping]) -> dict[str, list]:

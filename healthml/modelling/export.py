@@ -20,11 +20,12 @@ from ..core.params import Params
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, observed_spec
 from .explain import (Explainer, build_explainer, explainer_bytes, explainer_parity, global_importance,
                                         native_log_odds)
-from .scoring import OnnxScorer
+from .scoring import CompiledTrees, OnnxScorer
 from .train import load_trained, model_frame
 
 # %% auto #0
-__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'training_support', 'parity', 'explainer_path', 'export_models']
+__all__ = ['ParityError', 'onnx_inputs', 'to_onnx', 'training_support', 'TreesUnavailable', 'tree_encoding', 'compile_trees',
+           'trees_parity', 'trees_path', 'parity', 'explainer_path', 'export_models']
 
 # %% ../../nbs/20_modelling/25_export.ipynb #eea4a70d
 class ParityError(HealthmlError):
@@ -86,11 +87,82 @@ def training_support(train: pd.DataFrame, spec: DatasetSpec) -> dict:
             out[name] = {"kind": "categorical", "n": int(train[name].notna().sum()), "categories": sorted(seen)}
     return out
 
+# %% ../../nbs/20_modelling/25_export.ipynb #8f409cdb
+class TreesUnavailable(HealthmlError):
+    "The compiled trees cannot be built here (no lleaves, no C compiler, not x86-64, not a tree model)."
+
+def tree_encoding(pipeline) -> dict:
+    "How records become the compiled trees' inputs: numeric features, then categorical ones as positions in the encoder's categories."
+    prep, model = pipeline.steps[0][1], pipeline.steps[-1][1]
+    if type(model).__name__ != "LGBMClassifier": raise TreesUnavailable(f"{type(model).__name__} is not a tree ensemble")
+    numeric, categorical = [], []
+    for name, step, cols in prep.transformers_:
+        if name == "numeric": numeric += list(cols)           # passed through as they are
+        elif name == "categorical": categorical += [[c, [str(v) for v in cats]] for c, cats in zip(cols, step.categories_)]
+    if [n for n, *_ in prep.transformers_ if n != "remainder"] != ["numeric", "categorical"]:
+        raise TreesUnavailable("the pipeline does not put numeric columns before categorical ones")
+    return {"numeric": numeric, "categorical": categorical, "missing": MISSING_CATEGORY}
+
+def compile_trees(pipeline) -> bytes:
+    "The booster's trees as a shared library (baseline x86-64, entry point `forest_root`), built with lleaves, LLVM and cc."
+    import platform, shutil, subprocess, tempfile
+    tree_encoding(pipeline)                                       # a tree ensemble with the encoder the trees expect, or refused
+    if platform.machine().lower() not in ("x86_64", "amd64"): raise TreesUnavailable(f"compiled trees are built for x86-64, not {platform.machine()}")
+    try:
+        import llvmlite.binding as llvm
+        from lleaves.compiler import compile_to_module
+    except ImportError: raise TreesUnavailable("lleaves is not installed", hint="pip install 'healthml[compiled]'") from None
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None: raise TreesUnavailable("no C compiler (cc) to link the compiled trees", hint="install gcc (Debian: build-essential)")
+    with tempfile.TemporaryDirectory() as d:
+        text, obj, lib = Path(d)/"trees.txt", Path(d)/"trees.o", Path(d)/"trees.so"
+        pipeline.steps[-1][1].booster_.save_model(str(text))
+        llvm.initialize(); llvm.initialize_native_target(); llvm.initialize_native_asmprinter()
+        module = compile_to_module(str(text))
+        machine = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
+            cpu="x86-64", features="", reloc="pic", codemodel="small")   # any x86-64 CPU; measured as fast as the host's
+        module.data_layout = str(machine.target_data)
+        obj.write_bytes(machine.emit_object(module))
+        r = subprocess.run([cc, "-shared", "-o", str(lib), str(obj), "-lm"], capture_output=True, text=True)
+        if r.returncode: raise TreesUnavailable("linking the compiled trees failed", hint=r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "")
+        return lib.read_bytes()
+
+def trees_parity(trees: CompiledTrees, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec) -> dict:
+    "Max and mean |p_trees - p_onnx| over the rows of `df`: the compiled trees against the audited ONNX graph."
+    frame = model_frame(df, spec)
+    p = trees.score({c: frame[c].to_numpy() for c in frame}, len(frame))
+    diff = np.abs(p - scorer.predict_proba(df))
+    return {"max_abs_diff_onnx": float(diff.max()), "mean_abs_diff_onnx": float(diff.mean()), "rows": int(len(df))}
+
+def trees_path(layout: Layout, model: str) -> Path:
+    "The compiled trees of model `model`, next to its ONNX graph: `models/onnx/<model>.trees.so`."
+    return layout.model_file(model, "onnx").with_suffix(".trees.so")
+
 # %% ../../nbs/20_modelling/25_export.ipynb #681770b3
 def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec) -> dict:
     "Max and mean |p_onnx - p_native| over the rows of `df`."
     diff = np.abs(scorer.predict_proba(df) - native_pipeline.predict_proba(model_frame(df, spec))[:, 1])
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
+
+def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str):
+    """The compiled trees (`library`) and the ONNX bytes that vouch for them (`onnx`, from `onnx_with(metadata)`), with
+    their parity record; (None, why) when they cannot be built here or disagree with the ONNX graph. The check loads them
+    as every scorer will: from the final ONNX file's metadata (`trees_encoding` decoded from its JSON)."""
+    import tempfile, time
+    t0 = time.perf_counter()
+    try: lib = compile_trees(pipe)
+    except TreesUnavailable as e: return None, {"built": False, "why": str(e)}
+    sha = hashlib.sha256(lib).hexdigest()
+    data = onnx_with({"trees_file": name, "trees_sha256": sha, "trees_encoding": json.dumps(tree_encoding(pipe), sort_keys=True)})
+    meta = OnnxScorer(data).metadata
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d)/name).write_bytes(lib)
+        trees = CompiledTrees(Path(d)/meta["trees_file"], meta["trees_sha256"], json.loads(meta["trees_encoding"]))
+        check = trees_parity(trees, scorer, test, spec)
+    check |= {"built": True, "sha256": sha, "bytes": len(lib), "tolerance": tolerance, "seconds": round(time.perf_counter() - t0, 2),
+              "passed": check["max_abs_diff_onnx"] <= tolerance}
+    if not check["passed"]: check["why"] = "refused: the compiled trees disagree with the ONNX graph; the ONNX graph scores"
+    return ({"library": lib, "onnx": data} if check["passed"] else None), check
 
 def explainer_path(layout: Layout, model: str) -> Path:
     "The explainer of model `model`, next to its ONNX graph: `models/onnx/<model>.explain.json`."
@@ -122,6 +194,10 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
         data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
         scorer = OnnxScorer(data)
         check = parity(pipe, scorer, test, spec)
+        trees, check["compiled"] = _compiled(pipe, scorer, test, spec, min(params.export.parity_tolerance, 1e-6),
+                                             lambda extra: to_onnx(pipe, spec, meta | extra, params.export.opset, support).SerializeToString(),
+                                             trees_path(layout, name).name)
+        if trees is not None: data = trees["onnx"]   # the ONNX metadata vouches for the compiled file, as for the explainer
         check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
         result[name] = check
         if check["passed"]:
@@ -143,6 +219,8 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
                               hint="the ONNX file was not written; check categorical encoding and the converter version")
         atomic_write(layout.model_file(name, "onnx"), data)
         atomic_write(explainer_path(layout, name), explainer_data)
+        if trees is not None: atomic_write(trees_path(layout, name), trees["library"])
+        else: trees_path(layout, name).unlink(missing_ok=True)   # never a stale file the new ONNX does not vouch for
         result[name]["sha256"] = sha256_file(layout.model_file(name, "onnx"))
     write_json(layout.export_metrics, result)
     return result

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core.errors import HealthmlError
-from ..core.spec import MISSING_CATEGORY
+from ..core.io import MISSING_CATEGORY
+from ..core.rules import CodedText
 
 if TYPE_CHECKING: import pandas as pd  # only for annotations: the HTTP service never loads pandas
 
 # %% auto #0
-__all__ = ['ModelIntegrityError', 'expected_sha256', 'load_verified', 'OnnxScorer', 'OutcomeSets', 'risk_bands', 'risk_band']
+__all__ = ['TREES_SYMBOL', 'ModelIntegrityError', 'expected_sha256', 'load_verified', 'OnnxScorer', 'column_feed', 'tree_columns',
+           'tree_rows', 'CompiledTrees', 'OutcomeSets', 'risk_bands', 'risk_band']
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #99a96f95
 class ModelIntegrityError(HealthmlError):
@@ -70,9 +72,121 @@ class OnnxScorer:
                 out[name] = col.astype(object).where(col.notna(), self.missing).astype(str).to_numpy(object).reshape(-1, 1)
         return out
 
+    def run(self, feed: dict) -> np.ndarray:
+        "Risk of the outcome for an ONNX input dict (`feed`, or `column_feed` for columns without pandas)."
+        return self.session.run(["probabilities"], feed)[0][:, 1].astype(np.float64)
+
     def predict_proba(self, df: pd.DataFrame) -> np.ndarray:
         "Risk of the outcome for each row."
-        return self.session.run(["probabilities"], self.feed(df))[0][:, 1].astype(np.float64)
+        return self.run(self.feed(df))
+
+# %% ../../nbs/20_modelling/22_scoring.ipynb #62666333
+def _number(v) -> float:
+    "One numeric value as the model takes it: NaN where missing."
+    return np.nan if v is None else v
+
+def _numbers(col, n: int) -> np.ndarray:
+    "A numeric column as float64, NaN where missing."
+    if isinstance(col, np.ndarray) and col.dtype.kind == "f": return col.astype(np.float64, copy=False)
+    return np.array([_number(v) for v in col], dtype=np.float64) if n else np.empty(0)
+
+def _texts(col, missing: str) -> np.ndarray:
+    "A categorical column as text labels, `missing` where there is no value."
+    if isinstance(col, CodedText): return col.text(missing)
+    return np.array([missing if v is None or v != v else str(v) for v in col], dtype=object)
+
+def column_feed(schema: dict, missing: str, columns: dict, n: int) -> dict:
+    "The ONNX inputs for `n` records given as columns (a feature absent from `columns`: missing throughout)."
+    out = {}
+    for name, f in schema.items():
+        col = columns.get(name, [None] * n)
+        if f["kind"] == "numeric": out[name] = _numbers(col, n).astype(np.float32).reshape(-1, 1)
+        else: out[name] = _texts(col, missing).reshape(-1, 1)
+    return out
+
+# %% ../../nbs/20_modelling/22_scoring.ipynb #c2ce6e8e
+TREES_SYMBOL = "forest_root"  # the C entry point of a compiled tree file: forest_root(double *rows, double *out, int first, int last)
+
+class _Positions:
+    "One categorical feature's positions in the category list its encoder learned in training."
+    def __init__(self, categories: list, missing: str):
+        self.lookup = {c: float(i) for i, c in enumerate(categories)}
+        self.absent = self.lookup.get(missing, -1.0)     # a missing value: the missing label's position (-1 if training had none)
+    def of(self, v) -> float:
+        "One value's position: `absent` where missing, -1 for a category training never saw."
+        return self.absent if v is None or v != v else self.lookup.get(str(v), -1.0)
+    def column(self, col) -> np.ndarray:
+        "A column's positions (per distinct value when coded)."
+        if isinstance(col, CodedText): return np.append(np.array([self.of(v) for v in col.values]), self.absent)[col.index]
+        return np.array([self.of(v) for v in col], dtype=np.float64)
+
+def tree_columns(encoding: dict, columns: dict, n: int) -> list[np.ndarray]:
+    "The trees' input columns, as float64 arrays, for `n` records given as columns (an absent feature: missing throughout)."
+    absent = lambda name: columns[name] if name in columns else [None] * n
+    src = [_numbers(absent(name), n) for name in encoding["numeric"]]
+    return src + [_Positions(cats, encoding["missing"]).column(absent(name)) for name, cats in encoding["categorical"]]
+
+def _rows(src: list[np.ndarray], first: int, last: int) -> np.ndarray:
+    "Rows `first`..`last` of the input columns as a C-order matrix (a block small enough to stay in cache)."
+    X = np.empty((last - first, len(src)), dtype=np.float64)
+    for j, col in enumerate(src): X[:, j] = col[first:last]
+    return X
+
+def tree_rows(encoding: dict, columns: dict, n: int, block: int = 8192) -> np.ndarray:
+    "The float64 rows (C order) the compiled trees take, for `n` records given as columns."
+    src = tree_columns(encoding, columns, n)
+    return np.concatenate([_rows(src, a, min(a + block, n)) for a in range(0, n, block)]) if n else np.empty((0, len(src)))
+
+# %% ../../nbs/20_modelling/22_scoring.ipynb #40c79e51
+class CompiledTrees:
+    "A compiled tree file, loaded only when its bytes hash to `sha256`; `predict` gives the risk for float64 rows."
+    def __init__(self, path: str | Path, sha256: str, encoding: dict, threads: int = 1):
+        import ctypes, platform
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise ModelIntegrityError(f"compiled trees are built for x86-64, not {platform.machine()}", hint="the ONNX graph scores instead")
+        load_verified(path, sha256)                       # the hash first: loading a library runs its code
+        self.encoding, self.threads, self.sha256 = encoding, max(1, threads), sha256
+        self._lib = ctypes.CDLL(str(Path(path).resolve()))
+        self._root = getattr(self._lib, TREES_SYMBOL)
+        self._root.restype, self._root.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+        self._pool = None
+        self._numeric = encoding["numeric"]
+        self._positions = [(n, _Positions(c, encoding["missing"])) for n, c in encoding["categorical"]]
+
+    def row(self, record: dict) -> np.ndarray:
+        "One record (a dict) as a 1-row matrix: the single-record path, without building columns."
+        return np.array([[*(_number(record.get(n)) for n in self._numeric), *(p.of(record.get(n)) for n, p in self._positions)]])
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        "Risk for each row of the float64 matrix `X` (from `tree_rows`); rows split across `threads` (the GIL is released)."
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.encoding["numeric"]) + len(self.encoding["categorical"]):
+            raise ValueError(f"compiled trees take {len(self.encoding['numeric']) + len(self.encoding['categorical'])} columns")
+        n, out = len(X), np.empty(len(X), dtype=np.float64)
+        if self.threads == 1 or n < 10_000:
+            self._root(X.ctypes.data, out.ctypes.data, 0, n)
+            return out
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="healthml-trees")
+        step = -(-n // self.threads)
+        list(self._pool.map(lambda s: self._root(X.ctypes.data, out.ctypes.data, s, min(s + step, n)), range(0, n, step)))
+        return out
+
+    def score(self, columns: dict, n: int, block: int = 16384) -> np.ndarray:
+        "Risk for `n` records given as columns: blocks of rows built and scored in parallel (numpy and the trees release the GIL)."
+        src, out = tree_columns(self.encoding, columns, n), np.empty(n, dtype=np.float64)
+        def run(first: int) -> None:
+            X = _rows(src, first, min(first + block, n))
+            self._root(X.ctypes.data, out[first:].ctypes.data, 0, len(X))
+        if self.threads == 1 or n <= block:
+            for first in range(0, n, block): run(first)
+            return out
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="healthml-trees")
+        list(self._pool.map(run, range(0, n, block)))
+        return out
 
 # %% ../../nbs/20_modelling/22_scoring.ipynb #d6a27610
 class OutcomeSets:
@@ -107,8 +221,11 @@ class OutcomeSets:
 def risk_bands(p: np.ndarray, threshold: float, sets: OutcomeSets | None = None) -> np.ndarray:
     "Per risk: `high` at or above the alert threshold (`elevated` there if `sets` cannot rule out no event), `medium` from half of it, else `low`."
     p = np.asarray(p, dtype=np.float64)
-    top = "high" if sets is None else np.where(sets.predict(p)[1], "elevated", "high")
-    return np.where(p >= threshold, top, np.where(p >= threshold / 2, "medium", "low"))
+    level = (p >= threshold / 2).astype(np.int8) + (p >= threshold)          # 0 low, 1 medium, 2 high
+    if sets is not None: level = level + ((level == 2) & sets.predict(p)[1])   # 3: elevated
+    return _BANDS[level]                                                       # shared labels: no string built per record
+
+_BANDS = np.array(["low", "medium", "high", "elevated"], dtype=object)
 
 def risk_band(p: float, threshold: float, sets: OutcomeSets | None = None) -> str:
     "The band of one risk (see `risk_bands`)."
