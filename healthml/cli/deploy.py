@@ -302,7 +302,8 @@ def monitored_model(ref: str | None, params: Path, root: Path):
 @monitor_app.callback(invoke_without_command=True)
 def monitor(ctx: typer.Context,
             current: Annotated[Path | None, typer.Option(help="The current window: a CSV/Parquet extract (features, and the "
-                                                         "outcome once known), or the service's prediction log (.jsonl).")] = None,
+                                                         "outcome once known), partitioned Parquet (a folder of part files or a "
+                                                         "quoted glob, read part by part), or the service's prediction log (.jsonl).")] = None,
             reference: Annotated[Path | None, typer.Option(help="The reference window (default: the held-out test split the "
                                                            "model was validated on).")] = None,
             model: ModelOpt = None,
@@ -324,6 +325,7 @@ def monitor(ctx: typer.Context,
     decay; act now), 1 the monitor could not run.
 
     Examples: healthml monitor --current data/live/2026-11.parquet
+              healthml monitor --current 'data/live/2026-11/*.parquet'   (partitioned: part files, read one after another)
               healthml monitor --current logs/predictions.jsonl --since 2026-11-01 --model 3"""
     if ctx.invoked_subcommand is not None: return
     if current is None:
@@ -332,7 +334,8 @@ def monitor(ctx: typer.Context,
     result = {}
     def go():
         from healthml.deploy.monitor import monitor as run_monitor
-        need(current, hint="the production window to compare (CSV, Parquet or the service's .jsonl log)")
+        from healthml.deploy.monitor import partitioned
+        if not partitioned(current): need(current, hint="the production window to compare (CSV, Parquet, a folder of Parquet or the service's .jsonl log)")
         path, source, note = monitored_model(model, params, root)
         say_model(source, note)
         r = run_monitor(load_params(params), Layout(root), current, reference, path, since, until, out,
