@@ -185,7 +185,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
     def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from healthml.deploy.serve import RecordScorer, file_rows, predict_file
-        partitioned = scheduler is not None or input.is_dir() or any(ch in str(input) for ch in "*?[")
+        from healthml.core.compute import partitioned as is_partitioned
+        partitioned = scheduler is not None or is_partitioned(input)
         if partitioned: compute = cluster_settings(scheduler, reasons, params)   # before the model is resolved: a bad flag is one line
         else: need(input, hint="the file of records to score")
         choice = choose_model(model, manifest, params, root)
@@ -334,7 +335,7 @@ def monitor(ctx: typer.Context,
     result = {}
     def go():
         from healthml.deploy.monitor import monitor as run_monitor
-        from healthml.deploy.monitor import partitioned
+        from healthml.core.compute import partitioned
         if not partitioned(current): need(current, hint="the production window to compare (CSV, Parquet, a folder of Parquet or the service's .jsonl log)")
         path, source, note = monitored_model(model, params, root)
         say_model(source, note)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.compute import is_glob, parquet_parts, partitioned
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, write_json
 from ..core.layout import Layout
@@ -33,9 +34,8 @@ __all__ = ['OUTCOME', 'PATIENT', 'RISK', 'PREDICTED_RISK', 'EXIT_CODES', 'UNSEEN
            'overlap_summary', 'data_quality_alerts', 'category_view', 'feature_drift', 'drift_alerts', 'wilson',
            'newcombe_difference', 'prediction_monitors', 'mark_abstentions', 'abstention_monitor', 'outcome_rate',
            'outcome_monitors', 'retrain_command', 'recommendation', 'overall_status', 'compare_windows',
-           'read_prediction_log', 'partitioned', 'window_chunks', 'model_scorer', 'score_sample', 'window_name',
-           'file_monitoring', 'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table',
-           'quality_table']
+           'read_prediction_log', 'window_chunks', 'model_scorer', 'score_sample', 'window_name', 'file_monitoring',
+           'monitor', 'drift_chart', 'risk_chart', 'alerts_table', 'outcomes_table', 'drift_table', 'quality_table']
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #8db8c321
 OUTCOME, PATIENT, RISK = "_outcome", "_patient", "_risk"
@@ -616,10 +616,6 @@ def read_prediction_log(path: str | Path, since: str | None = None, until: str |
                                           hint="check --since/--until (UTC, half-open [since, until))")
     return df.loc[keep, ["risk", ABSTAINED]].reset_index(drop=True)
 
-def partitioned(path: str | Path) -> bool:
-    "Is `path` a partitioned Parquet window: a folder (searched recursively) or a glob?"
-    return Path(path).is_dir() or any(ch in str(path) for ch in "*?[")
-
 def _extract_chunks(path: Path, chunk_rows: int):
     from healthml.data.cohort import canonical_name
     from healthml.deploy.serve import file_chunks
@@ -635,7 +631,6 @@ def window_chunks(path: str | Path, chunk_rows: int = 100_000, since: str | None
     part files one after another, in sorted path order), or a prediction log (`.jsonl`)."""
     if partitioned(path):
         import pyarrow.parquet as pq
-        from healthml.core.compute import parquet_parts
         files = parquet_parts(path)
         first = pq.read_schema(files[0]).names
         for f in files[1:]:   # footers only: a part with other columns is refused before any work
@@ -677,7 +672,7 @@ def score_sample(scorer, sample: pd.DataFrame, spec: DatasetSpec) -> pd.DataFram
 def window_name(path: str | Path, since: str | None = None, until: str | None = None) -> str:
     "A folder name for a window: its file stem (a glob's folder) plus the time range, reduced to safe characters."
     path = Path(path)
-    while any(ch in path.name for ch in "*?[") and path != path.parent: path = path.parent  # 'live/2026-11/*.parquet' -> 2026-11
+    while is_glob(path.name) and path != path.parent: path = path.parent  # 'live/2026-11/*.parquet' -> 2026-11
     name = path.stem + (f"_{since}" if since else "") + (f"_to_{until}" if until else "")
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "window"
 
