@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
-EXTRAS := dev,serve,monitor,dask,compiled
+EXTRAS := dev,serve,monitor,dask,compiled,team
 # `dvc plots show` draws offline: Vega, Vega-Lite and Vega-Embed from the npm registry (versions and integrity pinned in
 # docs/plots/vendor.py) inlined into an HTML template that this clone's DVC uses (.dvc/config.local plots.html_template).
 PLOTS_TEMPLATE := vendor/vega/dvc_plots.html
@@ -18,7 +18,7 @@ export ORT_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run plots test test-fast architecture test-notebooks test-integration export-check docs browser lab clean help
+.PHONY: setup run plots test test-fast architecture test-notebooks test-integration export-check docs browser postgres lab clean help
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -66,7 +66,17 @@ browser:  ## headless Chromium for the report tests (Debian package; needs root 
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test-integration: setup browser  ## pipeline, CLI, registry and browser tests (pytest, both cores, random order)
+# Debian installs the server programs in /usr/lib/postgresql/<version>/bin, off PATH (the test looks there). No cluster is
+# created or started: the registry test runs a private instance in a temporary folder and stops it.
+postgres:  ## PostgreSQL server programs for the team-registry test (Debian package; needs root or sudo the first time)
+	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "Installing Debian's postgresql for the team-registry test"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO mkdir -p /etc/postgresql-common/createcluster.d; \
+	  echo "create_main_cluster = false" | $$SUDO tee /etc/postgresql-common/createcluster.d/healthml.conf >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+test-integration: setup browser postgres  ## pipeline, CLI, registry, browser and PostgreSQL tests (pytest, both cores, random order)
 	python -m pytest -n 2 --dist worksteal --prebuild --durations=30
 
 test-fast: export-check test-notebooks  ## the edit loop (<= 2 min): export drift, notebook tests, pytest without slow tests

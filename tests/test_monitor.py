@@ -110,7 +110,9 @@ def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(project_cl
     broken["crea"] *= 88.4                                              # creatinine sent in umol/L
     broken.loc[:199, "race"] = CANARY_NAME                              # a name typed into a coded field
     broken.loc[200:399, "dzgroup"] = GLUED_SSN                          # free text glued to an SSN
-    broken.to_parquet(tmp_path/"ward_2026_12.parquet", index=False)
+    for i, rows in enumerate(np.array_split(np.arange(len(broken)), 3)):   # delivered partitioned: three part files, one folder
+        (tmp_path/"ward_2026_12"/f"part={i}").mkdir(parents=True)
+        broken.iloc[rows].to_parquet(tmp_path/"ward_2026_12"/f"part={i}"/"data.parquet", index=False)
 
     r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2026_11.csv")], root, check=False)
     assert r.returncode in (0, 3, 4), r.stderr
@@ -122,11 +124,12 @@ def test_monitor_cli_files_a_report_and_exit_code_tells_the_scheduler(project_cl
     assert result["windows"]["current"]["rows"] == 1200 and result["outcomes"]["status"] == "ok"
     assert set(result["drift"]) >= set(load_params(root/"params.yaml").dataset.features) | {"predicted_risk"}
 
-    r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2026_12.parquet")], root, check=False)
+    r = run([str(BIN/"healthml"), "monitor", "--current", str(tmp_path/"ward_2026_12")], root, check=False)
     assert r.returncode == 4, r.stderr                                  # critical: a scheduler pages someone
     assert "retrain prepare" not in r.stderr                            # never retrain on a broken feed
     assert "crea" in r.stderr and "outside the plausible range" in r.stderr and "Traceback" not in r.stderr
     broken_result = json.loads((root/"reports/monitoring"/today/"ward_2026_12/monitor.json").read_text())
+    assert broken_result["windows"]["current"]["rows"] == 1200                 # every part read
     alert = next(a for a in broken_result["alerts"] if a["feature"] == "crea" and a["monitor"] == "data quality")
     assert alert["severity"] == "critical" and alert["statistic"] == "out-of-range fraction" and alert["value"] > 0.9
     assert alert["threshold"] == 0.01 and broken_result["recommendation"]["action"] == "fix the data feed"

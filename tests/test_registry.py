@@ -1,9 +1,16 @@
-"""The model registry for real: embedded SQLite store, and a real `mlflow server` on loopback (team mode)."""
+"""The model registry for real: embedded SQLite store, and a real `mlflow server` on a private PostgreSQL over loopback (team mode)."""
+import glob
 import json
+import os
 import shutil
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from conftest import BIN, SNAPSHOT, project_env
 from hypothesis import HealthCheck, given, settings
@@ -113,44 +120,122 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_team_mode_against_a_real_mlflow_server(three_versions, tmp_path):
-    "register, promote and roll back against `mlflow server` (SQLite backend) over loopback."
-    root = tmp_path/"p"
-    shutil.copytree(three_versions.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "audit"))
-    port = _free_port()
-    server = subprocess.Popen([str(BIN/"mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path/"server-artifacts"), "--workers", "1"],
-                              env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+    import urllib.request
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"{url} never answered:\n" + log.read_text()[-3000:]) from None
+            time.sleep(0.25)
+
+
+@contextmanager
+def mlflow_server(backend_store_uri: str, folder: Path, env: dict | None = None):
+    "`mlflow server` on a free loopback port over `backend_store_uri`, artifacts in `folder`; its URL; stopped afterwards."
+    port, log = _free_port(), folder/"mlflow-server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(BIN/"mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--backend-store-uri", backend_store_uri, "--artifacts-destination",
+                                   str(folder/"server-artifacts"), "--workers", "1"],
+                                  env=project_env() | (env or {}), stdout=subprocess.DEVNULL, stderr=out)
+        try:
+            uri = f"http://127.0.0.1:{port}"
+            _wait_until_up(f"{uri}/health", server, log)
+            yield uri
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: from PATH, else from Debian's /usr/lib/postgresql/<version>/bin (the newest), which
+    is not on PATH; `make postgres` installs the package."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+                                                   reverse=True)), None)
+    if not found: pytest.fail(f"PostgreSQL's {name} is not installed: run `make postgres` (Debian's postgresql package)")
+    return found
+
+
+@contextmanager
+def private_postgres():
+    """A PostgreSQL instance of its own: `initdb` into a new temporary folder, `pg_ctl start` on a free 127.0.0.1 port
+    with its unix socket in that folder, password (SCRAM) authentication, a database `mlflow` owned by a role `mlflow`;
+    stopped and deleted afterwards. The password reaches clients through a pgpass file, never a command line. PostgreSQL
+    refuses to run as root: as root the server runs as Debian's `postgres` system user."""
+    import pwd
+    import secrets
+    import tempfile
+    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
+    createdb = str(Path(pg_ctl).resolve().parent/"createdb")
+    user = "postgres" if os.geteuid() == 0 else None
+    d = Path(tempfile.mkdtemp(prefix="healthml-pg-"))                  # short: a unix socket path has ~100 characters
+    data, port, password = d/"data", _free_port(), secrets.token_hex(16)
+    (d/"password").write_text(password + "\n")
+    (d/"pgpass").write_text("".join(f"{host}:{port}:*:mlflow:{password}\n" for host in ("127.0.0.1", d)))  # TCP, unix socket
+    (d/"pgpass").chmod(0o600)
+    if user:
+        owner = pwd.getpwnam(user)
+        for p in (d, d/"password"): os.chown(p, owner.pw_uid, owner.pw_gid)
+    def as_server(*cmd):
+        r = subprocess.run([*cmd], user=user, capture_output=True, text=True, timeout=60, cwd=d)
+        if r.returncode != 0: raise AssertionError(f"{' '.join(cmd[:2])} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    started = False
     try:
-        uri = f"http://127.0.0.1:{port}"
-        import urllib.request
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError: time.sleep(0.5)
-        env = {"MLFLOW_TRACKING_URI": uri}
-        cli(root, "model", "register", env=env)                     # the FAIL model of the fixture: v1 here
-        cli(root, "model", "promote", "1", "--override", "--reason", "pilot", env=env)
-        again = cli(root, "model", "register", env=env)            # registering the same model again is a no-op
-        assert "version 1" in again.stderr
-        for f in SNAPSHOT:                                          # the passing v2 run's outputs, as `dvc repro` left them
-            target = root/f
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            src = three_versions.v2_outputs/f
-            if src.is_dir(): shutil.copytree(src, target, symlinks=True)
-            elif src.exists(): shutil.copy(src, target)
-        cli(root, "model", "register", env=env)
-        cli(root, "model", "promote", "2", "--reason", "passed", env=env)
-        assert "champion is now version 1" in cli(root, "model", "rollback", "--reason", "drill", env=env).stderr
-        assert "registry matches the log" in cli(root, "audit", "verify", env=env).stderr
-        assert (tmp_path/"server-artifacts").exists() and any((tmp_path/"server-artifacts").rglob("model.onnx"))
-        logged = [e["details"]["gate"] for e in AuditLog(root/"audit/audit.jsonl").entries() if e["action"] == "register"]
-        assert logged == ["FAIL", "PASS"]
+        as_server(initdb, "-D", str(data), "-U", "mlflow", "--pwfile", str(d/"password"), "--auth=scram-sha-256",
+                  "-E", "UTF8", "--locale=C", "--no-sync")
+        as_server(pg_ctl, "-D", str(data), "-l", str(d/"server.log"), "-w", "-t", "30", "-o",
+                  f"-h 127.0.0.1 -p {port} -k {d} -c fsync=off", "start")
+        started = True
+        env = {"PGPASSFILE": str(d/"pgpass")}
+        r = subprocess.run([createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+                           env=os.environ | env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        yield SimpleNamespace(uri=f"postgresql://mlflow@127.0.0.1:{port}/mlflow", env=env, socket_dir=d, port=port)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if started: as_server(pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop")   # thrown away: no checkpoint
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_team_mode_against_a_real_mlflow_server_on_postgresql(three_versions, tmp_path):
+    """What a team does against a shared tracking server, here `mlflow server` over loopback on a private PostgreSQL
+    (Debian's package): register the fixture's FAIL model (v1 here), promote it by override, register again (a no-op),
+    register the passing run (v2), promote it, roll back, verify the audit log against the registry. The registry is in
+    the database (two versions, the champion alias), the artifacts in the server's store; both servers are stopped."""
+    psycopg = pytest.importorskip("psycopg", reason="the `team` extra (psycopg) is not installed")
+    root = shutil.copytree(three_versions.root, tmp_path/"p", symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "audit"))
+    with private_postgres() as pg:
+        with mlflow_server(pg.uri, tmp_path, env=pg.env) as uri:
+            env = {"MLFLOW_TRACKING_URI": uri}
+            cli(root, "model", "register", env=env)
+            cli(root, "model", "promote", "1", "--override", "--reason", "pilot", env=env)
+            assert "version 1" in cli(root, "model", "register", env=env).stderr    # registering the same model again: a no-op
+            for f in SNAPSHOT:                                          # the passing v2 run's outputs, as `dvc repro` left them
+                target = root/f
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                src = three_versions.v2_outputs/f
+                if src.is_dir(): shutil.copytree(src, target, symlinks=True)
+                elif src.exists(): shutil.copy(src, target)
+            cli(root, "model", "register", env=env)
+            cli(root, "model", "promote", "2", "--reason", "passed", env=env)
+            assert "champion is now version 1" in cli(root, "model", "rollback", "--reason", "drill", env=env).stderr
+            assert "registry matches the log" in cli(root, "audit", "verify", env=env).stderr
+        with psycopg.connect(host=str(pg.socket_dir), port=pg.port, user="mlflow", dbname="mlflow",
+                             passfile=pg.env["PGPASSFILE"]) as db:   # over the unix socket in the temporary folder
+            versions = db.execute("SELECT name, version FROM model_versions ORDER BY version").fetchall()
+            aliases = dict(db.execute("SELECT alias, version FROM registered_model_aliases").fetchall())
+    assert [v for _, v in versions] == [1, 2] and {n for n, _ in versions} == {"support2-mortality"}
+    assert aliases["champion"] == 1
+    logged = [e["details"]["gate"] for e in AuditLog(root/"audit/audit.jsonl").entries() if e["action"] == "register"]
+    assert logged == ["FAIL", "PASS"]
+    assert any((tmp_path/"server-artifacts").rglob("model.onnx"))
+    assert not pg.socket_dir.exists()                                  # stopped and removed
+    with socket.socket() as s:                                         # and nothing listens on its port any more
+        assert s.connect_ex(("127.0.0.1", pg.port)) != 0
 
 
 def test_rollback_to_a_missing_artifact_is_refused_and_champion_stays(registry_clone):

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from .common import ParamsOpt, RootOpt, console, need, run_stage
+from ..core.errors import HealthmlError
 from ..core.layout import Layout
 from ..core.params import load_params
 
@@ -171,8 +172,15 @@ def init(file: Annotated[Path, typer.Argument(help="Cohort file (CSV, TSV or Par
 
 # %% ../../nbs/60_cli/62_data.ipynb #11db5b20
 @app.command(rich_help_panel="A new cohort")
-def synthetic(out: Annotated[Path, typer.Option("--out", "-o", help="CSV or Parquet file to write.")],
-              patients: Annotated[int, typer.Option(min=10, help="Number of patients (each has ~2.5 encounters).")] = 2000,
+def synthetic(out: Annotated[Path, typer.Option("--out", "-o", help="CSV or Parquet file to write; with --rows, a new folder of "
+                                                "Parquet part files.")],
+              patients: Annotated[int | None, typer.Option(min=10, help="Number of patients (each has ~2.5 encounters); default 2000.",
+                                                           show_default=False)] = None,
+              rows: Annotated[int | None, typer.Option(min=1, help="Instead of --patients: exactly this many encounters, written as "
+                                                       "partitioned Parquet (part-00000.parquet, ...), one part in memory at a time.",
+                                                       show_default=False)] = None,
+              part_rows: Annotated[int, typer.Option(min=100, help="With --rows: encounters per part file (bounds memory; the same "
+                                                     "seed and part size write the same files).")] = 100_000,
               seed: Annotated[int, typer.Option(help="Random seed: same seed, same file.")] = 0,
               age_shift: Annotated[float, typer.Option(help="Covariate shift: years added to ages.")] = 0.0,
               prevalence_shift: Annotated[float, typer.Option(help="Prevalence shift: added to the log-odds of death.")] = 0.0,
@@ -181,17 +189,23 @@ def synthetic(out: Annotated[Path, typer.Option("--out", "-o", help="CSV or Parq
               missing_feature: Annotated[str | None, typer.Option(help="A column to send all missing.")] = None,
               events: Annotated[Path | None, typer.Option(help="Also write the event tables behind the encounters (vitals, labs, "
                                                           "admissions, diagnoses; Parquet) into this folder, and add "
-                                                          "`readmitted_30d` to the extract.")] = None):
+                                                          "`readmitted_30d` to the extract (not with --rows).")] = None):
     """Write a synthetic encounter-level EHR extract (fake identifiers, known outcome mechanism, several sites).
 
     With --events, the event tables that features can be declared from (README: Features from event data).
     Examples: healthml synthetic --patients 4000 --seed 7 -o data/raw/synthetic_ehr.csv
-              healthml synthetic --patients 4000 --seed 7 -o data/raw/synthetic_admissions.csv --events data/raw/events"""
+              healthml synthetic --patients 4000 --seed 7 -o data/raw/synthetic_admissions.csv --events data/raw/events
+              healthml synthetic --rows 1000000 -o data/raw/synthetic_1m   (10 Parquet part files of 100,000 encounters)"""
+    knobs = dict(age_shift=age_shift, prevalence_shift=prevalence_shift, concept_shift=concept_shift,
+                 creatinine_unit=creatinine_unit, missing_feature=missing_feature)
     def go():
+        if rows is not None:
+            if patients is not None: raise HealthmlError("give --patients or --rows, not both", hint="--rows writes partitioned Parquet")
+            if events is not None: raise HealthmlError("--events goes with --patients, not --rows", hint="drop --rows to write the event tables")
+            return _partitioned(out, rows, part_rows, seed, knobs)
         from healthml.core.io import atomic_write, write_parquet
         from healthml.data.synthetic import synthetic_ehr, synthetic_events
-        df = synthetic_ehr(patients, seed, age_shift=age_shift, prevalence_shift=prevalence_shift, concept_shift=concept_shift,
-                           creatinine_unit=creatinine_unit, missing_feature=missing_feature)
+        df = synthetic_ehr(2000 if patients is None else patients, seed, **knobs)
         tables = {}
         if events is not None:
             df, tables = synthetic_events(df, seed, creatinine_unit)
@@ -201,3 +215,13 @@ def synthetic(out: Annotated[Path, typer.Option("--out", "-o", help="CSV or Parq
         return (f"{len(df)} encounters of {df.mrn.nunique()} patients, {df.in_hospital_death.mean():.1%} deaths -> {out}"
                 + (f"; {sum(map(len, tables.values())):,} events in {len(tables)} tables -> {events}" if tables else ""))
     run_stage("synthetic", go)
+
+def _partitioned(out: Path, rows: int, part_rows: int, seed: int, knobs: dict) -> str:
+    "`healthml synthetic --rows`: the part files, with a progress bar; the summary line."
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from healthml.data.synthetic import synthetic_parts
+    with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("rows", total=rows)
+        r = synthetic_parts(rows, out, seed, part_rows, progress=lambda n: bar.advance(task, n), **knobs)
+    return (f"{r['rows']:,} encounters of {r['patients']:,} patients, {r['deaths'] / r['rows']:.1%} deaths, "
+            f"in {r['parts']} part file(s) -> {out}/")

@@ -185,7 +185,8 @@ def predict(input: Annotated[Path, typer.Argument(help="CSV or Parquet file of r
     def go():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from healthml.deploy.serve import RecordScorer, file_rows, predict_file
-        partitioned = scheduler is not None or input.is_dir() or any(ch in str(input) for ch in "*?[")
+        from healthml.core.compute import partitioned as is_partitioned
+        partitioned = scheduler is not None or is_partitioned(input)
         if partitioned: compute = cluster_settings(scheduler, reasons, params)   # before the model is resolved: a bad flag is one line
         else: need(input, hint="the file of records to score")
         choice = choose_model(model, manifest, params, root)
@@ -376,7 +377,8 @@ def monitored_model(ref: str | None, params: Path, root: Path):
 @monitor_app.callback(invoke_without_command=True)
 def monitor(ctx: typer.Context,
             current: Annotated[Path | None, typer.Option(help="The current window: a CSV/Parquet extract (features, and the "
-                                                         "outcome once known), or the service's prediction log (.jsonl).")] = None,
+                                                         "outcome once known), partitioned Parquet (a folder of part files or a "
+                                                         "quoted glob, read part by part), or the service's prediction log (.jsonl).")] = None,
             reference: Annotated[Path | None, typer.Option(help="The reference window (default: the held-out test split the "
                                                            "model was validated on).")] = None,
             model: ModelOpt = None,
@@ -398,6 +400,7 @@ def monitor(ctx: typer.Context,
     decay; act now), 1 the monitor could not run.
 
     Examples: healthml monitor --current data/live/2026-11.parquet
+              healthml monitor --current 'data/live/2026-11/*.parquet'   (partitioned: part files, read one after another)
               healthml monitor --current logs/predictions.jsonl --since 2026-11-01 --model 3"""
     if ctx.invoked_subcommand is not None: return
     if current is None:
@@ -406,7 +409,8 @@ def monitor(ctx: typer.Context,
     result = {}
     def go():
         from healthml.deploy.monitor import monitor as run_monitor
-        need(current, hint="the production window to compare (CSV, Parquet or the service's .jsonl log)")
+        from healthml.core.compute import partitioned
+        if not partitioned(current): need(current, hint="the production window to compare (CSV, Parquet, a folder of Parquet or the service's .jsonl log)")
         path, source, note = monitored_model(model, params, root)
         say_model(source, note)
         r = run_monitor(load_params(params), Layout(root), current, reference, path, since, until, out,

@@ -14,8 +14,8 @@ from .errors import HealthmlError
 from .params import ComputeConfig
 
 # %% auto #0
-__all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'parquet_parts', 'RowRange',
-           'row_ranges']
+__all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'is_glob', 'partitioned',
+           'parquet_parts', 'RowRange', 'row_ranges']
 
 # %% ../../nbs/00_core/10_compute.ipynb #70aeab55
 class ComputeError(HealthmlError):
@@ -72,10 +72,18 @@ def engine_client(cfg: ComputeConfig, timeout: float = 30):
     with dask_client(cfg, timeout) as client: yield client
 
 # %% ../../nbs/00_core/10_compute.ipynb #f9fdc2b0
+def is_glob(path: str | Path) -> bool:
+    "Does `path` hold a wildcard (`*`, `?`, `[`)?"
+    return any(ch in str(path) for ch in "*?[")
+
+def partitioned(path: str | Path) -> bool:
+    "Is `path` partitioned Parquet (a folder, searched recursively, or a glob) rather than one file?"
+    return is_glob(path) or Path(path).is_dir()
+
 def parquet_parts(path: str | Path) -> list[Path]:
     "The Parquet files of a partitioned input (a file, a folder searched recursively, or a glob), in sorted path order."
     text = str(path)
-    if any(ch in text for ch in "*?["): files = [Path(p) for p in _glob.glob(text, recursive=True)]
+    if is_glob(text): files = [Path(p) for p in _glob.glob(text, recursive=True)]
     elif Path(text).is_dir(): files = list(Path(text).rglob("*.parquet")) + list(Path(text).rglob("*.pq"))
     else: files = [Path(text)] if Path(text).exists() else []
     files = sorted(f for f in files if f.is_file() and f.suffix.lower() in (".parquet", ".pq") and not f.name.startswith((".", "_")))

@@ -55,7 +55,11 @@ def write_parquet(path: str | Path, df) -> Path:
 import hashlib
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    "SHA-256 hex digest of a file, read in chunks."
+    "SHA-256 hex digest of a file, read in chunks; of a folder, over each file's relative path and digest (sorted)."
+    path = Path(path)
+    if path.is_dir():   # a partitioned extract: any file added, removed, renamed or changed changes the digest
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+        return hashlib.sha256("".join(f"{name}\t{sha256_file(p, chunk)}\n" for name, p in files).encode()).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk): h.update(b)

@@ -16,6 +16,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
+from ..core.compute import is_glob, parquet_parts, partitioned
 from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name, sha256_file, write_json, write_parquet
 from ..core.layout import Layout
@@ -77,18 +78,32 @@ def _read_csv(path: Path) -> pd.DataFrame:
                           hint="check for a truncated file, unquoted delimiters or a stray line") from None
 
 # %% ../../nbs/10_data/11_cohort.ipynb #bf80ebcd
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try: return pd.read_parquet(path)
+    except Exception as e:
+        raise CohortError(f"{path.name} is not a readable Parquet file ({type(e).__name__})", hint="re-export it, or use CSV") from None
+
+def _read_parts(path: str | Path) -> pd.DataFrame:
+    "The part files of a partitioned Parquet cohort, in sorted path order, as one frame; parts with other columns refused."
+    files, frames = parquet_parts(path), []
+    for f in files:
+        df = _read_parquet(f)
+        if frames and set(df.columns) != set(frames[0].columns):
+            raise CohortError(f"{f.name} has other columns than {files[0].name}: the parts of one cohort share one schema",
+                              hint="re-export the cohort with the same columns in every part file")
+        frames.append(df[list(frames[0].columns)] if frames else df)
+    return pd.concat(frames, ignore_index=True)
+
 def read_cohort(path: str | Path) -> pd.DataFrame:
-    "Read a CSV/TSV/Parquet cohort file with canonical column names and a `source_row` column."
-    path = Path(path)
-    if not path.exists():
+    """Read a CSV/TSV/Parquet cohort file, or partitioned Parquet (a folder of part files or a glob), with canonical
+    column names and a `source_row` column (counted over the part files in sorted path order)."""
+    is_parts, path = partitioned(path), Path(path)
+    if is_parts: df = _read_parts(path)
+    elif not path.exists():
         raise CohortError(f"cohort file {path} not found", hint="check `dataset.file` in params.yaml")
-    if path.stat().st_size == 0:
+    elif path.stat().st_size == 0:
         raise CohortError(f"cohort file {path.name} is empty", hint="the export that wrote it may have failed")
-    if path.suffix.lower() in {".parquet", ".pq"}:
-        try: df = pd.read_parquet(path)
-        except Exception as e:
-            raise CohortError(f"{path.name} is not a readable Parquet file ({type(e).__name__})",
-                              hint="re-export it, or use CSV") from None
+    elif path.suffix.lower() in {".parquet", ".pq"}: df = _read_parquet(path)
     elif path.suffix.lower() in {".csv", ".tsv", ".txt"}: df = _read_csv(path)
     else:
         raise CohortError(f"{path.name}: unsupported file type '{path.suffix}'", hint="use .csv, .tsv or .parquet")
@@ -136,15 +151,19 @@ def select_cohort(raw: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, d
 # %% ../../nbs/10_data/11_cohort.ipynb #2e8faf4e
 def ingest(spec: DatasetSpec, layout: Layout) -> dict:
     "Read `spec.file`, keep the spec's columns, write the cohort Parquet and its ingest record."
+    if is_glob(spec.file):
+        raise CohortError("dataset.file: a glob cannot be the pipeline's input", hint="name the folder of Parquet part files "
+                          "(DVC tracks a folder as the ingest stage's input)")
     path = Path(spec.file)
     if not path.is_absolute(): path = layout.root/path
     raw = read_cohort(path)
-    digest = sha256_file(path)
+    digest = sha256_file(path)   # a folder's: over its files' relative paths and digests
     if spec.provenance.sha256 and digest != spec.provenance.sha256:
         raise CohortError(f"{path.name} has SHA-256 {digest[:12]}..., but params.yaml pins {spec.provenance.sha256[:12]}...",
                           hint="a different extract was supplied: review it, then update dataset.provenance.sha256")
     cohort, record = select_cohort(raw, spec)
-    record = {"dataset": spec.name, "file": str(spec.file), "sha256": digest, "bytes": path.stat().st_size,
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    record = {"dataset": spec.name, "file": str(spec.file), "sha256": digest, "bytes": size,
               "provenance": spec.provenance.model_dump(), **record}
     write_parquet(layout.cohort, cohort)
     write_json(layout.ingest_record, record)

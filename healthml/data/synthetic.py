@@ -5,12 +5,17 @@
 # %% ../../nbs/10_data/12_synthetic.ipynb #974e709a
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from ..core.errors import HealthmlError
+
 # %% auto #0
 __all__ = ['TRUE_COEFFICIENTS', 'SHIFTED_COEFFICIENTS', 'CENTRES', 'SITES', 'CREATININE_UMOL_PER_MGDL', 'VITALS', 'LABS',
-           'CHRONIC', 'LATE_CODES', 'READMISSION_COEFFICIENTS', 'NOT_AT_RISK', 'synthetic_ehr', 'synthetic_events']
+           'CHRONIC', 'LATE_CODES', 'READMISSION_COEFFICIENTS', 'NOT_AT_RISK', 'synthetic_ehr', 'synthetic_events',
+           'synthetic_parts']
 
 # %% ../../nbs/10_data/12_synthetic.ipynb #4385a456
 TRUE_COEFFICIENTS = {"intercept": -2.6, "age": 0.035, "heart_rate": 0.015, "sbp": -0.018, "resp_rate": 0.06,
@@ -224,3 +229,59 @@ def _diagnoses(enc: pd.DataFrame, discharged: pd.Series, died: np.ndarray, rng) 
         pick = died & (rng.uniform(size=len(enc)) < (0.9 if code == "R57" else 0.5))
         rows.append(pd.DataFrame({"mrn": enc["mrn"][pick].to_numpy(), "code": code, "recorded_at": discharged[pick].to_numpy()}))
     return pd.concat(rows, ignore_index=True), known
+
+# %% ../../nbs/10_data/12_synthetic.ipynb #f6ca91a0
+_MRN_SPAN, _ENCOUNTER_SPAN = 90_000_000, 900_000_000  # MRN10000000..MRN99999999, E100000000..E999999999
+_MULTIPLIER = 2_654_435_761                           # a prime: coprime with both spans (2^a 3^2 5^b)
+
+def _unique_codes(k: np.ndarray, span: int, offset: int) -> np.ndarray:
+    "Distinct numbers in [0, span) for distinct k in [0, span): k -> (a k + offset) mod span, a coprime with span."
+    return (k.astype(np.int64) * (_MULTIPLIER % span) + offset) % span
+
+def _part_seed(seed: int, part: int) -> int:
+    return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
+
+def _first_rows(df: pd.DataFrame, rows: int) -> pd.DataFrame:
+    "`rows` encounters: whole patients in the order of their (random) MRNs, and the last one's earliest encounters."
+    codes, _ = pd.factorize(df["mrn"], sort=True)   # not by first admission: that would favour patients with many encounters
+    before = np.concatenate([[0], np.cumsum(np.bincount(codes))[:-1]])  # encounters of the patients admitted earlier
+    visit = df.groupby(codes, sort=False).cumcount().to_numpy()        # rows are in admission order
+    return df[before[codes] + visit < rows]
+
+# %% ../../nbs/10_data/12_synthetic.ipynb #f9344380
+def synthetic_parts(rows: int, out: str | Path, seed: int = 0, part_rows: int = 100_000, progress=None, **knobs) -> dict:
+    """Write `rows` synthetic encounters to the new folder `out` as `part-00000.parquet`, ... of `part_rows` rows each,
+    one part in memory at a time; `knobs` are `synthetic_ehr`'s (shifts, units). What was written."""
+    import shutil, uuid
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if rows < 1 or part_rows < 1: raise ValueError("rows and part_rows are positive")
+    if rows > _ENCOUNTER_SPAN: raise HealthmlError(f"at most {_ENCOUNTER_SPAN:,} rows (the encounter number has 9 digits)")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HealthmlError(f"{out} exists and is not an empty folder", hint="give a new folder for the part files, or remove it")
+    mean = knobs.get("mean_encounters", 2.5)
+    offsets = np.random.SeedSequence(seed).generate_state(2, np.uint64) % np.array([_MRN_SPAN, _ENCOUNTER_SPAN], np.uint64)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    patients = written = deaths = 0
+    try:
+        for part in range(-(-rows // part_rows)):
+            want = min(part_rows, rows - written)
+            n = int(want / max(mean, 1) * 1.25) + 50                    # enough patients almost always...
+            df = synthetic_ehr(n, _part_seed(seed, part), **knobs)
+            if len(df) < want: df = synthetic_ehr(want, _part_seed(seed, part), **knobs)  # ...each has >= 1 encounter
+            df = _first_rows(df, want).reset_index(drop=True)
+            codes, _ = pd.factorize(df["mrn"], sort=False)
+            df["mrn"] = pd.Series(10_000_000 + _unique_codes(patients + codes, _MRN_SPAN, int(offsets[0]))).map("MRN{:08d}".format)
+            df["encounter_id"] = pd.Series(100_000_000 + _unique_codes(written + np.arange(len(df)), _ENCOUNTER_SPAN,
+                                                                       int(offsets[1]))).map("E{:09d}".format)
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp/f"part-{part:05d}.parquet")
+            patients, written, deaths = patients + codes.max() + 1, written + len(df), deaths + int(df["in_hospital_death"].sum())
+            if progress: progress(len(df))
+            del df
+        if out.exists(): out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"rows": written, "patients": int(patients), "parts": part + 1, "deaths": deaths, "folder": str(out)}

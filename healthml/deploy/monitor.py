@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.compute import is_glob, parquet_parts, partitioned
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, write_json
 from ..core.layout import Layout
@@ -627,22 +628,37 @@ def read_prediction_log(path: str | Path, since: str | None = None, until: str |
                                           hint="check --since/--until (UTC, half-open [since, until))")
     return df.loc[keep, ["risk", ABSTAINED]].reset_index(drop=True)
 
-def window_chunks(path: str | Path, chunk_rows: int = 100_000, since: str | None = None, until: str | None = None):
-    "Chunks of a window file with canonical column names: CSV/Parquet extract, or a prediction log (`.jsonl`)."
+def _extract_chunks(path: Path, chunk_rows: int):
     from healthml.data.cohort import canonical_name
     from healthml.deploy.serve import file_chunks
+    try:
+        for chunk in file_chunks(path, chunk_rows):
+            if not isinstance(chunk, pd.DataFrame): chunk = chunk.to_pandas()   # Parquet arrives as Arrow tables
+            chunk.columns = [canonical_name(c) for c in chunk.columns]
+            yield chunk
+    except (ValueError, OSError) as e:
+        raise MonitorError(f"{path.name} could not be read ({type(e).__name__})", hint="re-export it as CSV or Parquet") from None
+
+def window_chunks(path: str | Path, chunk_rows: int = 100_000, since: str | None = None, until: str | None = None):
+    """Chunks of a window with canonical column names: a CSV/Parquet extract, partitioned Parquet (a folder or a glob: its
+    part files one after another, in sorted path order), or a prediction log (`.jsonl`)."""
+    if partitioned(path):
+        import pyarrow.parquet as pq
+        files = parquet_parts(path)
+        first = pq.read_schema(files[0]).names
+        for f in files[1:]:   # footers only: a part with other columns is refused before any work
+            if pq.read_schema(f).names != first:
+                raise MonitorError(f"{f.name} has other columns than {files[0].name}: the parts of one window share one schema",
+                                   hint="re-export the window with the same columns in every part file")
+        for f in files: yield from _extract_chunks(f, chunk_rows)
+        return
     path = Path(path)
     if not path.exists(): raise MonitorError(f"window file {path} not found")
     if path.suffix.lower() == ".jsonl":
         yield read_prediction_log(path, since, until); return
     if path.suffix.lower() not in (".csv", ".tsv", ".parquet", ".pq"):
         raise MonitorError(f"{path.name}: unsupported file type '{path.suffix}'", hint="use .csv, .parquet or a .jsonl prediction log")
-    try:
-        for chunk in file_chunks(path, chunk_rows):
-            chunk.columns = [canonical_name(c) for c in chunk.columns]
-            yield chunk
-    except (ValueError, OSError) as e:
-        raise MonitorError(f"{path.name} could not be read ({type(e).__name__})", hint="re-export it as CSV or Parquet") from None
+    yield from _extract_chunks(path, chunk_rows)
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #1ffe22b8
 def model_scorer(layout: Layout, model: str | Path):
@@ -667,8 +683,10 @@ def score_sample(scorer, sample: pd.DataFrame, spec: DatasetSpec) -> pd.DataFram
 
 # %% ../../nbs/50_deploy/53_monitor.ipynb #c7bc5b12
 def window_name(path: str | Path, since: str | None = None, until: str | None = None) -> str:
-    "A folder name for a window: its file stem plus the time range, reduced to safe characters."
-    name = Path(path).stem + (f"_{since}" if since else "") + (f"_to_{until}" if until else "")
+    "A folder name for a window: its file stem (a glob's folder) plus the time range, reduced to safe characters."
+    path = Path(path)
+    while is_glob(path.name) and path != path.parent: path = path.parent  # 'live/2026-11/*.parquet' -> 2026-11
+    name = path.stem + (f"_{since}" if since else "") + (f"_to_{until}" if until else "")
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "window"
 
 def _claim(tmp: Path, dest: Path) -> Path:

@@ -311,7 +311,8 @@ def fit_on_cluster(pipe: Pipeline, X: pd.DataFrame, y: np.ndarray, client, parti
     if len(paths) != 1: raise HealthmlError("the Dask workers' temporary folders differ", hint="give every worker the same TMPDIR")
     params["forcedbins_filename"] = path = paths.pop()
     with dask.config.set({"dataframe.convert-string": False}):  # the categoricals stay the object columns the encoding was fitted on
-        frame = dd.from_pandas(X.assign(**{_LABEL: y}), chunksize=partition_rows)
+        # persisted: the partitions go to the workers once, not inside the graph of each computation (lengths, then fit)
+        frame = client.persist(dd.from_pandas(X.assign(**{_LABEL: y}), chunksize=partition_rows))
     meta = pd.DataFrame({i: pd.Series(dtype="float64") for i in range(len(X.columns))})
     features = frame.drop(columns=_LABEL).map_partitions(_encoded, prep, meta=meta)
     try:
