@@ -89,7 +89,7 @@ def test_platt_recalibration_is_fitted_on_validation_and_reported_beside_the_can
     (proj/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["healthml", "evaluate"], proj)
     ev = json.loads((proj/"metrics/evaluate.json").read_text())
-    assert set(ev) == {"lightgbm", "logistic", "lightgbm_recalibrated", "settings"}
+    assert set(ev) == {"lightgbm", "logistic", "compact", "lightgbm_recalibrated", "settings"}
     raw, recal = ev["lightgbm"], ev["lightgbm_recalibrated"]
     assert abs(recal["auroc"] - raw["auroc"]) < 1e-9                   # a monotone map keeps the ranking
     assert recal["calibration_slope"] != raw["calibration_slope"]

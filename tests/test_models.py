@@ -42,7 +42,10 @@ def test_three_models_with_logistic_as_candidate_flow_through_every_stage(pipeli
         assert sorted(p.stem for p in (root/"plots"/folder).iterdir()) == sorted(MODELS), folder
     export = json.loads((root/"metrics/export.json").read_text())
     assert sorted(export) == sorted(MODELS) and all(export[m]["passed"] for m in MODELS)
-    assert sorted(p.name for p in (root/"models/onnx").iterdir()) == sorted(f"{m}{s}" for m in MODELS for s in (".onnx", ".explain.json"))
+    trees = [m for m in MODELS if export[m]["compiled"]["built"]]                  # compiled trees beside each tree model
+    assert sorted(trees) == ["compact", "lightgbm", "lightgbm_small"] and not export["logistic"]["compiled"]["built"]
+    assert sorted(p.name for p in (root/"models/onnx").iterdir()) == sorted(
+        [f"{m}{s}" for m in MODELS for s in (".onnx", ".explain.json")] + [f"{m}.trees.so" for m in trees])
     assert all(export[m]["explainer"]["passed"] for m in MODELS)                 # each model with its reasons
     from healthml.modelling.scoring import OnnxScorer
     meta = OnnxScorer(root/"models/onnx/lightgbm_small.onnx").metadata

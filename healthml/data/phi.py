@@ -367,6 +367,9 @@ def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple
     if suffix in IMAGE_SUFFIXES: return [], False
     if suffix in (".parquet", ".pq"): return list(_parquet_hits(scanner, path, file)), True
     if suffix == ".onnx": return list(_onnx_hits(scanner, path, file)), True
+    if suffix in (".so", ".dll", ".dylib"):   # compiled trees: numbers by construction; their printable strings are searched anyway
+        strings = re.findall(rb"[\x20-\x7e]{4,}", path.read_bytes())
+        return list(_text_hits(scanner, "\n".join(s.decode() for s in strings), file, tabular=False)), True
     if zipfile.is_zipfile(path): return list(_zip_hits(scanner, path, file)), True
     data = path.read_bytes()
     if suffix not in TEXT_SUFFIXES and b"\x00" in data[:4096]: return [], False
