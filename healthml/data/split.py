@@ -63,8 +63,9 @@ DROPPED = "dropped"  # a row cut at a time boundary: a train (validation) patien
 
 def _period_starts(first: pd.Series, cfg: SplitConfig) -> tuple:
     "Validation and test start: whole time values (tied patients stay together) whose later shares come closest to the targets."
-    values = np.sort(first.unique())
-    later = np.array([(first >= v).mean() for v in values])   # share of patients entering at or after each time
+    ordered = np.sort(first.to_numpy())
+    values = np.unique(ordered)
+    later = (len(ordered) - np.searchsorted(ordered, values, side="left")) / len(ordered)   # share entering at or after each time
     if len(values) < 3:
         raise HealthmlError(f"a temporal split needs patients entering at 3 or more distinct index times; they enter at "
                             f"{len(values)} (every patient's first index time is the same)" if len(values) == 1 else
