@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
 from ..core.errors import HealthmlError
 from ..core.io import write_json, write_parquet
@@ -29,6 +27,7 @@ class LeakageError(HealthmlError):
 
 def patient_split(df: pd.DataFrame, patient_id: str, outcome: str, cfg: SplitConfig) -> pd.Series:
     "Assign each row to `train`/`validation`/`test` so that no patient spans two splits."
+    from sklearn.model_selection import train_test_split    # here, not at import: the card and report import this module too
     per_patient = df.groupby(patient_id, sort=True)[outcome].max()
     patients, y = per_patient.index.to_numpy(), per_patient.to_numpy()
     strat = y if cfg.stratify else None
@@ -118,6 +117,7 @@ def assign_splits(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> pd.S
 # %% ../../nbs/10_data/15_split.ipynb #d4043bdc
 def single_feature_auroc(x: pd.Series, y: pd.Series, categorical: bool) -> float:
     "AUROC of one feature alone (direction-free: max(AUC, 1 - AUC)); NaN if it cannot be computed."
+    from sklearn.metrics import roc_auc_score
     if y.nunique() < 2: return float("nan")
     if categorical:
         key = category_labels(x)

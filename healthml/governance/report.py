@@ -616,7 +616,7 @@ def training_engine(train: dict, model: str) -> str:
 
 def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Path, version: str) -> dict:
     "SHA-256 of every input and output of the report, with provenance."
-    from healthml.modelling.train import git_commit
+    from healthml.core.layout import git_commit
     L = ctx.layout
     inputs = {"params": params_path, "template": template, "cohort_file": L.root/ctx.params.dataset.file,
               "deidentified_cohort": L.deidentified, "dataset_card": L.dataset_card/"dataset_card.json", **{f"split_{s}": L.split_file(s) for s in ("train", "validation", "test")},
