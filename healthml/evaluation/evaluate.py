@@ -19,7 +19,7 @@ from ..core.params import EvaluateConfig, Params
 from ..core.spec import DatasetSpec
 from ..modelling.scoring import OutcomeSets
 from .discrimination import (SortedScores, bootstrap, bootstrap_intervals, delong_ci, delong_test,
-                                                discrimination, percentile_ci, ranking_metrics)
+                                                discrimination, percentile_ci, ranking_metrics, usable_cores)
 from .result import EvaluationResult
 from .robustness import Predict, direction_checks, evasion_check, robustness_checks
 from .subgroups import fairness_columns, fairness_gaps, subgroup_table
@@ -176,7 +176,10 @@ def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
     "Each model's risk function, from its file: the candidate, the other models of `params.yaml`, then the champion."
     from healthml.modelling.train import load_trained, model_frame
     spec = params.dataset
-    def risk_function(model): return lambda d: model.predict_proba(model_frame(d, spec))[:, 1]
+    def risk_function(model):
+        est = model.steps[-1][1] if hasattr(model, "steps") else model
+        if hasattr(est, "booster_"): est.n_jobs = usable_cores()   # trees predict on every core (fitted on one, for
+        return lambda d: model.predict_proba(model_frame(d, spec))[:, 1]   # determinism): each row's risk is the same
     out = {m: risk_function(load_trained(layout, m)) for m in params.model_names}
     champ = params.evaluate.champion
     if champ is not None:
