@@ -6,17 +6,18 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from ..core.compute import usable_cores
+
 # %% auto #0
 __all__ = ['delong', 'delong_ci', 'delong_test', 'bootstrap_chunks', 'bootstrap_weights', 'SortedScores', 'ranking_metrics',
-           'weighted_auroc', 'weighted_average_precision', 'percentile_ci', 'discrimination', 'usable_cores',
-           'bootstrap_threads', 'in_threads', 'bootstrap', 'bootstrap_intervals']
+           'weighted_auroc', 'weighted_average_precision', 'percentile_ci', 'discrimination', 'bootstrap_threads',
+           'in_threads', 'bootstrap', 'bootstrap_intervals']
 
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #499befb7
 def delong(y_true, *y_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -130,12 +131,6 @@ def discrimination(y_true, y_score) -> dict:
             "auroc": float(roc_auc_score(y_true, y_score)), "auprc": float(average_precision_score(y_true, y_score))}
 
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #e6ac36e0
-def usable_cores(most: int = 4) -> int:
-    "The cores this process may use (affinity-aware), at most `most`."
-    try: cores = len(os.sched_getaffinity(0))
-    except AttributeError: cores = os.cpu_count() or 1
-    return max(1, min(most, cores))
-
 def bootstrap_threads(rows: int, chunk: int = 50, most: int = 4) -> int:
     "Threads for a bootstrap over `rows` rows: one a core (at most `most`) once a chunk of replicates is large, else one."
     if rows * chunk < 2_000_000: return 1        # under ~40,000 rows a chunk takes milliseconds: threads would only contend

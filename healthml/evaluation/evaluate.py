@@ -13,13 +13,14 @@ import pandas as pd
 
 from .calibration import (Recalibrator, brier, calibration_metrics, calibration_replicates, calibration_slope,
                                              outcome_set_metrics, outcome_set_replicates)
+from ..core.compute import usable_cores
 from ..core.io import write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, Params
 from ..core.spec import DatasetSpec
 from ..modelling.scoring import OutcomeSets
 from .discrimination import (SortedScores, bootstrap, bootstrap_intervals, delong_ci, delong_test,
-                                                discrimination, percentile_ci, ranking_metrics, usable_cores)
+                                                discrimination, percentile_ci, ranking_metrics)
 from .result import EvaluationResult
 from .robustness import Predict, direction_checks, evasion_check, robustness_checks
 from .subgroups import fairness_columns, fairness_gaps, subgroup_table
