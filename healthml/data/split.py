@@ -144,8 +144,8 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
     shared = {f"{a}/{b}": int(len(np.intersect1d(splits[a][spec.patient_id].unique(), splits[b][spec.patient_id].unique())))
               for i, a in enumerate(names) for b in names[i + 1:]}
     feats = list(spec.features)
-    h = {n: pd.util.hash_pandas_object(d[feats].astype(str), index=False) for n, d in splits.items()}
-    dup = {n: int(h[n].isin(set(h["train"])).sum()) for n in names if n != "train"}
+    h = {n: pd.util.hash_pandas_object(d[feats], index=False) for n, d in splits.items()}   # one row hash on the values
+    dup = {n: int(h[n].isin(h["train"].to_numpy()).sum()) for n in names if n != "train"}    # (the splits share dtypes)
     tr = splits["train"]
     aucs = {f: round(single_feature_auroc(tr[f], tr[spec.outcome], spec.features[f].kind == "categorical"), 4) for f in feats}
     suspected = sorted((f for f, a in aucs.items() if a == a and a >= cfg.leakage_auroc), key=lambda f: -aucs[f])
