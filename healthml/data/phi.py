@@ -51,10 +51,15 @@ def _zip_text(zips: pd.Series) -> pd.Series:
     s = s.mask(digits & n.between(3, 4), s.str.zfill(5)).mask(digits & n.between(6, 8), s.str.zfill(9))
     return s
 
-def generalise_zip(zips: pd.Series, restricted: Iterable[str]) -> pd.Series:
-    "First three digits of each ZIP code; `000` for restricted areas; missing when not a ZIP code."
+def _zip3(zips: pd.Series, restricted: Iterable[str]) -> pd.Series:
     s = _zip_text(zips).str.extract(r"^(\d{3})\d{2}(?:-?\d{4})?$")[0]
     return s.where(~s.isin(set(restricted)), "000").astype(object).where(s.notna(), None)
+
+def generalise_zip(zips: pd.Series, restricted: Iterable[str]) -> pd.Series:
+    "First three digits of each ZIP code; `000` for restricted areas; missing when not a ZIP code (worked out once per distinct code)."
+    codes, distinct = pd.factorize(zips)           # a cohort has thousands of ZIP codes, not millions: the text work is per code
+    zip3 = _zip3(pd.Series(distinct, dtype=zips.dtype), restricted).to_numpy(dtype=object)
+    return pd.Series(np.where(codes >= 0, zip3[np.maximum(codes, 0)], None), index=zips.index, dtype=object)
 
 def top_code_age(age: pd.Series, top: int = 90) -> pd.Series:
     "Ages over 89 become `top` (one category: 90 or older)."
