@@ -55,9 +55,10 @@ def _close(a, b, tol=1e-12):
 
 def test_support2_bootstrap_intervals_equal_those_of_the_former_implementation(pipeline_project, monkeypatch):
     """Issue 18: the bootstrap got faster (Newton steps and AUROC/AP in place, chunks and subgroups in threads on large
-    test splits) without changing the procedure: on SUPPORT2's test split, with the same seed, every point estimate and
-    interval of the candidate, the paired comparison and the subgroup table equals the former implementation's (commit
-    c6f8e02, tests/former_evaluation.py) to within 1e-12, so the report's numbers do not move."""
+    test splits, the paired comparison from the models' own replicates) without changing the procedure: on SUPPORT2's
+    test split, with the same seed, every point estimate and interval of the candidate, the paired comparison and the
+    subgroup table equals the former implementation's (commit c6f8e02, tests/former_evaluation.py) to within 1e-12, so
+    the report's numbers do not move."""
     import json
 
     import pandas as pd
@@ -78,17 +79,18 @@ def test_support2_bootstrap_intervals_equal_those_of_the_former_implementation(p
     y, a, b, patients = scores["outcome"].to_numpy(), scores[cand].to_numpy(), scores[other].to_numpy(), test[spec.patient_id].to_numpy()
     groups = subgroup_frame(test, spec, cfg.intersections, cfg.slices)
 
-    def evaluation():
+    def evaluation(reuse: bool):
         with E.quiet_numerics():
-            return (E.model_evaluation(y, a, patients, thr[cand], cfg), E.compare(y, a, b, patients, thr[cand], thr[other], cfg),
+            evaluated = (E.model_replicates(y, a, patients, thr[cand], cfg), E.model_replicates(y, b, patients, thr[other], cfg))
+            return (evaluated[0][0], E.compare(y, a, b, patients, thr[cand], thr[other], cfg, evaluated if reuse else None),
                     S.subgroup_table(y, a, groups, patients, thr[cand], cfg.min_subgroup_n, cfg.min_subgroup_events, cfg.n_bootstrap,
                                      cfg.ci_level, cfg.seed, cfg.min_subgroup_non_events))
-    current = evaluation()
+    current = evaluation(reuse=True)        # as the stage computes it: the comparison from the models' own replicates
     for module, name, fn in ((C, "weighted_logistic", former.weighted_logistic), (D, "ranking_metrics", former.ranking_metrics),
                              (E, "ranking_metrics", former.ranking_metrics), (E, "bootstrap", former.bootstrap),
                              (S, "bootstrap", former.bootstrap)):
         monkeypatch.setattr(module, name, fn)
-    before = evaluation()
+    before = evaluation(reuse=False)    # the former way: a bootstrap of its own
     assert current[0]["auroc_ci_low"] < current[0]["auroc"] < current[0]["auroc_ci_high"]
     assert (current[2].status == "ok").sum() >= 5
     for now, then in zip(current, before): assert _close(now, then), (now, then)
