@@ -28,6 +28,8 @@ _CI_METRICS = ("auroc", "observed_expected", "calibration_intercept", "calibrati
 
 def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, seed: int, threads: int | None = None) -> dict:
     "Point estimates and bootstrap CIs of the subgroup metrics for one group."
+    order = np.argsort(-np.asarray(p, float), kind="mergesort")    # sorted once by risk: no gather per replicate chunk
+    y, p, patients = np.asarray(y, float)[order], np.asarray(p, float)[order], np.asarray(patients)[order]
     st = SortedScores(y, p)
     def stats(W):
         thr = threshold_replicates(y, p, threshold, W)
