@@ -5,6 +5,7 @@
 # %% ../../nbs/10_data/13_phi.ipynb #435cac53
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import re
@@ -421,16 +422,25 @@ def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple
     return list(_text_hits(scanner, text, file, tabular=suffix in (".csv", ".tsv"))), True
 
 def scan_paths(scanner: PhiScanner, paths: Iterable[Path], root: Path = Path(".")) -> dict:
-    "Scan files and directories (recursively); a JSON-ready summary with every hit's place and kind."
+    """Scan files and directories (recursively); a JSON-ready summary with every hit's place and kind. A file whose
+    bytes equal an earlier one's (a model MLflow keeps a copy of, a filed report) is scanned once: its hits are the
+    first copy's, named after it."""
     hits, scanned, skipped = [], 0, []
-    for p in paths:
-        p = Path(p)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-        for f in files:
-            rel = str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+    files = [f for p in map(Path, paths)
+             for f in (sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else [])]
+    sizes = collections.Counter(f.stat().st_size for f in files)
+    done: dict[tuple, tuple[str, list[PhiHit], bool]] = {}   # (suffix, SHA-256) -> (name scanned as, hits, scanned)
+    for f in files:
+        rel = str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+        key = (f.suffix.lower(), hashlib.sha256(f.read_bytes()).hexdigest()) if sizes[f.stat().st_size] > 1 else None
+        if key in done:
+            first, h0, ok = done[key]
+            h = [PhiHit(rel + hit.file[len(first):], hit.location, hit.kind) for hit in h0]
+        else:
             h, ok = scan_file(scanner, f, rel)
-            hits += h; scanned += ok
-            if not ok: skipped.append(rel)
+            if key: done[key] = (rel, h, ok)
+        hits += h; scanned += ok
+        if not ok: skipped.append(rel)
     return {"files_scanned": scanned, "files_not_scanned": skipped, "identifier_values": len(scanner.values),
             "values_too_short_to_search": scanner.skipped, "columns_not_searched": scanner.not_searched, "patterns": sorted(PHI_PATTERNS) + ["date (tabular)"],
             "hits": [asdict(h) for h in hits], "passed": not hits}
