@@ -148,7 +148,7 @@ def test_mlflow_info_lines_show_only_with_verbose(tmp_path):
 
 
 def test_the_commit_is_dirty_only_when_tracked_source_changes(tmp_path):
-    from healthml.modelling.train import git_commit
+    from healthml.core.layout import git_commit
     for f in ("dvc.yaml", "params.yaml", "Makefile"): shutil.copy(ROOT/f, tmp_path/f)
     for d in ("metrics", "plots"): shutil.copytree(ROOT/d, tmp_path/d)
     (tmp_path/"dvc.lock").write_text("schema: '2.0'\n")

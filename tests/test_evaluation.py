@@ -41,3 +41,56 @@ def test_bootstrap_resamples_patients_not_rows():
     by_patient = np.concatenate([weighted_auroc(st, W) for W in bootstrap_weights(pid, 400, seed=1)])
     by_row = np.concatenate([weighted_auroc(st, W) for W in bootstrap_weights(np.arange(500), 400, seed=1)])
     assert by_patient.std() > 1.8 * by_row.std()
+
+
+def _close(a, b, tol=1e-12):
+    "Every number in nested dicts/frames within `tol` (NaN equal to NaN), every other value equal."
+    import pandas as pd
+    if isinstance(a, pd.DataFrame): return a.columns.equals(b.columns) and all(_close(x, y, tol) for x, y in zip(a.to_dict("records"), b.to_dict("records")))
+    if isinstance(a, dict): return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)):
+        return (np.isnan(a) and np.isnan(b)) or abs(a - b) <= tol
+    return a == b
+
+
+def test_support2_bootstrap_intervals_equal_those_of_the_former_implementation(pipeline_project, monkeypatch):
+    """Issue 18: the bootstrap got faster (Newton steps and AUROC/AP in place, chunks and subgroups in threads on large
+    test splits, the paired comparison from the models' own replicates) without changing the procedure: on SUPPORT2's
+    test split, with the same seed, every point estimate and interval of the candidate, the paired comparison and the
+    subgroup table equals the former implementation's (commit c6f8e02, tests/former_evaluation.py) to within 1e-12, so
+    the report's numbers do not move."""
+    import json
+
+    import pandas as pd
+
+    import former_evaluation as former
+    import healthml.evaluation.calibration as C
+    import healthml.evaluation.discrimination as D
+    import healthml.evaluation.evaluate as E
+    import healthml.evaluation.subgroups as S
+    from healthml.core.params import load_params
+    from healthml.data.cohort import subgroup_frame
+    root = pipeline_project[0]
+    params = load_params(root/"params.yaml")
+    spec, cfg = params.dataset, params.evaluate
+    test, scores = pd.read_parquet(root/"data/processed/test.parquet"), pd.read_parquet(root/"data/processed/test_scores.parquet")
+    thr = {m: v["threshold"] for m, v in json.loads((root/"metrics/evaluate.json").read_text()).items() if m != "settings"}
+    cand, other = params.model_names[:2]
+    y, a, b, patients = scores["outcome"].to_numpy(), scores[cand].to_numpy(), scores[other].to_numpy(), test[spec.patient_id].to_numpy()
+    groups = subgroup_frame(test, spec, cfg.intersections, cfg.slices)
+
+    def evaluation(reuse: bool):
+        with E.quiet_numerics():
+            evaluated = (E.model_replicates(y, a, patients, thr[cand], cfg), E.model_replicates(y, b, patients, thr[other], cfg))
+            return (evaluated[0][0], E.compare(y, a, b, patients, thr[cand], thr[other], cfg, evaluated if reuse else None),
+                    S.subgroup_table(y, a, groups, patients, thr[cand], cfg.min_subgroup_n, cfg.min_subgroup_events, cfg.n_bootstrap,
+                                     cfg.ci_level, cfg.seed, cfg.min_subgroup_non_events))
+    current = evaluation(reuse=True)        # as the stage computes it: the comparison from the models' own replicates
+    for module, name, fn in ((C, "weighted_logistic", former.weighted_logistic), (D, "ranking_metrics", former.ranking_metrics),
+                             (E, "ranking_metrics", former.ranking_metrics), (E, "bootstrap", former.bootstrap),
+                             (S, "bootstrap", former.bootstrap)):
+        monkeypatch.setattr(module, name, fn)
+    before = evaluation(reuse=False)    # the former way: a bootstrap of its own
+    assert current[0]["auroc_ci_low"] < current[0]["auroc"] < current[0]["auroc_ci_high"]
+    assert (current[2].status == "ok").sum() >= 5
+    for now, then in zip(current, before): assert _close(now, then), (now, then)

@@ -14,8 +14,8 @@ from .errors import HealthmlError
 from .params import ComputeConfig
 
 # %% auto #0
-__all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'is_glob', 'partitioned',
-           'parquet_parts', 'RowRange', 'row_ranges']
+__all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'usable_cores', 'is_glob',
+           'partitioned', 'parquet_parts', 'RowRange', 'row_ranges']
 
 # %% ../../nbs/00_core/10_compute.ipynb #70aeab55
 class ComputeError(HealthmlError):
@@ -70,6 +70,14 @@ def engine_client(cfg: ComputeConfig, timeout: float = 30):
         yield None
         return
     with dask_client(cfg, timeout) as client: yield client
+
+# %% ../../nbs/00_core/10_compute.ipynb #018bd2ce
+def usable_cores(most: int = 4) -> int:
+    "The cores this process may use (its CPU affinity), at most `most`."
+    import os
+    try: cores = len(os.sched_getaffinity(0))
+    except AttributeError: cores = os.cpu_count() or 1   # no affinity on this platform
+    return max(1, min(most, cores))
 
 # %% ../../nbs/00_core/10_compute.ipynb #f9fdc2b0
 def is_glob(path: str | Path) -> bool:

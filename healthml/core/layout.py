@@ -3,10 +3,11 @@
 # %% ../../nbs/00_core/05_layout.ipynb #3e996601
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['Layout']
+__all__ = ['Layout', 'pipeline_outputs', 'git_commit']
 
 # %% ../../nbs/00_core/05_layout.ipynb #25870eaa
 class Layout:
@@ -53,3 +54,29 @@ class Layout:
     def model_file(self, model: str, suffix: str = "skops") -> Path:
         "File of model `model` (a key of params.yaml `models`): its native pipeline (`skops`) or ONNX graph (`onnx`)."
         return (self.onnx_models if suffix == "onnx" else self.native_models)/f"{model}.{suffix}"
+
+# %% ../../nbs/00_core/05_layout.ipynb #a67913a3
+def pipeline_outputs(dvc_yaml: str) -> list[str]:
+    "What `dvc repro` writes itself: `dvc.lock` and each stage's outs, metrics and plots in `dvc_yaml` (a templated path by its fixed folder)."
+    import yaml
+    paths = ["dvc.lock"]
+    for stage in ((yaml.safe_load(dvc_yaml) or {}).get("stages") or {}).values():
+        stage = stage.get("do", stage)  # a foreach/matrix stage
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind) or []:
+                path = out if isinstance(out, str) else next(iter(out))
+                fixed = path.split("${")[0] if "${" not in path else path.split("${")[0].rpartition("/")[0]
+                if fixed: paths.append(fixed.rstrip("/"))
+    return paths
+
+# %% ../../nbs/00_core/05_layout.ipynb #2c5b60de
+def git_commit(root: str | Path = ".") -> str:
+    "The current git commit, `+dirty` when tracked source differs from it (not the pipeline's outputs); `unknown` outside git."
+    def git(*args): return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD")
+        dvc_yaml = Path(root)/"dvc.yaml"
+        outputs = pipeline_outputs(dvc_yaml.read_text()) if dvc_yaml.exists() else ["dvc.lock"]
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *(f":(exclude){p}" for p in outputs))
+        return sha + ("+dirty" if changed else "")
+    except (OSError, subprocess.CalledProcessError): return "unknown"

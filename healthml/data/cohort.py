@@ -9,12 +9,12 @@ import csv
 import re
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-import pandera.pandas as pa
-from pandera.errors import SchemaErrors
+if TYPE_CHECKING: import pandera.pandas as pa   # imported where a schema runs (`run_schema`), not by every stage
 
 from ..core.compute import is_glob, parquet_parts, partitioned
 from ..core.errors import HealthmlError
@@ -185,6 +185,7 @@ class Check:
 def run_schema(schema: pa.DataFrameSchema, df: pd.DataFrame, severity: str = "hard",
                n_examples: int = 5) -> tuple[list[Check], dict[int, list[str]]]:
     "Validate `df` (lazily: every rule runs); return one `Check` per rule and the failed rules per row position."
+    from pandera.errors import SchemaErrors
     try:
         schema.validate(df, lazy=True)
         failures = pd.DataFrame(columns=["column", "check", "index"])

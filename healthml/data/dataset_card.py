@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +58,47 @@ def predictor_parameters(train: pd.DataFrame, spec: DatasetSpec) -> int:
         n += max(category_labels(train[c]).nunique() - 1, 1)
     return n
 
+def _numeric_summary(x: np.ndarray, skewed: bool) -> str:
+    "mean (SD), or median [Q1,Q3] when skewed, of the present values of `x`, to one decimal."
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)             # a group with no value: `nan (nan)`, as tableone prints it
+        if skewed: return "{:.1f} [{:.1f},{:.1f}]".format(np.nanmedian(x), *np.nanpercentile(x, [25, 75]))
+        return "{:.1f} ({:.1f})".format(np.nanmean(x), 0.0 if len(x) == 1 else np.nanstd(x, ddof=1))
+
+def _level_codes(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    "Each row's category as a code into the sorted level texts (missing is the visible level `(missing)`)."
+    codes, uniques = pd.factorize(values.astype(object).where(values.notna(), MISSING_CATEGORY), use_na_sentinel=False)
+    texts = [str(u) for u in uniques]                                 # str() once per level, not once per row
+    levels = sorted(set(texts))
+    return np.array([levels.index(t) for t in texts], dtype=np.int64)[codes], levels
+
 def table_one(df: pd.DataFrame, spec: DatasetSpec, groupby: str | None) -> pd.DataFrame:
-    "Table 1 (tableone): cohort characteristics overall and by `groupby`, with counts missing."
-    from tableone import TableOne
+    "Table 1: cohort characteristics overall and by `groupby` (mean (SD), median [Q1,Q3] when skewed, n (%)), with counts missing."
     cols = [c for c in spec.features if df[c].notna().any()]
-    skewed = [c for c in spec.numeric if c in cols and abs(pd.to_numeric(df[c], errors="coerce").skew()) > 1]
-    cats = [c for c in spec.categorical if c in cols]
-    df = df.copy()
-    for c in cats: df[c] = df[c].astype(object).where(df[c].notna(), MISSING_CATEGORY)  # a visible level (by item: a column may be `self`)
-    t = TableOne(df, columns=cols, categorical=cats, nonnormal=skewed,
-                 groupby=groupby, missing=True, pval=False, overall=True, decimals=1)
-    out = t.tableone.copy()
-    out.columns = [c[1] if isinstance(c, tuple) else c for c in out.columns]
-    out.index = pd.Index([" ".join(str(p) for p in i if str(p)).strip() if isinstance(i, tuple) else str(i) for i in out.index],
-                         name="characteristic")
-    return out
+    groups = sorted(df[groupby].dropna().unique()) if groupby else []
+    code = pd.Categorical(df[groupby], categories=groups).codes if groupby else np.zeros(len(df), np.int8)
+    order = np.argsort(code, kind="stable")                           # rows grouped once; each group is then a slice
+    sizes = [int(n) for n in np.bincount(code[code >= 0], minlength=len(groups))] if groupby else []
+    starts = int((code < 0).sum()) + np.cumsum([0] + sizes)           # rows without a group come first (Overall only)
+    blocks = [slice(0, len(df))] + [slice(a, a + n) for a, n in zip(starts, sizes)]   # overall, then each group
+    index, rows = ["n"], [["", len(df), *sizes]]
+    for c in cols:
+        if c in spec.categorical:
+            codes, levels = _level_codes(df[c])
+            codes = codes[order]
+            counts = np.stack([np.bincount(codes[b], minlength=len(levels)) for b in blocks])   # (overall + groups, levels)
+            with np.errstate(all="ignore"): pct = counts / counts.sum(1, keepdims=True) * 100
+            for j, level in enumerate(levels):
+                index.append(f"{c}, n (%) {level}")
+                rows.append(["", *(f"{n} ({p:.1f})" for n, p in zip(counts[:, j], pct[:, j]))])
+        else:
+            x = pd.to_numeric(df[c], errors="coerce")
+            skewed = abs(x.skew()) > 1
+            x = x.to_numpy(np.float64)[order]
+            index.append(f"{c}, {'median [Q1,Q3]' if skewed else 'mean (SD)'}")
+            rows.append([int(np.isnan(x).sum()), *(_numeric_summary(x[b], skewed) for b in blocks)])
+    return pd.DataFrame(rows, index=pd.Index(index, name="characteristic"), columns=["Missing", "Overall", *map(str, groups)],
+                        dtype=object)
 
 def missingness(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> pd.DataFrame:
     "Percent missing per feature, per split and overall."

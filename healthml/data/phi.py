@@ -5,6 +5,8 @@
 # %% ../../nbs/10_data/13_phi.ipynb #435cac53
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import re
 import zipfile
@@ -50,10 +52,15 @@ def _zip_text(zips: pd.Series) -> pd.Series:
     s = s.mask(digits & n.between(3, 4), s.str.zfill(5)).mask(digits & n.between(6, 8), s.str.zfill(9))
     return s
 
-def generalise_zip(zips: pd.Series, restricted: Iterable[str]) -> pd.Series:
-    "First three digits of each ZIP code; `000` for restricted areas; missing when not a ZIP code."
+def _zip3(zips: pd.Series, restricted: Iterable[str]) -> pd.Series:
     s = _zip_text(zips).str.extract(r"^(\d{3})\d{2}(?:-?\d{4})?$")[0]
     return s.where(~s.isin(set(restricted)), "000").astype(object).where(s.notna(), None)
+
+def generalise_zip(zips: pd.Series, restricted: Iterable[str]) -> pd.Series:
+    "First three digits of each ZIP code; `000` for restricted areas; missing when not a ZIP code (worked out once per distinct code)."
+    codes, distinct = pd.factorize(zips)           # a cohort has thousands of ZIP codes, not millions: the text work is per code
+    zip3 = _zip3(pd.Series(distinct, dtype=zips.dtype), restricted).to_numpy(dtype=object)
+    return pd.Series(np.where(codes >= 0, zip3[np.maximum(codes, 0)], None), index=zips.index, dtype=object)
 
 def top_code_age(age: pd.Series, top: int = 90) -> pd.Series:
     "Ages over 89 become `top` (one category: 90 or older)."
@@ -206,6 +213,44 @@ class PhiHit:
     kind: str
 
 # %% ../../nbs/10_data/13_phi.ipynb #da372835
+def _value_keys(texts: list[str], min_length: int = 5) -> tuple[list[str], np.ndarray, set[str], int]:
+    """Each text as the key the scanner looks up (its lower-case tokens joined by one space), whether it is evidence on
+    its own (`PhiScanner.searchable`), and the first tokens (of values of several) and largest token count of those that are. Pure-ASCII texts
+    go through Arrow's string kernels in bulk; the others token by token, by Python's rules for Unicode letters."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if not texts: return [], np.zeros(0, bool), set(), 0
+    arr = pa.array(texts, type=pa.large_string())
+    keys = pc.ascii_trim(pc.replace_substring_regex(pc.ascii_lower(arr), r"[^a-z0-9]+", " "), " ")   # _WORD on ASCII text
+    length, spaces = pc.utf8_length(keys).to_numpy(), pc.count_substring(keys, " ").to_numpy()
+    letters = pc.match_substring_regex(keys, r"^[a-z]+$").to_numpy(zero_copy_only=False)
+    digits = pc.match_substring_regex(keys, r"^[0-9]+$").to_numpy(zero_copy_only=False)
+    ok = np.where(spaces > 0, length >= min_length,
+                  (length > 0) & ~letters & np.where(digits, length >= 6, length >= min_length))
+    ascii_ = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
+    bulk = pa.array(ok & ascii_ & (spaces > 0))
+    first = set(pc.unique(pc.list_element(pc.split_pattern(pc.filter(keys, bulk), " ", max_splits=1), 0)).to_pylist())
+    width = int(spaces[ok & ascii_].max(initial=-1)) + 1
+    keys = keys.to_pylist()
+    for i in np.flatnonzero(~ascii_):                                  # Unicode letters and digits: Python's own rules
+        toks = tuple(_tokens(texts[i]))
+        keys[i], ok[i] = " ".join(toks), PhiScanner.searchable(toks, min_length)
+        if ok[i] and len(toks) > 1: first.add(toks[0])
+        if ok[i]: width = max(width, len(toks))
+    return keys, ok, first, width
+
+def _date_texts(values: list, cutoff: str) -> list[str]:
+    "The texts a value that is not text is searched as: a date (before `cutoff`) as 2019-03-04, 3/4/2019 and 03/04/2019."
+    stamps = [v for v in values if isinstance(v, (pd.Timestamp, np.datetime64))]
+    others = [v for v in values if not isinstance(v, (pd.Timestamp, np.datetime64))]
+    texts = [" ".join(t) for v in others for t in PhiScanner._forms(v, cutoff)]
+    try: d = pd.DatetimeIndex(stamps)
+    except (TypeError, ValueError): return texts + [" ".join(t) for v in stamps for t in PhiScanner._forms(v, cutoff)]
+    iso = d.strftime("%Y-%m-%d")
+    d, iso = d[iso.notna() & (iso < cutoff)], iso[iso.notna() & (iso < cutoff)]   # not within `recent_days` of today
+    short = d.month.astype(str) + "/" + d.day.astype(str) + "/" + d.year.astype(str)
+    return texts + list(iso) + list(short) + list(d.strftime("%m/%d/%Y"))
+
 class PhiScanner:
     """Find identifier patterns and known identifier values in text and tables.
 
@@ -213,22 +258,24 @@ class PhiScanner:
     evidence only together (first and last name columns); `not_searched`: columns left out, with the reason."""
     def __init__(self, values: dict[str, Iterable] | None = None, min_length: int = 5, recent_days: int = 2,
                  people: Iterable[tuple[str, ...]] = (), not_searched: dict[str, str] | None = None):
-        self.values: dict[tuple, str] = {}  # value as a tuple of tokens -> kind
-        self.skipped = 0
+        self.values: dict[str, str] = {}  # value as its tokens joined by one space -> kind
+        self.first: set[str] = set()      # the first token of each value of several tokens: where a longer match can start
+        self.width, self.skipped = 1, 0   # the most tokens in one value; values too short or common to search
         self.not_searched = dict(not_searched or {})
         cutoff = (date.today() - timedelta(days=recent_days)).isoformat()
         for kind, vals in (values or {}).items():
-            for v in vals:
-                for toks in self._forms(v, cutoff):
-                    if self.searchable(toks, min_length): self.values[toks] = kind
-                    else: self.skipped += 1
+            vals = list(vals)                                          # text as it is; a date in its three written forms
+            texts = [v for v in vals if type(v) is str] + _date_texts([v for v in vals if type(v) is not str], cutoff)
+            keys, ok, first, width = _value_keys(texts, min_length)
+            self.skipped += int((~ok).sum())
+            self.values.update(zip(itertools.compress(keys, ok), itertools.repeat(kind)))
+            self.first |= first; self.width = max(self.width, width)
         for parts in people:  # Will + Black: searched as "will black" and "black will", never "will" alone
             parts = [tuple(_tokens(str(x))) for x in parts if x is not None and str(x).strip()]
             for a in parts:
                 for b in parts:
-                    if a is not b and a and b and self.searchable(a + b, min_length): self.values.setdefault(a + b, "name")
-        self.first = {k[0] for k in self.values}
-        self.width = max([len(k) for k in self.values] + [1])
+                    if a is not b and a and b and self.searchable(a + b, min_length):
+                        self.values.setdefault(" ".join(a + b), "name"); self.first.add(a[0]); self.width = max(self.width, len(a + b))
         self.patterns = {k: re.compile(p) for k, p in PHI_PATTERNS.items()}
         self.date = re.compile(DATE_PATTERN)
 
@@ -260,13 +307,13 @@ class PhiScanner:
         if self.values:
             words = list(_WORD.finditer(text.lower()))
             for i, m in enumerate(words):
-                if m.group() not in self.first: continue
-                seq, j = [m.group()], i
+                if m.group() not in self.first and m.group() not in self.values: continue
+                key, n, j = m.group(), 1, i
                 while True:
-                    if tuple(seq) in self.values: hits.append((m.start(), self.values[tuple(seq)])); break
-                    if len(seq) >= self.width or j + 1 >= len(words): break
+                    if key in self.values: hits.append((m.start(), self.values[key])); break
+                    if n >= self.width or j + 1 >= len(words): break
                     if not _GLUE.fullmatch(text[words[j].end():words[j + 1].start()]): break
-                    j += 1; seq.append(words[j].group())
+                    j += 1; n += 1; key += " " + words[j].group()
         return sorted(set(hits))
 
 # %% ../../nbs/10_data/13_phi.ipynb #d714e6ab
@@ -379,16 +426,25 @@ def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple
     return list(_text_hits(scanner, text, file, tabular=suffix in (".csv", ".tsv"))), True
 
 def scan_paths(scanner: PhiScanner, paths: Iterable[Path], root: Path = Path(".")) -> dict:
-    "Scan files and directories (recursively); a JSON-ready summary with every hit's place and kind."
+    """Scan files and directories (recursively); a JSON-ready summary with every hit's place and kind. A file whose
+    bytes equal an earlier one's (a model MLflow keeps a copy of, a filed report) is scanned once: its hits are the
+    first copy's, named after it."""
     hits, scanned, skipped = [], 0, []
-    for p in paths:
-        p = Path(p)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-        for f in files:
-            rel = str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+    files = [f for p in map(Path, paths)
+             for f in (sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else [])]
+    sizes = collections.Counter(f.stat().st_size for f in files)
+    done: dict[tuple, tuple[str, list[PhiHit], bool]] = {}   # (suffix, SHA-256) -> (name scanned as, hits, scanned)
+    for f in files:
+        rel = str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+        key = (f.suffix.lower(), hashlib.sha256(f.read_bytes()).hexdigest()) if sizes[f.stat().st_size] > 1 else None
+        if key in done:
+            first, h0, ok = done[key]
+            h = [PhiHit(rel + hit.file[len(first):], hit.location, hit.kind) for hit in h0]
+        else:
             h, ok = scan_file(scanner, f, rel)
-            hits += h; scanned += ok
-            if not ok: skipped.append(rel)
+            if key: done[key] = (rel, h, ok)
+        hits += h; scanned += ok
+        if not ok: skipped.append(rel)
     return {"files_scanned": scanned, "files_not_scanned": skipped, "identifier_values": len(scanner.values),
             "values_too_short_to_search": scanner.skipped, "columns_not_searched": scanner.not_searched, "patterns": sorted(PHI_PATTERNS) + ["date (tabular)"],
             "hits": [asdict(h) for h in hits], "passed": not hits}
@@ -436,7 +492,8 @@ def row_counter(values: pd.Series) -> bool:
         if not np.all(np.mod(x, 1) == 0): return False
     else:
         s = v.astype(str)
-        if not s.str.fullmatch(r"[1-9]\d{0,11}|0").all(): return False
+        counter = r"[1-9]\d{0,11}|0"
+        if not s.head(1000).str.fullmatch(counter).all() or not s.str.fullmatch(counter).all(): return False   # most keys fail early
         x = s.astype(np.int64)
     n = len(pd.unique(x))
     return bool(x.max() - x.min() + 1 <= 2 * n)
@@ -453,7 +510,9 @@ def identifier_values(spec: DatasetSpec, df: pd.DataFrame, not_searched: dict | 
         if kind != "date" and row_counter(df[c]):
             if not_searched is not None: not_searched[c] = "integer sequence (a row number): its values are counts in any report"
             continue
-        out.setdefault(kind, []).extend(df[c].dropna().unique().tolist())
+        v = df[c].dropna()
+        if pd.api.types.is_datetime64_any_dtype(v): v = v.dt.normalize()   # a date-time is searched by its date: one per day
+        out.setdefault(kind, []).extend(v.unique().tolist())
     return out
 
 def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
@@ -465,9 +524,12 @@ def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
     return PhiScanner(values, people=people, not_searched=not_searched)
 
 def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
-    "A scanner loaded with the identifier values of the validated (restricted) cohort."
-    df = pd.read_parquet(layout.validated) if layout.validated.exists() else pd.DataFrame()
-    return identifier_scanner(spec, df)
+    "A scanner loaded with the identifier values of the validated (restricted) cohort (only its identifier columns are read)."
+    if not layout.validated.exists(): return identifier_scanner(spec, pd.DataFrame())
+    import pyarrow.parquet as pq
+    present = set(pq.read_schema(layout.validated).names)
+    wanted = [c for c in [*_identifier_columns(spec), *spec.identifiers] if c in present]
+    return identifier_scanner(spec, pd.read_parquet(layout.validated, columns=list(dict.fromkeys(wanted))))
 
 def leak_message(hits: list[dict], n: int = 8) -> str:
     lines = [f"  {h['file']}: {h['location']} ({h['kind']})" for h in hits[:n]]

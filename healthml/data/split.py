@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
 from ..core.errors import HealthmlError
 from ..core.io import write_json, write_parquet
@@ -29,6 +27,7 @@ class LeakageError(HealthmlError):
 
 def patient_split(df: pd.DataFrame, patient_id: str, outcome: str, cfg: SplitConfig) -> pd.Series:
     "Assign each row to `train`/`validation`/`test` so that no patient spans two splits."
+    from sklearn.model_selection import train_test_split    # here, not at import: the card and report import this module too
     per_patient = df.groupby(patient_id, sort=True)[outcome].max()
     patients, y = per_patient.index.to_numpy(), per_patient.to_numpy()
     strat = y if cfg.stratify else None
@@ -63,8 +62,9 @@ DROPPED = "dropped"  # a row cut at a time boundary: a train (validation) patien
 
 def _period_starts(first: pd.Series, cfg: SplitConfig) -> tuple:
     "Validation and test start: whole time values (tied patients stay together) whose later shares come closest to the targets."
-    values = np.sort(first.unique())
-    later = np.array([(first >= v).mean() for v in values])   # share of patients entering at or after each time
+    ordered = np.sort(first.to_numpy())
+    values = np.unique(ordered)
+    later = (len(ordered) - np.searchsorted(ordered, values, side="left")) / len(ordered)   # share entering at or after each time
     if len(values) < 3:
         raise HealthmlError(f"a temporal split needs patients entering at 3 or more distinct index times; they enter at "
                             f"{len(values)} (every patient's first index time is the same)" if len(values) == 1 else
@@ -117,6 +117,7 @@ def assign_splits(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> pd.S
 # %% ../../nbs/10_data/15_split.ipynb #d4043bdc
 def single_feature_auroc(x: pd.Series, y: pd.Series, categorical: bool) -> float:
     "AUROC of one feature alone (direction-free: max(AUC, 1 - AUC)); NaN if it cannot be computed."
+    from sklearn.metrics import roc_auc_score
     if y.nunique() < 2: return float("nan")
     if categorical:
         key = category_labels(x)
@@ -143,8 +144,8 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
     shared = {f"{a}/{b}": int(len(np.intersect1d(splits[a][spec.patient_id].unique(), splits[b][spec.patient_id].unique())))
               for i, a in enumerate(names) for b in names[i + 1:]}
     feats = list(spec.features)
-    h = {n: pd.util.hash_pandas_object(d[feats].astype(str), index=False) for n, d in splits.items()}
-    dup = {n: int(h[n].isin(set(h["train"])).sum()) for n in names if n != "train"}
+    h = {n: pd.util.hash_pandas_object(d[feats], index=False) for n, d in splits.items()}   # one row hash on the values
+    dup = {n: int(h[n].isin(h["train"].to_numpy()).sum()) for n in names if n != "train"}    # (the splits share dtypes)
     # the chance level: with a few coarse features (four 0/1 flags) every row has a twin, in train as anywhere; a
     # split is flagged only when it repeats training rows clearly more often than training rows repeat each other
     # (twice as often, or 10 points more): with continuous features the chance level is 0 and any copy is flagged

@@ -5,15 +5,19 @@
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #e98bfc52
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from ..core.compute import usable_cores
+
 # %% auto #0
-__all__ = ['delong', 'delong_ci', 'delong_test', 'bootstrap_weights', 'SortedScores', 'ranking_metrics', 'weighted_auroc',
-           'weighted_average_precision', 'percentile_ci', 'discrimination', 'bootstrap', 'bootstrap_intervals']
+__all__ = ['delong', 'delong_ci', 'delong_test', 'bootstrap_chunks', 'bootstrap_weights', 'SortedScores', 'ranking_metrics',
+           'weighted_auroc', 'weighted_average_precision', 'percentile_ci', 'discrimination', 'bootstrap_threads',
+           'in_threads', 'bootstrap', 'bootstrap_intervals']
 
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #499befb7
 def delong(y_true, *y_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -52,19 +56,25 @@ def delong_test(y_true, score_a, score_b, level: float = 0.95) -> dict:
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #706692e7
 _BOOTSTRAP_STREAM = 0xB007
 
-def bootstrap_weights(groups, n_boot: int, seed: int = 0, chunk: int = 50) -> Iterator[np.ndarray]:
-    "Yield (≤chunk, n_rows) weight matrices: patients drawn with replacement, rows weighted by their patient's count."
+def bootstrap_chunks(groups, n_boot: int, seed: int = 0, chunk: int = 50) -> list[Callable[[], np.ndarray]]:
+    """One function per chunk of replicates that draws its (≤chunk, n_rows) weight matrix: patients drawn with
+    replacement, rows weighted by their patient's count. Each chunk has its own seed stream, so chunks can be drawn
+    in any order, or in parallel."""
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     n_groups = int(inverse.max()) + 1
     one_row_each = n_groups == len(inverse) and bool((inverse == np.arange(len(inverse))).all())
-    for i, start in enumerate(range(0, n_boot, chunk)):
+    def draw(i: int, b: int) -> np.ndarray:
         # A spawn key of our own: `default_rng([seed, 0])` would equal `default_rng(seed)` (trailing
         # zeros are dropped), i.e. the stream a user may have simulated the data with.
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_BOOTSTRAP_STREAM, i)))
-        b = min(chunk, n_boot - start)
         draws = rng.integers(0, n_groups, size=(b, n_groups)) + (np.arange(b) * n_groups)[:, None]
         counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
-        yield counts if one_row_each else counts[:, inverse]
+        return counts if one_row_each else counts[:, inverse]
+    return [functools.partial(draw, i, min(chunk, n_boot - start)) for i, start in enumerate(range(0, n_boot, chunk))]
+
+def bootstrap_weights(groups, n_boot: int, seed: int = 0, chunk: int = 50) -> Iterator[np.ndarray]:
+    "Yield (≤chunk, n_rows) weight matrices, chunk by chunk (`bootstrap_chunks`)."
+    return (draw() for draw in bootstrap_chunks(groups, n_boot, seed, chunk))
 
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #3e052d0f
 class SortedScores:
@@ -86,13 +96,16 @@ class SortedScores:
         return pos, neg
 
 def ranking_metrics(sorted_scores: SortedScores, W) -> tuple[np.ndarray, np.ndarray]:
-    "AUROC and average precision for each row of weights `W`, from one pass."
+    "AUROC and average precision for each row of weights `W`, from one pass (arrays reused in place: memory-bound work)."
     pos, neg = sorted_scores.pos_neg(W)
     n_pos, n_neg = pos.sum(1), neg.sum(1)
-    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
-    auroc = (pos * (n_neg[:, None] - fp + 0.5 * neg)).sum(1) / (n_pos * n_neg)   # negatives strictly lower + half the ties
-    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
-    return auroc, (pos * precision).sum(1) / n_pos
+    fp = np.cumsum(neg, axis=1)
+    part = np.subtract(n_neg[:, None], fp)                  # per positive: the negatives strictly lower ...
+    part += np.multiply(neg, 0.5, out=neg); part *= pos     # ... plus half the ties, times its weight
+    auroc = part.sum(1) / (n_pos * n_neg)
+    tp = np.cumsum(pos, axis=1, out=part)
+    np.divide(tp, np.add(tp, fp, out=fp), out=tp, where=fp > 0)   # precision (0 before the first flag: tp is 0 there)
+    return auroc, (np.multiply(tp, pos, out=tp)).sum(1) / n_pos
 
 def weighted_auroc(sorted_scores: SortedScores, W) -> np.ndarray:
     "AUROC for each row of weights `W`."
@@ -118,16 +131,38 @@ def discrimination(y_true, y_score) -> dict:
             "auroc": float(roc_auc_score(y_true, y_score)), "auprc": float(average_precision_score(y_true, y_score))}
 
 # %% ../../nbs/30_evaluation/31_discrimination.ipynb #e6ac36e0
+def bootstrap_threads(rows: int, chunk: int = 50, most: int = 4) -> int:
+    "Threads for a bootstrap over `rows` rows: one a core (at most `most`) once a chunk of replicates is large, else one."
+    if rows * chunk < 2_000_000: return 1        # under ~40,000 rows a chunk takes milliseconds: threads would only contend
+    return usable_cores(most)
+
+def in_threads(fn: Callable, items, threads: int) -> list:
+    "fn over items in `threads` threads, results in order, at most two items a thread in flight (chunks are large)."
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from threadpoolctl import threadpool_limits
+    out, pending = [], deque()
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:   # one BLAS thread under each
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads: out.append(pending.popleft().result())
+        return out + [f.result() for f in pending]
+
 def bootstrap(statistics: Callable[[np.ndarray], dict], y_true, patients, n_boot: int, seed: int = 0,
-              both_outcomes: bool = True) -> dict[str, np.ndarray]:
-    "Each statistic on every patient-level bootstrap replicate (without a patient of each outcome: dropped)."
+              both_outcomes: bool = True, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Each statistic on every patient-level bootstrap replicate (without a patient of each outcome: dropped). Chunks of
+    replicates run in parallel threads on a large sample (`bootstrap_threads`); each chunk's draws are its own, so the
+    replicates are the same whatever the number of threads."""
     y = np.asarray(y_true, float)
-    reps: dict[str, list] = {}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for W in bootstrap_weights(patients, n_boot, seed):
+    def chunk_statistics(draw):
+        with np.errstate(divide="ignore", invalid="ignore"):   # numpy's error state is per thread
+            W = draw()
             if both_outcomes: W = W[((W @ y) > 0) & ((W @ (1 - y)) > 0)]
-            for k, v in statistics(W).items(): reps.setdefault(k, []).append(np.asarray(v, float))
-    return {k: np.concatenate(v) for k, v in reps.items()}
+            return {k: np.asarray(v, float) for k, v in statistics(W).items()}
+    chunks = bootstrap_chunks(patients, n_boot, seed)
+    threads = bootstrap_threads(len(y)) if threads is None else threads
+    results = [chunk_statistics(c) for c in chunks] if threads == 1 else in_threads(chunk_statistics, chunks, threads)
+    return {k: np.concatenate([r[k] for r in results]) for k in (results[0] if results else {})}
 
 def bootstrap_intervals(replicates: dict, level: float = 0.95) -> dict:
     "`<statistic>_ci_low` and `<statistic>_ci_high`: the percentile interval of each statistic's replicates."

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .calibration import (Recalibrator, brier, calibration_metrics, calibration_replicates, calibration_slope,
                                              outcome_set_metrics, outcome_set_replicates)
+from ..core.compute import usable_cores
 from ..core.io import write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, Params
@@ -26,8 +27,9 @@ from .subgroups import fairness_columns, fairness_gaps, subgroup_table
 from .utility import threshold_for_sensitivity, threshold_metrics, threshold_replicates
 
 # %% auto #0
-__all__ = ['COMPARED', 'CHAMPION', 'INSUFFICIENT', 'model_evaluation', 'compare', 'choose_threshold', 'evaluation_settings',
-           'validation_slices', 'test_shortfall', 'quiet_numerics', 'evaluate', 'model_predictors', 'evaluate_models']
+__all__ = ['COMPARED', 'CHAMPION', 'INSUFFICIENT', 'model_replicates', 'model_evaluation', 'compare', 'choose_threshold',
+           'evaluation_settings', 'validation_slices', 'test_shortfall', 'quiet_numerics', 'evaluate',
+           'model_predictors', 'evaluate_models']
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #f5a56809
 def _replicates(y, p, threshold, W, st, sets) -> dict:
@@ -35,9 +37,9 @@ def _replicates(y, p, threshold, W, st, sets) -> dict:
     return {"auroc": auroc, "auprc": auprc, **calibration_replicates(y, p, W), **threshold_replicates(y, p, threshold, W),
             **(outcome_set_replicates(y, p, sets, W) if sets is not None else {})}
 
-def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateConfig,
-                     sets: OutcomeSets | None = None) -> dict:  # the outcome sets fitted on validation, when judged
-    "Point estimates and patient-level bootstrap CIs of every metric; DeLong CI for AUROC."
+def model_replicates(y_true, y_prob, patients, threshold: float, cfg: EvaluateConfig,
+                     sets: OutcomeSets | None = None) -> tuple[dict, dict]:  # the outcome sets fitted on validation, when judged
+    "`model_evaluation` with the bootstrap replicates it was computed from: (estimates, {metric: replicate values})."
     order = np.argsort(-np.asarray(y_prob, float), kind="mergesort")   # every metric is order-free; sorting
     y, p = np.asarray(y_true, float)[order], np.asarray(y_prob, float)[order]   # once spares a gather per replicate
     patients = np.asarray(patients)[order]
@@ -48,16 +50,30 @@ def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateCo
     reps = bootstrap(lambda W: _replicates(y, p, threshold, W, st, sets), y, patients, cfg.n_bootstrap, cfg.seed)
     point |= bootstrap_intervals(reps, cfg.ci_level)
     _, point["auroc_delong_ci_low"], point["auroc_delong_ci_high"] = delong_ci(y, p, cfg.ci_level)
-    return point
+    return point, reps
+
+def model_evaluation(y_true, y_prob, patients, threshold: float, cfg: EvaluateConfig,
+                     sets: OutcomeSets | None = None) -> dict:  # the outcome sets fitted on validation, when judged
+    "Point estimates and patient-level bootstrap CIs of every metric; DeLong CI for AUROC."
+    return model_replicates(y_true, y_prob, patients, threshold, cfg, sets)[0]
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #adaabb09
 COMPARED = ("auprc", "brier", "calibration_slope", "net_benefit")
 
-def compare(y_true, candidate, other, patients, thr_candidate: float, thr_other: float, cfg: EvaluateConfig) -> dict:
-    "Candidate minus other: paired DeLong for AUROC, paired bootstrap for the rest."
+def compare(y_true, candidate, other, patients, thr_candidate: float, thr_other: float, cfg: EvaluateConfig,
+            evaluated: tuple[tuple[dict, dict], tuple[dict, dict]] | None = None) -> dict:
+    """Candidate minus other: paired DeLong for AUROC, paired bootstrap for the rest. `evaluated`: each model's
+    `model_replicates` on these patients with `cfg`'s seed, when already computed: the same replicates (same draws of
+    patients), so their differences are the paired bootstrap, with no second pass."""
     y = np.asarray(y_true, float)
     a, b = np.asarray(candidate, float), np.asarray(other, float)
     out = {"auroc": delong_test(y, a, b, cfg.ci_level)}
+    if evaluated is not None:
+        (pa, ra), (pb, rb) = evaluated
+        for k in COMPARED:
+            lo, hi = percentile_ci(ra[k] - rb[k], cfg.ci_level)
+            out[k] = {"candidate": pa[k], "other": pb[k], "difference": pa[k] - pb[k], "ci_low": lo, "ci_high": hi}
+        return out
     sa, sb = SortedScores(y, a), SortedScores(y, b)
     def needed(p, thr, W, st):
         return {"auprc": ranking_metrics(st, W)[1], "brier": brier(y, p, W), "calibration_slope": calibration_slope(y, p, W)[1],
@@ -167,8 +183,10 @@ def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str,
             sv[f"{cand}_recalibrated"], st[f"{cand}_recalibrated"] = recal.predict(sv[cand]), recal.predict(st[cand])
         thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
         sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
-        models = {m: model_evaluation(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
-        comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg) for m in st if m != cand}
+        evaluated = {m: model_replicates(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
+        models = {m: point for m, (point, _) in evaluated.items()}
+        comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg, (evaluated[cand], evaluated[m]))
+                      for m in st if m != cand}
         return EvaluationResult(models, {**evaluation_settings(cfg), "candidate": cand}, comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
                                 _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))
 
@@ -177,7 +195,10 @@ def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
     "Each model's risk function, from its file: the candidate, the other models of `params.yaml`, then the champion."
     from healthml.modelling.train import load_trained, model_frame
     spec = params.dataset
-    def risk_function(model): return lambda d: model.predict_proba(model_frame(d, spec))[:, 1]
+    def risk_function(model):
+        est = model.steps[-1][1] if hasattr(model, "steps") else model
+        if hasattr(est, "booster_"): est.n_jobs = usable_cores()   # trees predict on every core (fitted on one, for
+        return lambda d: model.predict_proba(model_frame(d, spec))[:, 1]   # determinism): each row's risk is the same
     out = {m: risk_function(load_trained(layout, m)) for m in params.model_names}
     champ = params.evaluate.champion
     if champ is not None:

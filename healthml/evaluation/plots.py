@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .calibration import calibration_bins, calibration_curve, risk_histogram
 from ..core.io import atomic_write
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, Params
@@ -45,6 +44,7 @@ def _csv(df: pd.DataFrame, path) -> None:
 
 def write_plots(layout: Layout, y_true, scores: dict, subgroups: pd.DataFrame, cfg: EvaluateConfig) -> None:
     "Write every plot file of the evaluation under `plots/`: one file per model in each folder, and the subgroups."
+    from healthml.evaluation.calibration import calibration_bins, calibration_curve, risk_histogram   # here: the report's figures need no scikit-learn
     P = layout.plots
     for name, s in scores.items():
         _csv(roc_points(y_true, s), P/"roc"/f"{name}.csv")

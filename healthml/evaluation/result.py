@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from ..core.errors import HealthmlError
 from ..core.layout import Layout
@@ -29,7 +29,7 @@ def json_ready(obj, digits: int = 6):
     return obj
 
 # %% ../../nbs/30_evaluation/30_result.ipynb #f175aef1
-def _z(level: float) -> float: return round(float(norm.ppf(0.5 + level / 2)), 6)   # 0.95 -> 1.959964
+def _z(level: float) -> float: return round(NormalDist().inv_cdf(0.5 + level / 2), 6)   # 0.95 -> 1.959964 (no scipy import for the gate)
 
 def group_gap(rates: dict, intervals: dict | None = None, interval_level: float = 0.95, level: float = 0.95) -> dict:
     "Gap between the highest- and lowest-rate groups; with the groups' intervals, its lower bound (normal approximation)."

@@ -17,52 +17,82 @@ from ..core.spec import DatasetSpec
 Predict = Callable[[pd.DataFrame], np.ndarray]
 
 # %% auto #0
-__all__ = ['Predict', 'top_features', 'robustness_checks', 'direction_curve', 'direction_checks', 'evasion_check']
+__all__ = ['Predict', 'scores_of', 'permutation_aurocs', 'top_features', 'robustness_checks', 'direction_curve',
+           'direction_checks', 'evasion_check']
 
 # %% ../../nbs/30_evaluation/35_robustness.ipynb #3b5c054b
-class _Risk:
-    "Any risk function as the fitted estimator `permutation_importance` expects."
-    def __init__(self, predict: Predict): self.predict_risk = predict
-    def fit(self, X, y=None): return self
+def scores_of(predict: Predict, frames: list[pd.DataFrame]) -> list[np.ndarray]:
+    "The risks of several frames from one call of `predict`: one model frame and one pass through the model for all of them."
+    risk = np.asarray(predict(pd.concat(frames, ignore_index=True)), dtype=float)
+    return np.split(risk, np.cumsum([len(f) for f in frames])[:-1])
 
-def _auroc(estimator, X, y) -> float: return roc_auc_score(y, estimator.predict_risk(X))
+def permutation_aurocs(predict: Predict, df: pd.DataFrame, y, features: list[str], repeats: int = 5, seed: int = 0,
+                       max_rows: int = 20_000, batch_rows: int = 400_000) -> np.ndarray:
+    """Test AUROC with each feature shuffled, `repeats` times (features x repeats): scikit-learn's permutation importance
+    (`max_samples=max_rows`; the same draws), every shuffled copy scored in a few batched calls instead of one call each."""
+    from sklearn.utils import check_random_state
+    from sklearn.utils.random import sample_without_replacement
+    X, y = df[features], np.asarray(y)
+    rs = check_random_state(check_random_state(seed).randint(np.iinfo(np.int32).max + 1))   # as scikit-learn: one seed, and
+    m = min(len(X), max_rows)                                                               # each feature a fresh generator
+    if m < len(X):                                                                          # from it (the same draws for all)
+        rows = sample_without_replacement(len(X), m, random_state=rs)
+        X, y = X.iloc[rows], y[rows]
+    X = X.reset_index(drop=True)
+    shuffled, order, orders = np.arange(m), np.arange(m), []
+    for _ in range(repeats):                       # scikit-learn shuffles the already shuffled column again at each repeat
+        rs.shuffle(shuffled); order = order[shuffled]; orders.append(order)
+    blocks, aurocs = [(f, o) for f in features for o in orders], []
+    per_call = max(1, batch_rows // max(m, 1))
+    for i in range(0, len(blocks), per_call):
+        frames = []
+        for f, o in blocks[i:i + per_call]:
+            c = X.copy(); c[f] = X[f].iloc[o].set_axis(X.index); frames.append(c)
+        aurocs += [roc_auc_score(y, r) for r in scores_of(predict, frames)]
+    return np.array(aurocs).reshape(len(features), repeats)
 
 def top_features(predict: Predict, df: pd.DataFrame, y, features: list[str], k: int = 5, seed: int = 0,
-                 repeats: int = 5) -> list[str]:
-    "The k features whose shuffling lowers test AUROC most (scikit-learn's permutation importance, mean of `repeats`)."
-    from sklearn.inspection import permutation_importance
-    r = permutation_importance(_Risk(predict), df[features], y, scoring=_auroc, n_repeats=repeats, random_state=seed)
-    order = sorted(range(len(features)), key=lambda i: -r.importances_mean[i])
+                 repeats: int = 5, max_rows: int = 20_000, baseline: np.ndarray | None = None) -> list[str]:
+    """The k features whose shuffling lowers test AUROC most (permutation importance, mean of `repeats`, on at most
+    `max_rows` test rows drawn at random); `baseline`: the unshuffled risks, when already scored."""
+    base = roc_auc_score(y, predict(df[features]) if baseline is None else baseline)
+    importance = (base - permutation_aurocs(predict, df, y, features, repeats, seed, max_rows)).mean(axis=1)
+    order = sorted(range(len(features)), key=lambda i: -importance[i])
     return [features[i] for i in order[:k]]
 
 # %% ../../nbs/30_evaluation/35_robustness.ipynb #55a7f608
-def _effect(predict: Predict, y, base: np.ndarray, changed: pd.DataFrame) -> dict:
-    p = predict(changed)
+def _effect(y, base: np.ndarray, p: np.ndarray) -> dict:
     d = p - base
     return {"auroc": float(roc_auc_score(y, p)), "mean_risk_change": float(d.mean()),
             "mean_abs_risk_change": float(np.abs(d).mean()), "share_risk_moved_5pts": float((np.abs(d) > 0.05).mean())}
 
-def robustness_checks(predict: Predict, df: pd.DataFrame, y, spec: DatasetSpec, cfg: RobustnessConfig, seed: int = 0) -> dict:
-    "AUROC and risk shifts under missing top features, noise and unit errors."
+def robustness_checks(predict: Predict, df: pd.DataFrame, y, spec: DatasetSpec, cfg: RobustnessConfig, seed: int = 0,
+                      importance_rows: int = 20_000) -> dict:
+    "AUROC and risk shifts under missing top features, noise and unit errors (every changed copy scored in one call)."
     base = predict(df)
     base_auroc = float(roc_auc_score(y, base))
     out = {"baseline_auroc": base_auroc, "missing": {}, "noise": {}, "unit_errors": {}}
-    top = top_features(predict, df, y, list(spec.features), cfg.top_features, seed)
-    out["top_features"] = top
+    top = top_features(predict, df, y, list(spec.features), cfg.top_features, seed, max_rows=importance_rows, baseline=base)
+    out["top_features"], out["importance_rows"] = top, min(len(df), importance_rows)
+    changed = {}
     for f in top:
         gone = df.copy()
         gone[f] = np.nan if spec.features[f].kind == "numeric" else None
-        out["missing"][f] = _effect(predict, y, base, gone)
+        changed[("missing", f)] = gone
     rng = np.random.default_rng(seed)
     noisy = df.copy()
     for f in spec.numeric:
         x = pd.to_numeric(df[f], errors="coerce")
         noisy[f] = x + rng.normal(0, cfg.noise_sd_fraction * np.nanstd(x), len(x))
-    out["noise"] = {"sd_fraction": cfg.noise_sd_fraction, **_effect(predict, y, base, noisy)}
+    changed[("noise", None)] = noisy
     for f, factor in cfg.unit_errors.items():
         wrong = df.copy()
         wrong[f] = pd.to_numeric(df[f], errors="coerce") * factor
-        out["unit_errors"][f] = {"factor": factor, **_effect(predict, y, base, wrong)}
+        changed[("unit_errors", f)] = wrong
+    for (section, f), p in zip(changed, scores_of(predict, list(changed.values()))):
+        if section == "missing": out["missing"][f] = _effect(y, base, p)
+        elif section == "noise": out["noise"] = {"sd_fraction": cfg.noise_sd_fraction, **_effect(y, base, p)}
+        else: out["unit_errors"][f] = {"factor": cfg.unit_errors[f], **_effect(y, base, p)}
     for section in ("missing", "unit_errors"):
         for v in out[section].values(): v["auroc_change"] = v["auroc"] - base_auroc
     out["noise"]["auroc_change"] = out["noise"]["auroc"] - base_auroc
@@ -70,16 +100,14 @@ def robustness_checks(predict: Predict, df: pd.DataFrame, y, spec: DatasetSpec, 
 
 # %% ../../nbs/30_evaluation/35_robustness.ipynb #9cb19aef
 def direction_curve(predict: Predict, df: pd.DataFrame, feature: str, points: int = 10, sample: int = 500, seed: int = 0) -> pd.DataFrame:
-    "Mean predicted risk of a patient sample as `feature` sweeps its 5th-95th percentile."
+    "Mean predicted risk of a patient sample as `feature` sweeps its 5th-95th percentile (every point scored in one call)."
     x = pd.to_numeric(df[feature], errors="coerce").dropna()
     grid = np.unique(np.quantile(x, np.linspace(0.05, 0.95, points)))
     base = df.sample(min(sample, len(df)), random_state=seed)
-    means = []
+    moved = []
     for v in grid:
-        moved = base.copy()
-        moved[feature] = v
-        means.append(float(predict(moved).mean()))
-    return pd.DataFrame({"value": grid, "mean_risk": means})
+        m = base.copy(); m[feature] = v; moved.append(m)
+    return pd.DataFrame({"value": grid, "mean_risk": [float(r.mean()) for r in scores_of(predict, moved)]})
 
 def direction_checks(predict: Predict, df: pd.DataFrame, spec: DatasetSpec, tolerance: float = 0.005, seed: int = 0) -> dict:
     "For each feature with a declared direction: the largest wrong-way drop in mean risk and a verdict."

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .calibration import calibration_in_the_large, calibration_replicates
 from ..core.spec import DatasetSpec
-from .discrimination import SortedScores, bootstrap, bootstrap_intervals, weighted_auroc
+from .discrimination import SortedScores, bootstrap, bootstrap_intervals, bootstrap_threads, in_threads, weighted_auroc
 from .result import group_gap
 from .utility import threshold_replicates
 
@@ -26,8 +26,10 @@ def fairness_columns(groups: pd.DataFrame, spec: DatasetSpec) -> list[str]:
 _CI_METRICS = ("auroc", "observed_expected", "calibration_intercept", "calibration_slope", "brier",
                "sensitivity", "fpr", "ppv", "alerts_per_100")
 
-def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, seed: int) -> dict:
+def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, seed: int, threads: int | None = None) -> dict:
     "Point estimates and bootstrap CIs of the subgroup metrics for one group."
+    order = np.argsort(-np.asarray(p, float), kind="mergesort")    # sorted once by risk: no gather per replicate chunk
+    y, p, patients = np.asarray(y, float)[order], np.asarray(p, float)[order], np.asarray(patients)[order]
     st = SortedScores(y, p)
     def stats(W):
         thr = threshold_replicates(y, p, threshold, W)
@@ -35,16 +37,16 @@ def group_metrics(y, p, patients, threshold: float, n_boot: int, level: float, s
         return {"auroc": weighted_auroc(st, W), **{k: cal[k] for k in ("observed_expected", "calibration_intercept", "calibration_slope", "brier")},
                 "sensitivity": thr["sensitivity"], "fpr": 1 - thr["specificity"], "ppv": thr["ppv"], "alerts_per_100": thr["alerts_per_100"]}
     point = {k: float(v[0]) for k, v in stats(np.ones((1, len(y)))).items()}
-    return point | bootstrap_intervals(bootstrap(stats, y, patients, n_boot, seed), level)
+    return point | bootstrap_intervals(bootstrap(stats, y, patients, n_boot, seed, threads=threads), level)
 
 WHOLE_TEST_SPLIT = "the whole test split: see the headline estimates"
 
 def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: float, min_n: int = 100,
                    min_events: int = 10, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                   min_non_events: int = 10) -> pd.DataFrame:
+                   min_non_events: int = 10, threads: int | None = None) -> pd.DataFrame:
     "Metrics with CIs for every group of every attribute (`n` counts patients, `rows` rows); 'insufficient n' below the guards."
     y, p, patients = np.asarray(y_true, float), np.asarray(y_prob, float), np.asarray(patients)
-    rows = []
+    rows, estimable = [], []
     for attribute in groups.columns:
         for label, idx in groups.groupby(attribute, sort=True).indices.items():
             n, events = len(np.unique(patients[idx])), int(y[idx].sum())
@@ -56,8 +58,13 @@ def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: fl
                                  f"needs n>={min_n}, events>={min_events}, non-events>={min_non_events})")
             else:
                 row["status"] = "ok"
-                row.update(group_metrics(y[idx], p[idx], patients[idx], threshold, n_boot, level, seed))
+                estimable.append((row, idx))
             rows.append(row)
+    # each group's bootstrap is its own (same seed, its own patients): on a large test split the groups run in parallel
+    metrics = lambda item: group_metrics(y[item[1]], p[item[1]], patients[item[1]], threshold, n_boot, level, seed, threads=1)
+    threads = bootstrap_threads(len(y)) if threads is None else threads
+    for (row, _), m in zip(estimable, map(metrics, estimable) if threads == 1 else in_threads(metrics, estimable, threads)):
+        row.update(m)
     return pd.DataFrame(rows)
 
 # %% ../../nbs/30_evaluation/34_subgroups.ipynb #d54a8ceb

@@ -18,9 +18,9 @@ from .report import file_report, write_index
 from ..core.errors import HealthmlError
 from ..core.faults import checkpoint
 from ..core.io import sha256_file
-from ..core.layout import Layout
+from ..core.layout import Layout, git_commit
 from ..core.params import Params
-from ..modelling.train import git_commit, mlflow_experiment, using_tracking
+from ..modelling.train import mlflow_experiment, using_tracking
 
 # %% auto #0
 __all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'TREES_ARTIFACT',

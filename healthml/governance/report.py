@@ -701,7 +701,7 @@ def training_engine(train: dict, model: str) -> str:
 
 def manifest(ctx: ReportContext, out_dir: Path, params_path: Path, template: Path, version: str) -> dict:
     "SHA-256 of every input and output of the report, with provenance."
-    from healthml.modelling.train import git_commit
+    from healthml.core.layout import git_commit
     L = ctx.layout
     inputs = {"params": params_path, "template": template, "cohort_file": L.root/ctx.params.dataset.file,
               "deidentified_cohort": L.deidentified, "dataset_card": L.dataset_card/"dataset_card.json", **{f"split_{s}": L.split_file(s) for s in ("train", "validation", "test")},
@@ -794,8 +794,15 @@ def _outputs_text(nb_path: Path) -> list[str]:
                                                                         # on this machine too): not a number of the evidence
     return out
 
+def _without_iri_parser() -> None:
+    """Importing nbformat imports jsonschema, which builds a parser for RFC 3987 IRIs (`rfc3987_syntax`, a Lark grammar:
+    about 1 s) to check an `iri` string format; nbformat's notebook schema has none, so the parser is never used. Mark
+    it absent before the first nbformat import (jsonschema then registers no IRI checker, as when it is not installed)."""
+    if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
+
 def _execute(template: Path, dest: Path, root: Path, params_path, version: str, kernel: str) -> None:
     "Run the template with Papermill; the kernel's own log lines are kept off the console unless it fails."
+    _without_iri_parser()
     import papermill as pm
     with quiet_stderr() as kernel_log:
         try: pm.execute_notebook(str(template), str(dest), parameters={"root": str(root), "params_path": str(params_path), "version": version},
@@ -812,6 +819,8 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
 
     The folder is built beside `report/` and renamed into place, so a killed run leaves no half-written
     report (and nothing inside the DVC output). Nothing is filed or audited here: see `file_report`."""
+    from concurrent.futures import ThreadPoolExecutor
+    from healthml.data.phi import scanner_for
     from healthml.governance.model_card import card_html, card_markdown, model_card
     from healthml.governance.supply_chain import write_sboms
     root = Path(root).resolve()
@@ -819,9 +828,8 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
     template = root/ctx.params.report.template
     if not template.exists(): raise ReportError(f"report template {template} not found", hint="check report.template in params.yaml")
     version = model_version(ctx.layout, ctx.params.candidate)
-    with staged_dir(root/ctx.layout.report_render.relative_to(ctx.layout.root)) as out_dir:
-        _execute(template, out_dir/"validation.ipynb", root, params_path, version, kernel)
-        atomic_write(out_dir/"validation.html", notebook_to_html(out_dir/"validation.ipynb"))
+
+    def cards(out_dir: Path) -> None:
         card = model_card(ctx, ctx.review, version)
         write_json(out_dir/"model_card.json", card)
         atomic_write(out_dir/"model_card.md", card_markdown(card))
@@ -829,7 +837,16 @@ def build_report(root: str | Path = ".", params_path: str | Path = "params.yaml"
         card_page = ctx.layout.dataset_card/"dataset_card.html"
         if card_page.exists(): atomic_write(out_dir/"dataset_card.html", card_page.read_bytes())
         write_sboms(out_dir, root)               # the research and scoring environments' CycloneDX SBOMs, hashed below
-        _scan_for_phi(ctx, out_dir)
+        import nbconvert  # noqa: F401           # imported now, for the HTML below (a second)
+    _without_iri_parser()                        # before any thread imports nbformat
+    with staged_dir(root/ctx.layout.report_render.relative_to(ctx.layout.root)) as out_dir, ThreadPoolExecutor(1) as aside:
+        # while the kernel runs the template (this process mostly waits), a second thread writes the cards and SBOMs
+        # and loads the PHI scanner (the validated cohort's identifiers: seconds on a large cohort)
+        done, scanner = aside.submit(cards, out_dir), aside.submit(scanner_for, ctx.params.dataset, ctx.layout)
+        _execute(template, out_dir/"validation.ipynb", root, params_path, version, kernel)
+        atomic_write(out_dir/"validation.html", notebook_to_html(out_dir/"validation.ipynb"))
+        done.result()
+        _scan_for_phi(ctx, out_dir, scanner.result())
         write_json(out_dir/"manifest.json", manifest(ctx, out_dir, root/params_path, template, version))
         checkpoint("report.render-written")
     out = root/ctx.layout.report_render.relative_to(ctx.layout.root)
@@ -866,10 +883,10 @@ def file_report(reports: Path, model_name: str, render: Path) -> tuple[Path, boo
     return target, True
 
 # %% ../../nbs/40_governance/45_report.ipynb #2e3fc28e
-def _scan_for_phi(ctx: ReportContext, out_dir: Path) -> None:
-    "Scan every file of a new report for identifiers; on any hit the report is removed, not kept."
+def _scan_for_phi(ctx: ReportContext, out_dir: Path, scanner=None) -> None:
+    "Scan every file of a new report for identifiers (with `scanner`, when already loaded); on any hit the report is removed, not kept."
     from healthml.data.phi import keep_only_if_clean, scanner_for
-    keep_only_if_clean(scanner_for(ctx.params.dataset, ctx.layout), out_dir,
+    keep_only_if_clean(scanner or scanner_for(ctx.params.dataset, ctx.layout), out_dir,
                        "the new report holds {n} suspected identifier(s); it was not kept",
                        hint="find where the value enters the report and de-identify it upstream", root=ctx.layout.root.resolve())
 

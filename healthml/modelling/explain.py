@@ -110,9 +110,9 @@ class Explainer:
         base = self.artifact["intercept"] + float(self.coef @ self.centre)
         return np.full(len(x), base), np.hstack(grouped)
 
-    def log_odds(self, data) -> np.ndarray:
-        "The model's log-odds per row, as base + sum of contributions."
-        base, c = self.contributions(data)
+    def log_odds(self, data, contributions: tuple | None = None) -> np.ndarray:
+        "The model's log-odds per row, as base + sum of contributions (`contributions`: those of `data`, when already computed)."
+        base, c = self.contributions(data) if contributions is None else contributions
         return base + c.sum(axis=1)
 
 # %% ../../nbs/20_modelling/24_explain.ipynb #6e9e21ae
@@ -151,17 +151,17 @@ def native_log_odds(pipeline, frame) -> np.ndarray:
     return pipeline.decision_function(frame)
 
 def explainer_parity(explainer: Explainer, native: np.ndarray, onnx_risk: np.ndarray, frame,  # native log-odds, ONNX risks, the rows
-                     tolerance: float, native_tolerance: float = 1e-6) -> dict:
+                     tolerance: float, native_tolerance: float = 1e-6, contributions: tuple | None = None) -> dict:
     "How far base + contributions are from the native log-odds and from the ONNX risks; `passed` when within both tolerances."
-    lo = explainer.log_odds(frame)
+    lo = explainer.log_odds(frame, contributions)
     to_native, to_onnx = np.abs(lo - native), np.abs(1 / (1 + np.exp(-lo)) - onnx_risk)
     p = np.clip(onnx_risk, 1e-12, 1 - 1e-12)
     return {"max_abs_diff_native_log_odds": float(to_native.max()), "max_abs_diff_onnx_risk": float(to_onnx.max()),
             "max_abs_diff_onnx_log_odds": float(np.abs(lo - np.log(p / (1 - p))).max()),  # reported: float32 risks near 0 or 1
             "rows": int(len(lo)), "passed": bool(to_native.max() <= native_tolerance and to_onnx.max() <= tolerance)}
 
-def global_importance(explainer: Explainer, data) -> list[dict]:
-    "Per feature, largest first: `{feature, mean_abs_contribution}` (log-odds) over the rows of `data`."
-    _, c = explainer.contributions(data)
+def global_importance(explainer: Explainer, data, contributions: tuple | None = None) -> list[dict]:
+    "Per feature, largest first: `{feature, mean_abs_contribution}` (log-odds) over the rows of `data` (`contributions`: theirs, if computed)."
+    _, c = explainer.contributions(data) if contributions is None else contributions
     mean = np.abs(c).mean(axis=0)
     return [{"feature": explainer.features[j], "mean_abs_contribution": float(mean[j])} for j in np.argsort(-mean, kind="stable")]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from collections.abc import Mapping
 from contextlib import contextmanager
 import time
@@ -26,16 +25,16 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file, write_json
 from ..core.compute import engine_client
-from ..core.layout import Layout
+from ..core.layout import Layout, git_commit
 from ..core.params import CompactConfig, LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed_spec
 
 # %% auto #0
 __all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
            'model_pipeline', 'model_pipelines', 'soft_target', 'fit_compact', 'ModelFileError', 'foreign_types',
-           'save_model', 'load_model', 'recorded_sha256', 'load_trained', 'pipeline_outputs', 'git_commit',
-           'using_tracking', 'mlflow_experiment', 'flat_params', 'params_hash', 'run_name', 'dvc_experiment',
-           'run_description', 'global_bins', 'fit_on_cluster', 'train_models']
+           'save_model', 'load_model', 'recorded_sha256', 'load_trained', 'using_tracking', 'mlflow_experiment',
+           'flat_params', 'params_hash', 'run_name', 'dvc_experiment', 'run_description', 'global_bins',
+           'fit_on_cluster', 'train_models']
 
 # %% ../../nbs/20_modelling/21_train.ipynb #806ab840
 def model_frame(df: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
@@ -176,32 +175,6 @@ def recorded_sha256(layout: Layout, model: str) -> str:
 def load_trained(layout: Layout, model: str):
     "Model `model` as the train stage wrote it: its file checked against the SHA-256 in `metrics/train.json`."
     return load_model(layout.model_file(model), recorded_sha256(layout, model))
-
-# %% ../../nbs/20_modelling/21_train.ipynb #a67913a3
-def pipeline_outputs(dvc_yaml: str) -> list[str]:
-    "What `dvc repro` writes itself: `dvc.lock` and each stage's outs, metrics and plots in `dvc_yaml` (a templated path by its fixed folder)."
-    import yaml
-    paths = ["dvc.lock"]
-    for stage in ((yaml.safe_load(dvc_yaml) or {}).get("stages") or {}).values():
-        stage = stage.get("do", stage)  # a foreach/matrix stage
-        for kind in ("outs", "metrics", "plots"):
-            for out in stage.get(kind) or []:
-                path = out if isinstance(out, str) else next(iter(out))
-                fixed = path.split("${")[0] if "${" not in path else path.split("${")[0].rpartition("/")[0]
-                if fixed: paths.append(fixed.rstrip("/"))
-    return paths
-
-# %% ../../nbs/20_modelling/21_train.ipynb #2c5b60de
-def git_commit(root: str | Path = ".") -> str:
-    "The current git commit, `+dirty` when tracked source differs from it (not the pipeline's outputs); `unknown` outside git."
-    def git(*args): return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        sha = git("rev-parse", "HEAD")
-        dvc_yaml = Path(root)/"dvc.yaml"
-        outputs = pipeline_outputs(dvc_yaml.read_text()) if dvc_yaml.exists() else ["dvc.lock"]
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *(f":(exclude){p}" for p in outputs))
-        return sha + ("+dirty" if changed else "")
-    except (OSError, subprocess.CalledProcessError): return "unknown"
 
 # %% ../../nbs/20_modelling/21_train.ipynb #8c615276
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
