@@ -126,3 +126,109 @@ def test_predict_on_dask_equals_local(pipeline_project, dask_cluster, tmp_path):
     assert (a.risk.isna() == b.risk.isna()).all() and np.abs(a.raw_risk - b.raw_risk).max() <= 1e-6
     pd.testing.assert_frame_equal(a.drop(columns=["risk", "raw_risk"]), b.drop(columns=["risk", "raw_risk"]))
     assert a.model_version.nunique() == 1 and a.alert.any()
+
+
+DEID_KEY = "custodian-held-deid-key-7f3a9c"   # the test's de-identification key: must appear in no output and no log
+
+
+def _ehr_project(root: Path, engine: dict) -> tuple[Path, pd.DataFrame]:
+    """The synthetic-EHR spec (encounter level) with quarantine and keyed surrogates, and an ingested cohort of ~3,500
+    encounters in random order, written in row groups of 1,000 (four partitions): most patients' encounters lie in
+    several partitions. Rows that fail (an impossible age, a missing outcome, an encounter key repeated in a later
+    partition) and PHI canaries (names that are common words, an SSN glued into a category) are planted."""
+    from healthml.core.io import SOURCE_ROW
+    from healthml.data.synthetic import synthetic_ehr
+    params = yaml.safe_load((Path(__file__).parent.parent/"examples/synthetic-ehr/params.yaml").read_text())
+    params["dataset"]["features"]["unit"] = {"kind": "categorical"}
+    params["validation"] = {"on_failure": "quarantine", "max_quarantine_fraction": 0.05, "max_missing_fraction": 0.5}
+    params["deidentify"]["surrogate"] = "keyed"
+    params["compute"] = engine
+    ehr = synthetic_ehr(1400, seed=3).sample(frac=1, random_state=0).reset_index(drop=True)
+    ehr["unit"] = np.where(ehr.index % 2 == 0, "ICU", "Ward")
+    step = ehr.drop_duplicates("mrn").mrn
+    ehr.loc[ehr.mrn.isin(step.iloc[:12]), "unit"] = "step-down"                # 12 patients overall, under 10 in every partition
+    ehr.loc[5, "unit"] = f"ref-ann-lee-{ehr.loc[5, 'ssn']}"                    # an identifier glued to text: one patient, pooled
+    ehr.loc[ehr.mrn.isin(step.iloc[20:22]), "name"] = ["Will Black", "Mark Three"][0]
+    ehr.loc[100, "age"] = 300.0                                               # out of range: quarantined
+    ehr.loc[1500, "in_hospital_death"] = None                                 # outcome missing: quarantined
+    ehr.loc[3200, "encounter_id"] = ehr.loc[10, "encounter_id"]               # the same encounter in partitions 1 and 4
+    cohort = ehr.assign(**{SOURCE_ROW: np.arange(1, len(ehr) + 1)})
+    (root/"data/interim").mkdir(parents=True)
+    cohort[[SOURCE_ROW, *[c for c in ehr.columns]]].to_parquet(root/"data/interim/cohort.parquet", row_group_size=1000)
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root, ehr
+
+
+def test_validate_and_deidentify_per_partition_on_dask_equal_the_local_keyed_run(dask_cluster, tmp_path, monkeypatch,
+                                                                                  tmp_path_factory):
+    """`healthml validate` and `healthml deidentify` with `compute.engine: dask`: each worker checks and de-identifies
+    its partitions. The counts (rows, quarantined, every rule's failures and example rows, every de-identification
+    action) equal one process's with the same key; the de-identified rows equal the local keyed run's up to row order;
+    a patient whose encounters lie in several partitions has one surrogate; rare levels are counted over the whole
+    cohort; no key material and no PHI canary reaches an output or a log."""
+    from healthml.core.layout import Layout
+    from healthml.core.params import load_params
+    from healthml.core.secrets import Secret
+    from healthml.data.cohort import validate
+    from healthml.data.phi import deidentify, keyed_surrogates
+    monkeypatch.setenv("HEALTHML_DEID_KEY", DEID_KEY)
+    local, ehr = _ehr_project(tmp_path/"local", {"engine": "local"})
+    p = load_params(local/"params.yaml")
+    validate(p.dataset, Layout(local), p.validation, p.compute)
+    deidentify(p.dataset, p.deidentify, Layout(local), p.compute)
+
+    root, _ = _ehr_project(tmp_path/"dask", {"engine": "dask", "scheduler": dask_cluster, "partition_rows": 1000})
+    said = [run(["healthml", c], root, timeout=120) for c in ("validate", "deidentify")]
+    record = json.loads((root/"metrics/deidentify.json").read_text())
+    assert record["engine"] == "dask" and record["partitions"] >= 2          # the validated parts' row groups (999 + 1,000 ... rows)
+
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("engine", "partitions")}
+    a, b = (json.loads((d/"metrics/validation.json").read_text()) for d in (local, root))
+    assert (b["engine"], b["partitions"]) == ("dask", 4) and drop(b) == a and a["rows_quarantined"] == 3 and a["rows_kept"] == len(ehr) - 3
+    assert {(c["column"], c["rule"]): c["failed"] for c in a["checks"] if c["failed"]} == {
+        ("encounter_id", "unique (one row per encounter)"): 1, ("in_hospital_death", "not missing"): 1, ("age", "<= 120 years"): 1}
+    assert drop(record) == json.loads((local/"metrics/deidentify.json").read_text())
+    pooled = [x for x in record["actions"] if x["kind"] == "rare category"]
+    assert [x["action"].split(" level")[0] for x in pooled] == ["1"]          # the glued SSN's level only; step-down (12 patients) kept
+    pd.testing.assert_frame_equal(pd.read_parquet(root/"data/interim/quarantine.parquet"),
+                                  pd.read_parquet(local/"data/interim/quarantine.parquet"))
+
+    deid, ref = (pd.read_parquet(d/"data/deid/cohort.parquet") for d in (root, local))
+    assert set(deid.unit) == {"ICU", "Ward", "step-down", "(other)"}
+    by = ["encounter_id", "mrn"]
+    pd.testing.assert_frame_equal(deid.sort_values(by).reset_index(drop=True), ref.sort_values(by).reset_index(drop=True))
+    kept = pd.read_parquet(root/"data/interim/validated.parquet")               # the rows kept, in file order (as deid's)
+    part = (kept.source_row.to_numpy() - 1) // 1000
+    spans = pd.DataFrame({"mrn": kept.mrn, "part": part}).groupby("mrn").part.nunique()
+    assert (spans > 1).sum() > 300                                            # hundreds of patients span partitions
+    per_patient = pd.DataFrame({"raw": kept.mrn.to_numpy(), "surrogate": deid.mrn.to_numpy()}).groupby("raw").surrogate.nunique()
+    assert per_patient.max() == 1 and deid.mrn.nunique() == kept.mrn.nunique()
+    assert (deid.mrn.to_numpy() == keyed_surrogates(kept.mrn, Secret(DEID_KEY.encode())).to_numpy()).all()
+    rank = pd.DataFrame({"t": kept.admit_time, "rank": deid.index_rank}).groupby("t")["rank"].nunique()
+    assert rank.max() == 1                                                    # one index time, one rank, in any partition
+
+    logs = [f.read_text() for f in tmp_path_factory.getbasetemp().glob("dask*/process-*.log")]
+    outputs = [f.read_bytes() for d in (root, local) for f in d.rglob("*") if f.is_file() and f.name != "params.yaml"]
+    said = [s.stdout + s.stderr for s in said]
+    assert logs and not any(DEID_KEY in t for t in logs + said) and not any(DEID_KEY.encode() in o for o in outputs)
+    public = [f.read_bytes() for d in (root, local) for f in [*(d/"data/deid").rglob("*"), *(d/"metrics").rglob("*")] if f.is_file()]
+    for canary in ["ref-ann-lee", ehr.loc[5, "ssn"], "Will Black", ehr.loc[0, "mrn"], ehr.loc[0, "encounter_id"]]:
+        assert not any(canary.encode() in o for o in public), canary
+
+
+def test_dask_deidentification_refuses_random_surrogates_and_a_missing_key(dask_cluster, tmp_path, monkeypatch):
+    """Per-partition de-identification needs keyed surrogates, and keyed surrogates need the key: each is one line
+    naming the fix, before any worker sees a row."""
+    monkeypatch.delenv("HEALTHML_DEID_KEY", raising=False)
+    monkeypatch.setenv("HEALTHML_DEID_KEY_FILE", str(tmp_path/"absent.key"))
+    root, _ = _ehr_project(tmp_path/"p", {"engine": "dask", "scheduler": dask_cluster, "partition_rows": 1000})
+    run(["healthml", "validate"], root, timeout=120)
+    r = run(["healthml", "deidentify"], root, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout
+    assert "HEALTHML_DEID_KEY" in r.stdout + r.stderr and "absent.key" in r.stdout + r.stderr
+    params = yaml.safe_load((root/"params.yaml").read_text())
+    params["deidentify"]["surrogate"] = "random"
+    (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = run(["healthml", "deidentify"], root, check=False)
+    assert r.returncode != 0 and "deidentify.surrogate: keyed" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert not (root/"data/deid/cohort.parquet").exists()

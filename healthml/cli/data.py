@@ -41,12 +41,13 @@ def ingest(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
 def validate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Check every row against the dataset spec (compiled to a pandera schema); stop on a hard failure.
 
-    With `validation.on_failure: quarantine` failing rows go to data/interim/quarantine.parquet with reasons.
+    With `validation.on_failure: quarantine` failing rows go to data/interim/quarantine.parquet with reasons. With
+    `compute.engine: dask` each worker checks its partitions and the counts are summed here.
     Example: healthml validate"""
     def go():
         from healthml.data.cohort import validate as _validate
         p = load_params(params)
-        r = _validate(p.dataset, Layout(root), p.validation)
+        r = _validate(p.dataset, Layout(root), p.validation, p.compute)
         q = f"; {r['rows_quarantined']} quarantined" if r["rows_quarantined"] else ""
         w = f"; {r['n_warnings']} warning(s) for the report" if r["n_warnings"] else ""
         return f"{r['rows_kept']} of {r['rows']} rows passed {r['n_checks']} checks{q}{w}"
@@ -58,12 +59,14 @@ def deidentify(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."
     """Apply HIPAA Safe Harbor to the validated cohort as `dataset.identifiers` declares, then scan the result.
 
     Identifiers are removed or generalised (dates to year or days from index, ages over 89 to 90, ZIP to 3 digits),
-    patient keys become random surrogates. Writes data/deid/cohort.parquet and metrics/deidentify.json.
+    patient keys become random surrogates (`deidentify.surrogate: keyed`: HMAC-SHA256 under HEALTHML_DEID_KEY, needed
+    with `compute.engine: dask`, where each worker de-identifies its partitions). Writes data/deid/cohort.parquet and
+    metrics/deidentify.json.
     Example: healthml deidentify"""
     def go():
         from healthml.data.phi import deidentify as _deidentify
         p = load_params(params)
-        r = _deidentify(p.dataset, p.deidentify, Layout(root))
+        r = _deidentify(p.dataset, p.deidentify, Layout(root), p.compute)
         removed = sum(a["action"] == "removed" for a in r["actions"])
         return (f"{r['rows']} rows; {removed} identifier column(s) removed, {len(r['actions']) - removed} generalised or "
                 f"replaced; scan of {r['scan']['identifier_values']} identifier values: clean")

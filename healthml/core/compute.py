@@ -15,7 +15,7 @@ from .params import ComputeConfig
 
 # %% auto #0
 __all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'usable_cores', 'is_glob',
-           'partitioned', 'parquet_parts', 'RowRange', 'row_ranges']
+           'partitioned', 'parquet_parts', 'RowRange', 'row_ranges', 'read_range', 'concatenate_parquet']
 
 # %% ../../nbs/00_core/10_compute.ipynb #70aeab55
 class ComputeError(HealthmlError):
@@ -122,3 +122,30 @@ def row_ranges(files: list[Path], partition_rows: int) -> list[RowRange]:
         if groups or meta.num_row_groups == 0:
             out.append(RowRange(f, tuple(groups), first, rows)); first += rows
     return out
+
+# %% ../../nbs/00_core/10_compute.ipynb #1014bb59
+def read_range(part: RowRange, columns: list[str] | None = None):
+    "The rows of one partition as a DataFrame (only `columns`, if given)."
+    import pyarrow.parquet as pq
+    f = pq.ParquetFile(part.file)
+    if not part.row_groups: return f.schema_arrow.empty_table().select(columns or f.schema_arrow.names).to_pandas()
+    return f.read_row_groups(list(part.row_groups), columns=columns).to_pandas()
+
+def concatenate_parquet(parts: list[Path], dest: Path) -> bool:
+    "Stream part files, in order, into one Parquet file written atomically; False when there are none."
+    import pyarrow.parquet as pq
+    parts = [p for p in parts if Path(p).exists()]
+    if not parts:
+        Path(dest).unlink(missing_ok=True); return False
+    dest = Path(dest)
+    tmp, writer = dest.with_name(f".{dest.name}.tmp"), None
+    try:
+        for p in parts:
+            f = pq.ParquetFile(p)
+            for g in range(f.num_row_groups):
+                table = f.read_row_group(g)
+                if writer is None: writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+        writer.close(); tmp.replace(dest)
+    finally: tmp.unlink(missing_ok=True)
+    return True

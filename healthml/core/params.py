@@ -206,6 +206,7 @@ class ValidateConfig(StrictModel):
 class DeidentifyConfig(StrictModel):
     "De-identification choices (see `02_phi`)."
     seed: int = 42  # draws the random surrogate patient keys (not derived from any identifier)
+    surrogate: Literal["random", "keyed"] = "random"  # keyed: HMAC-SHA256 of the key under HEALTHML_DEID_KEY (needed per partition, on Dask)
     age_top_code: int = Field(90, ge=1)  # Safe Harbor: ages over 89 become one category, coded 90
     keep_index_rank: bool = True  # keep the order of index dates (no date) so temporal splits work
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, ClassVar, Mapping
+from typing import TYPE_CHECKING, ClassVar, Iterable, Mapping
 
 import numpy as np
 
@@ -17,9 +17,9 @@ if TYPE_CHECKING:  # only for annotations: the record rules run where pydantic i
     from healthml.core.spec import DatasetSpec
 
 # %% auto #0
-__all__ = ['MAX_TEXT', 'VALIDATED', 'CodedText', 'Column', 'ValueRule', 'IsNumber', 'IsFinite', 'AtLeast', 'AtMost', 'IsText',
-           'InCategories', 'feature_rules', 'compile_rules', 'select', 'record_problems', 'any_broken',
-           'frame_problems', 'record_model', 'dataset_schema']
+__all__ = ['MAX_TEXT', 'VALIDATED', 'NOT_ENTIRELY_MISSING', 'CodedText', 'Column', 'ValueRule', 'IsNumber', 'IsFinite', 'AtLeast',
+           'AtMost', 'IsText', 'InCategories', 'feature_rules', 'compile_rules', 'select', 'record_problems',
+           'any_broken', 'frame_problems', 'record_model', 'missing_rule', 'whole_column_passes', 'dataset_schema']
 
 # %% ../../nbs/00_core/07_rules.ipynb #0cfb26c8
 @dataclass(frozen=True)
@@ -237,10 +237,24 @@ def _is_time(s):
     return pd.to_datetime(s, errors="coerce", format="mixed").notna() | s.isna()
 
 VALIDATED = ("number", "range", "category")  # the kinds of value rule cohort validation runs
+NOT_ENTIRELY_MISSING = "not entirely missing"
+
+def missing_rule(cfg: ValidateConfig) -> str:
+    "The name of the soft rule on a feature's missing fraction."
+    return f"missing in <= {cfg.max_missing_fraction:.0%} of rows"
+
+def whole_column_passes(rule: str, present: int, rows: int, cfg: ValidateConfig) -> bool | None:
+    """A whole-column rule judged from counts (values present, rows), so that partitions' counts can be summed first;
+    None for a rule that is not a whole-column one."""
+    if rule == NOT_ENTIRELY_MISSING: return present > 0
+    if rule == missing_rule(cfg): return rows > 0 and (rows - present) / rows <= cfg.max_missing_fraction
+    return None
 
 # %% ../../nbs/00_core/07_rules.ipynb #21a66009
-def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig | None = None, soft: bool = False):
-    "The spec's hard rules (or, with `soft`, its warnings) as a pandera `DataFrameSchema`: one named check per rule and column."
+def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig | None = None, soft: bool = False, earlier: Iterable = ()):
+    """The spec's hard rules (or, with `soft`, its warnings) as a pandera `DataFrameSchema`: one named check per rule and column.
+
+    `earlier`: row keys whose first row lies in an earlier partition of the cohort: their rows here are duplicates too."""
     from healthml.core.params import ValidateConfig
     cfg = cfg or ValidateConfig()
     import pandas as pd
@@ -254,18 +268,20 @@ def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig | None = None, soft: b
         add(spec.patient_id, check(lambda s: s.notna(), "not missing", ignore_na=False))
         if spec.row_id: add(spec.row_id, check(lambda s: s.notna(), "not missing", ignore_na=False))
         what = "one row per encounter" if spec.row_id else "one row per patient"
-        add(key, check(lambda s: ~(s.duplicated(keep="first") & s.notna()), f"unique ({what})", ignore_na=False))
+        seen = pd.Index(list(earlier))
+        add(key, check(lambda s: ~((s.duplicated(keep="first") | s.isin(seen)) & s.notna()), f"unique ({what})", ignore_na=False))
         for c in spec.time_columns: add(c, check(_is_time, "a date-time", ignore_na=False))
         if spec.index_time: add(spec.index_time, check(lambda s: s.notna(), "not missing", ignore_na=False))
     rules = select(compile_rules(spec.features), *VALIDATED)
     for name, f in spec.features.items():
         if soft:
-            add(name, check(lambda s: s.isna().mean() <= cfg.max_missing_fraction,
-                             f"missing in <= {cfg.max_missing_fraction:.0%} of rows", ignore_na=False))
+            add(name, check(lambda s: whole_column_passes(missing_rule(cfg), int(s.notna().sum()), len(s), cfg), missing_rule(cfg),
+                            ignore_na=False))
             if f.soft_min is not None: add(name, value_check(AtLeast(name, f.soft_min, f.unit, usually=True)))
             if f.soft_max is not None: add(name, value_check(AtMost(name, f.soft_max, f.unit, usually=True)))
             continue
-        add(name, check(lambda s: s.notna().any(), "not entirely missing", ignore_na=False))
+        add(name, check(lambda s: whole_column_passes(NOT_ENTIRELY_MISSING, int(s.notna().sum()), len(s), cfg), NOT_ENTIRELY_MISSING,
+                        ignore_na=False))
         for rule in rules[name]: add(name, value_check(rule))
     return pa.DataFrameSchema({c: pa.Column(checks=checks, nullable=True, required=True) for c, checks in cols.items()},
                               name=f"{spec.name} ({'soft' if soft else 'hard'} rules)")

@@ -16,19 +16,21 @@ import pandas as pd
 
 if TYPE_CHECKING: import pandera.pandas as pa   # imported where a schema runs (`run_schema`), not by every stage
 
-from ..core.compute import is_glob, parquet_parts, partitioned
+from ..core.compute import (RowRange, concatenate_parquet, engine_client, is_glob, parquet_parts, partitioned,
+                                   read_range, row_ranges)
 from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name, sha256_file, write_json, write_parquet
 from ..core.layout import Layout
-from ..core.params import ValidateConfig
+from ..core.params import ComputeConfig, ValidateConfig
 from ..core.outcome import HOW_TO_FIX, OutcomeLabels
-from ..core.rules import dataset_schema
+from ..core.rules import dataset_schema, whole_column_passes
 from ..core.spec import ROW_KEY, DatasetSpec, category_labels
 
 # %% auto #0
 __all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
            'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort', 'empty_rows_check',
-           'validate_cohort', 'validate', 'subgroup_frame']
+           'row_numbers', 'check_partition', 'sum_checks', 'judge_validation', 'validate_cohort', 'validate_on_cluster',
+           'validate', 'subgroup_frame']
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f2315825
 class CohortError(HealthmlError):
@@ -264,30 +266,56 @@ def empty_rows_check(df: pd.DataFrame, spec: DatasetSpec, n_examples: int = 5) -
     return Check("(every feature)", "at least one feature recorded", int(empty.sum()), [int(r) for r in rows[empty][:n_examples]], "soft")
 
 # %% ../../nbs/10_data/11_cohort.ipynb #80d5b908
-def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig()
-                    ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
-    "Check `df` against `spec`; return the typed cohort, the JSON-ready result and quarantined rows."
-    df, rows_in = df.reset_index(drop=True), len(df)
-    labels = spec.outcome_definition.classify(df)
-    undefined = spec.outcome_definition.undefined_counts(df)   # rows whose outcome is neither: excluded, counted
-    df, labels = df[~labels.undefined].reset_index(drop=True), labels[~labels.undefined]
-    hard, by_row = run_schema(dataset_schema(spec, cfg), df)
-    keys = sum(c.column in (spec.patient_id, spec.row_id) for c in hard)
-    outcome, outcome_rows, summary = outcome_checks(df, spec, labels)
-    hard = hard[:keys] + outcome + hard[keys:]
-    for p, why in outcome_rows.items(): by_row[p] = why + by_row.get(p, [])
+def row_numbers(df: pd.DataFrame) -> np.ndarray:
+    "Each row's number in the file it came from (`source_row`), or its 1-based position."
+    return df[SOURCE_ROW].to_numpy() if SOURCE_ROW in df else np.arange(1, len(df) + 1)
+
+def check_partition(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig(), earlier=()) -> dict:
+    """The row-level rules on one partition (or the whole cohort) of rows whose outcome is defined: hard and soft checks,
+    the rules each failing row breaks (by row number), and the counts whole-column rules are judged from.
+    `earlier`: row keys first seen in an earlier partition."""
+    hard, by_row = run_schema(dataset_schema(spec, cfg, earlier=earlier), df)
     soft, _ = run_schema(dataset_schema(spec, cfg, soft=True), df, severity="soft")
     soft.append(empty_rows_check(df, spec))
+    rows = row_numbers(df)
+    return {"hard": hard, "soft": soft, "by_row": {int(rows[p]): why for p, why in by_row.items()}, "rows": len(df),
+            "present": {f: int(df[f].notna().sum()) for f in spec.features if f in df}}
+
+def sum_checks(parts: list[dict], cfg: ValidateConfig, n_examples: int = 5) -> tuple[list[Check], list[Check], dict[int, list[str]]]:
+    "The partitions' checks added up (example rows in file order); whole-column rules judged again on the summed counts."
+    rows = sum(p["rows"] for p in parts)
+    def merged(kind: str) -> list[Check]:
+        out = []
+        for i, first in enumerate(parts[0][kind]):
+            same = [p[kind][i] for p in parts]
+            c = Check(first.column, first.rule, sum(s.failed for s in same), [r for s in same for r in s.example_rows][:n_examples],
+                      first.severity)
+            ok = whole_column_passes(c.rule, sum(p["present"].get(c.column, 0) for p in parts), rows, cfg)
+            if ok is not None: c.failed, c.example_rows = (0 if ok else max(rows, 1)), []
+            out.append(c)
+        return out
+    by_row = {}
+    for p in parts: by_row.update(p["by_row"])
+    return merged("hard"), merged("soft"), by_row
+
+def judge_validation(rows_in: int, undefined: dict, outcome: tuple, parts: list[dict], spec: DatasetSpec,
+                     cfg: ValidateConfig) -> tuple[dict, dict[int, str]]:
+    """The verdict on the whole cohort from its partitions' checks and the outcome's (checks, failing row numbers, summary):
+    the JSON-ready result and the rows to quarantine (row number -> reasons)."""
+    hard, soft, by_row = sum_checks(parts, cfg)
+    n = sum(p["rows"] for p in parts)
+    outcome_list, outcome_rows, summary = outcome
+    keys = sum(c.column in (spec.patient_id, spec.row_id) for c in hard)
+    hard = hard[:keys] + outcome_list + hard[keys:]
+    for r, why in outcome_rows.items(): by_row[r] = why + by_row.get(r, [])
     failed = [c for c in hard if not c.passed]
     column_level = [c for c in failed if not c.example_rows]
-    frac = len(by_row) / max(len(df), 1)
+    frac = len(by_row) / max(n, 1)
     quarantine = cfg.on_failure == "quarantine" and failed and not column_level and frac <= cfg.max_quarantine_fraction
-    bad_pos = np.array(sorted(by_row), dtype=int) if quarantine else np.array([], dtype=int)
-    keep = np.ones(len(df), dtype=bool); keep[bad_pos] = False
-    q = df.iloc[bad_pos].assign(reasons=["; ".join(by_row[p]) for p in bad_pos])
+    bad = {r: "; ".join(by_row[r]) for r in sorted(by_row)} if quarantine else {}
     passed = not failed or bool(quarantine)
-    result = {"rows": rows_in, "passed": passed, "rows_kept": int(keep.sum()) if passed else 0,
-              "rows_outcome_undefined": rows_in - len(df), "rows_quarantined": len(bad_pos), "on_failure": cfg.on_failure,
+    result = {"rows": rows_in, "passed": passed, "rows_kept": n - len(bad) if passed else 0,
+              "rows_outcome_undefined": rows_in - n, "rows_quarantined": len(bad), "on_failure": cfg.on_failure,
               "outcome": summary | {"undefined": undefined},
               "n_checks": len(hard), "n_failed": len(failed), "n_warnings": sum(not c.passed for c in soft),
               "checks": [asdict(c) | {"passed": c.passed} for c in hard],
@@ -295,32 +323,111 @@ def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = V
     if failed and cfg.on_failure == "quarantine" and not quarantine:
         result["quarantine_refused"] = ("a whole-column rule failed" if column_level else
                                         f"{frac:.1%} of rows fail, above max_quarantine_fraction {cfg.max_quarantine_fraction:.0%}")
-    return (clean_cohort(df[keep], spec).reset_index(drop=True) if passed else df), result, q
+    return result, bad
+
+def _defined(df: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, OutcomeLabels, dict]:
+    "The rows whose outcome is defined (and their labels), and the count of each undefined value."
+    df = df.reset_index(drop=True)
+    labels = spec.outcome_definition.classify(df)
+    undefined = spec.outcome_definition.undefined_counts(df)   # rows whose outcome is neither: excluded, counted
+    return df[~labels.undefined].reset_index(drop=True), labels[~labels.undefined], undefined
+
+def _outcome_by_row(df: pd.DataFrame, spec: DatasetSpec, labels: OutcomeLabels) -> tuple:
+    checks, rows, summary = outcome_checks(df, spec, labels)
+    numbers = row_numbers(df)
+    return checks, {int(numbers[p]): why for p, why in rows.items()}, summary
+
+def _split_quarantine(df: pd.DataFrame, spec: DatasetSpec, bad: dict[int, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The typed rows kept, and the rows set aside with their reasons."
+    rows = row_numbers(df)
+    out = np.isin(rows, np.fromiter(bad, dtype=rows.dtype, count=len(bad))) if bad else np.zeros(len(df), bool)
+    return clean_cohort(df[~out], spec).reset_index(drop=True), df[out].assign(reasons=[bad[int(r)] for r in rows[out]])
+
+def validate_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: ValidateConfig = ValidateConfig()
+                    ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    "Check `df` against `spec`; return the typed cohort, the JSON-ready result and quarantined rows."
+    rows_in = len(df)
+    df, labels, undefined = _defined(df, spec)
+    result, bad = judge_validation(rows_in, undefined, _outcome_by_row(df, spec, labels), [check_partition(df, spec, cfg)], spec, cfg)
+    clean, q = _split_quarantine(df, spec, bad)
+    return (clean if result["passed"] else df), result, q
 
 def _checks(items: list[dict]) -> list[Check]:
     return [Check(**{k: v for k, v in c.items() if k != "passed"}) for c in items]
 
 # %% ../../nbs/10_data/11_cohort.ipynb #6964d094
-def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateConfig()) -> dict:
-    "Validate the ingested cohort; write the result, and the typed cohort only if it passed."
-    df = pd.read_parquet(layout.cohort)
-    clean, result, quarantined = validate_cohort(df, spec, cfg)
+def _key_columns(spec: DatasetSpec) -> list[str]:
+    return list(dict.fromkeys([SOURCE_ROW, spec.patient_id, *([spec.row_id] if spec.row_id else []), *spec.outcome_definition.columns]))
+
+def _check_part(part: RowRange, earlier: list, spec: DatasetSpec, cfg: ValidateConfig) -> dict:
+    "On a worker: the row-level checks of one partition."
+    return check_partition(_defined(read_range(part), spec)[0], spec, cfg, earlier)
+
+def _write_part(part: RowRange, name: str, bad: dict[int, str], spec: DatasetSpec, out_dir: Path) -> int:
+    "On a worker: one partition's typed rows kept, and its rows set aside, into `out_dir/{validated,quarantine}/name`."
+    clean, q = _split_quarantine(_defined(read_range(part), spec)[0], spec, bad)
+    write_parquet(Path(out_dir)/"validated"/name, clean)
+    if len(q): write_parquet(Path(out_dir)/"quarantine"/name, q)
+    return len(clean)
+
+def validate_on_cluster(client, spec: DatasetSpec, layout: Layout, cfg: ValidateConfig, partition_rows: int) -> dict:
+    """Validate the ingested cohort partition by partition on the Dask workers of `client`. The keys and outcome columns
+    (a few narrow columns) come here first: the outcome's rules and which keys repeat across partitions are judged on
+    them; every other rule runs on the workers, whose counts are summed here into the same result as one process gives.
+    Writes the typed cohort (and quarantine) as one file each, streamed from the workers' parts."""
+    import shutil, uuid
+    parts = row_ranges([layout.cohort.resolve()], partition_rows)   # workers may run elsewhere: absolute paths
+    keys = client.gather(client.map(read_range, parts, columns=_key_columns(spec), pure=False))
+    which = np.repeat(np.arange(len(parts)), [len(k) for k in keys])
+    keys = pd.concat(keys, ignore_index=True)
+    df, labels, undefined = _defined(keys, spec)
+    which = which[~spec.outcome_definition.classify(keys).undefined]
+    key = spec.row_id or spec.patient_id
+    first = pd.Series(which).groupby(df[key].to_numpy()).transform("min").to_numpy()   # the partition of each key's first row
+    later = df[key][first < which]
+    earlier = [later[which[later.index] == i].unique().tolist() for i in range(len(parts))]
+    checked = client.gather(client.map(_check_part, parts, earlier, spec=spec, cfg=cfg, pure=False))
+    result, bad = judge_validation(len(keys), undefined, _outcome_by_row(df, spec, labels), checked, spec, cfg)
+    if not result["passed"]: return result
+    part_bad = [{} for _ in parts]
+    for r, i in zip(bad, which[pd.Index(row_numbers(df)).get_indexer(list(bad))] if bad else []): part_bad[i][r] = bad[r]
+    work = layout.validated.resolve().with_name(f".{layout.validated.name}.{uuid.uuid4().hex[:8]}.parts")
+    names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    try:
+        client.gather(client.map(_write_part, parts, names, part_bad, spec=spec, out_dir=work, pure=False))
+        concatenate_parquet([work/"validated"/n for n in names], layout.validated)
+        if not concatenate_parquet([work/"quarantine"/n for n in names], layout.quarantine): layout.quarantine.unlink(missing_ok=True)
+    finally: shutil.rmtree(work, ignore_errors=True)
+    return result | {"engine": "dask", "partitions": len(parts)}
+
+def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateConfig(), compute: ComputeConfig | None = None) -> dict:
+    """Validate the ingested cohort; write the result, and the typed cohort only if it passed. In this process, or
+    (`compute.engine: dask`) partition by partition on the cluster's workers."""
+    with engine_client(compute or ComputeConfig()) as client:
+        if client is not None:
+            result = validate_on_cluster(client, spec, layout, cfg, (compute or ComputeConfig()).partition_rows)
+            df = None
+        else:
+            df = pd.read_parquet(layout.cohort)
+            clean, result, quarantined = validate_cohort(df, spec, cfg)
     write_json(layout.validation, result)
     if not result["passed"]:
         layout.validated.unlink(missing_ok=True)
         if result["outcome"]["problem"]: raise CohortValidationError(result["outcome"]["problem"], hint=HOW_TO_FIX)
         why = f" (quarantine refused: {result['quarantine_refused']})" if "quarantine_refused" in result else ""
-        commas = [c["column"] for c in result["checks"] if not c["passed"] and c["rule"] == "numeric" and decimal_comma(df[c["column"]])]
+        commas = [] if df is None else [c["column"] for c in result["checks"]
+                                        if not c["passed"] and c["rule"] == "numeric" and decimal_comma(df[c["column"]])]
         raise CohortValidationError(
-            f"{result['n_failed']} validation check(s) failed on {len(df)} rows of {spec.name}{why}:\n"
+            f"{result['n_failed']} validation check(s) failed on {result['rows']} rows of {spec.name}{why}:\n"
             f"{failure_table(_checks(result['checks']))}",
             hint=(f"{', '.join(commas)} hold(s) numbers with a decimal comma (1,5): re-save the file with '.' decimals, "
                   "or with ';' between fields so ingest reads the comma as the decimal separator; " if commas else "")
                  + f"fix the rows listed (full result in {layout.validation}), correct the spec if a range is wrong, "
                  "or set `validation.on_failure: quarantine` to set failing rows aside")
-    if result["rows_quarantined"]: write_parquet(layout.quarantine, quarantined)
-    else: layout.quarantine.unlink(missing_ok=True)
-    write_parquet(layout.validated, clean)
+    if df is not None:
+        if result["rows_quarantined"]: write_parquet(layout.quarantine, quarantined)
+        else: layout.quarantine.unlink(missing_ok=True)
+        write_parquet(layout.validated, clean)
     return result
 
 # %% ../../nbs/10_data/11_cohort.ipynb #95b73e27

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import collections
+import hmac
 import itertools
 import json
 import re
@@ -19,20 +20,23 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from ..core.compute import RowRange, concatenate_parquet, engine_client, read_range, row_ranges
 from ..core.errors import HealthmlError
 from ..core.io import write_json, write_parquet
 from ..core.layout import Layout
-from ..core.params import DeidentifyConfig
+from ..core.params import ComputeConfig, DeidentifyConfig
+from ..core.secrets import KeyHome, Secret
 from ..core.spec import RARE_CATEGORY, DatasetSpec
 
 # %% auto #0
-__all__ = ['INDEX_TIME_UNIT', 'PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS',
-           'DeidentificationError', 'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys',
-           'pool_rare_categories', 'index_axis', 'days_after_index', 'generalise_index_time', 'deidentify_cohort',
-           'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts', 'without_static_styles',
-           'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter',
-           'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'deidentify',
-           'phi_scan']
+__all__ = ['DEID_KEY', 'INDEX_TIME_UNIT', 'PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS',
+           'DeidentificationError', 'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'deid_key',
+           'keyed_surrogates', 'surrogates', 'level_patients', 'rare_levels', 'pool_levels', 'pool_rare_categories',
+           'index_axis', 'days_after_index', 'generalise_index_time', 'deidentify_rows', 'deid_record', 'sum_counts',
+           'deidentify_cohort', 'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts',
+           'without_static_styles', 'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError',
+           'row_counter', 'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message',
+           'keep_only_if_clean', 'deidentify_on_cluster', 'deidentify', 'phi_scan']
 
 # %% ../../nbs/10_data/13_phi.ipynb #c6bfe23f
 class DeidentificationError(HealthmlError):
@@ -77,6 +81,36 @@ def surrogate_keys(keys: pd.Series, seed: int, stream: int = 0) -> pd.Series:
     if (codes < 0).any(): raise DeidentificationError("a key to replace is missing", hint="validation should have caught this")
     return out
 
+# %% ../../nbs/10_data/13_phi.ipynb #4e7f9974
+DEID_KEY = KeyHome("de-identification", "HEALTHML_DEID_KEY", "HEALTHML_DEID_KEY_FILE", "deid.key")
+
+def deid_key() -> Secret:
+    "The de-identification key (never made here: a key made on first use would give other surrogates on the next machine)."
+    return Secret(DEID_KEY.read(error=DeidentificationError,
+                                missing="`deidentify.surrogate: keyed` needs the de-identification key, and none is set"))
+
+def _key_text(v) -> bytes:
+    if isinstance(v, (float, np.floating)) and float(v).is_integer(): v = int(v)   # 1017.0 read from one file, 1017 from another
+    return str(v).encode()
+
+def keyed_surrogates(keys: pd.Series, key: Secret, domain: str = "patient") -> pd.Series:
+    "Replace each key by the first 63 bits of HMAC-SHA256(`key`, domain + its text): the same in any partition, irreversible without `key`."
+    codes, uniques = pd.factorize(keys, sort=False)
+    if (codes < 0).any(): raise DeidentificationError("a key to replace is missing", hint="validation should have caught this")
+    secret, prefix = key.reveal(), domain.encode() + b"\0"
+    values = np.fromiter((int.from_bytes(hmac.digest(secret, prefix + _key_text(u), "sha256")[:8], "big") >> 1 for u in uniques),
+                         dtype=np.int64, count=len(uniques))
+    if len(np.unique(values)) < len(values):
+        raise DeidentificationError("two keys drew the same keyed surrogate (about 1 in 10^19 per pair)",
+                                    hint="set a new HEALTHML_DEID_KEY and de-identify again")
+    return pd.Series(values[codes], index=keys.index, dtype="int64")
+
+def surrogates(keys: pd.Series, cfg: DeidentifyConfig, key: Secret | None, stream: int = 0) -> pd.Series:
+    "The surrogate `cfg.surrogate` asks for: random (the whole cohort at once) or keyed (any partition); stream 0 patients, 1 rows."
+    if cfg.surrogate == "random": return surrogate_keys(keys, cfg.seed, stream)
+    if key is None: raise DeidentificationError("keyed surrogates need the de-identification key", hint="read it with deid_key()")
+    return keyed_surrogates(keys, key, ("patient", "row")[stream])
+
 # %% ../../nbs/10_data/13_phi.ipynb #428e71ae
 _DROP = {"name", "address", "city", "phone", "fax", "email", "ssn", "mrn", "health_plan", "account", "licence",
          "vehicle", "device", "url", "ip", "biometric", "photo", "other_id"}
@@ -84,25 +118,49 @@ _DROP = {"name", "address", "city", "phone", "fax", "email", "ssn", "mrn", "heal
 def _days(later: pd.Series, index: pd.Series) -> pd.Series:
     return ((pd.to_datetime(later) - pd.to_datetime(index)).dt.total_seconds() / 86400).round(3)
 
+def _poolable(df: pd.DataFrame, spec: DatasetSpec) -> list[str]:
+    cols = list(spec.categorical) + [a.column for a in spec.sensitive_attributes.values()
+                                     if a.bins is None and a.column not in spec.numeric]
+    return list(dict.fromkeys(c for c in cols if c in df and c != spec.site))
+
+def level_patients(df: pd.DataFrame, spec: DatasetSpec) -> dict[str, pd.DataFrame]:
+    "Each poolable column's distinct (level, patient) pairs: gathered from every partition, they count each level's patients."
+    return {col: pd.DataFrame({"level": df[col].astype("string"), "patient": df[spec.patient_id].to_numpy()})
+                   .dropna(subset=["level"]).drop_duplicates() for col in _poolable(df, spec)}
+
+def rare_levels(pairs: dict[str, pd.DataFrame] | list[dict[str, pd.DataFrame]], k: int) -> dict[str, list[str]]:
+    "The levels fewer than `k` patients hold, per column, from the (level, patient) pairs of one or many partitions."
+    parts = [pairs] if isinstance(pairs, dict) else pairs
+    out = {}
+    for col in dict.fromkeys(c for p in parts for c in p):
+        both = pd.concat([p[col] for p in parts if col in p], ignore_index=True)
+        patients = (both.drop_duplicates() if len(parts) > 1 else both).groupby("level").size()
+        if (rare := patients.index[patients < k]).size: out[col] = [str(v) for v in rare]
+    return out
+
+def pool_levels(df: pd.DataFrame, rare: dict[str, list[str]]) -> tuple[pd.DataFrame, dict[str, int]]:
+    "Pool the `rare` levels into `(other)`; the rows pooled per column."
+    out, rows = df, {}
+    for col, levels in rare.items():
+        if col not in df: continue
+        mask = df[col].astype("string").isin(levels).fillna(False).to_numpy()
+        out = out.copy() if out is df else out
+        out[col] = out[col].astype(object).where(~mask, RARE_CATEGORY)
+        rows[col] = int(mask.sum())
+    return out, rows
+
+def _pooled_actions(rare: dict[str, list[str]], rows: dict[str, int], k: int) -> list[dict]:
+    return [{"column": col, "kind": "rare category",
+             "action": f"{len(levels)} level(s) held by fewer than {k} patients pooled into {RARE_CATEGORY} ({rows.get(col, 0)} row(s))"}
+            for col, levels in rare.items()]
+
 def pool_rare_categories(df: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, list[dict]]:
     """Pool each category level fewer than `spec.rare_category_min` patients hold into `(other)`: categorical
     features and unbanded sensitive attributes (not the site, which splits and reports name). Actions say how many
     levels and rows, never which."""
-    k, out, actions = spec.rare_category_min, df, []
-    cols = list(spec.categorical) + [a.column for a in spec.sensitive_attributes.values()
-                                     if a.bins is None and a.column not in spec.numeric]
-    for col in dict.fromkeys(c for c in cols if c in df and c != spec.site):
-        text = df[col].astype("string")
-        patients = df[spec.patient_id].groupby(text).nunique()
-        rare = patients.index[patients < k]
-        if not len(rare): continue
-        mask = text.isin(rare).fillna(False).to_numpy()
-        out = out.copy() if out is df else out
-        out[col] = out[col].astype(object).where(~mask, RARE_CATEGORY)
-        actions.append({"column": col, "kind": "rare category",
-                        "action": f"{len(rare)} level(s) held by fewer than {k} patients pooled into {RARE_CATEGORY} "
-                                  f"({int(mask.sum())} row(s))"})
-    return out, actions
+    rare = rare_levels(level_patients(df, spec), spec.rare_category_min)
+    out, rows = pool_levels(df, rare)
+    return out, _pooled_actions(rare, rows, spec.rare_category_min)
 
 # %% ../../nbs/10_data/13_phi.ipynb #665b4d81
 INDEX_TIME_UNIT = "index_time_unit"  # key of the de-identified cohort's attrs: "year" (a date reduced, or a year axis), "day" or "week"
@@ -128,66 +186,109 @@ def generalise_index_time(index: pd.Series, unit: str = "day") -> tuple[pd.Serie
     return index.dt.year.astype("Int64"), "index date", "reduced to year"
 
 # %% ../../nbs/10_data/13_phi.ipynb #974bafd2
-def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig = DeidentifyConfig()
-                      ) -> tuple[pd.DataFrame, dict]:
-    "Apply Safe Harbor to `df` as the spec declares; return the de-identified frame and a record of every action."
-    out = df.drop(columns=["source_row"], errors="ignore").copy()
-    actions, outside = [], []
-    needed = {a.column for a in spec.sensitive_attributes.values()} | set(spec.features) | ({spec.site} - {None})
-    out[spec.patient_id] = surrogate_keys(df[spec.patient_id], cfg.seed, 0)
-    actions.append({"column": spec.patient_id, "kind": "patient key", "action": "random surrogate (no crosswalk kept)"})
-    if spec.row_id:
-        out[spec.row_id] = surrogate_keys(df[spec.row_id], cfg.seed, 1)
-        actions.append({"column": spec.row_id, "kind": "row key", "action": "random surrogate (no crosswalk kept)"})
-    index = index_axis(df, spec)
+def _time_treatment(spec: DatasetSpec) -> dict[str, str]:
+    "Each time column other than the index time: `days_from_index` or `year`."
     recorded = {f.recorded_at for f in spec.features.values() if f.recorded_at}
     times = {c: ("days_from_index" if c in recorded else "year") for c in spec.time_columns if c != spec.index_time}
-    times |= {c: i.to for c, i in spec.identifiers.items() if i.kind == "date" and c != spec.index_time}
-    for col, to in times.items():
+    return times | {c: i.to for c, i in spec.identifiers.items() if i.kind == "date" and c != spec.index_time}
+
+def deidentify_rows(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig = DeidentifyConfig(),
+                    index_times: np.ndarray | None = None, key: Secret | None = None) -> tuple[pd.DataFrame, dict]:
+    """Every row-by-row step of Safe Harbor on `df` (the cohort, or one partition of it): keys, dates, index time, ZIP,
+    age, removals; and the counts the record needs. `index_times`: the cohort's distinct index times (for `index_rank`),
+    if `df` is one partition."""
+    out = df.drop(columns=["source_row"], errors="ignore").copy()
+    needed = {a.column for a in spec.sensitive_attributes.values()} | set(spec.features) | ({spec.site} - {None})
+    counts = {"rows": len(out), "zip_000": {}, "age_over_89": {}}
+    out[spec.patient_id] = surrogates(df[spec.patient_id], cfg, key, 0)
+    if spec.row_id: out[spec.row_id] = surrogates(df[spec.row_id], cfg, key, 1)
+    index = index_axis(df, spec)
+    for col, to in _time_treatment(spec).items():
         if to == "days_from_index":
             if index is None: raise DeidentificationError(f"`{col}`: days from the index date need `dataset.index_time`")
             out[col] = days_after_index(df[col], index)
-            actions.append({"column": col, "kind": "date", "action": "days relative to the index date; date removed"})
-            outside.append({"column": col, "choice": "days relative to the index date",
-                            "why": "an interval is not a date, but one known date recovers the others; needs your privacy officer's agreement"})
-        else:
-            out[col] = pd.to_datetime(df[col]).dt.year.astype("Int64")
-            actions.append({"column": col, "kind": "date", "action": "reduced to year"})
+        else: out[col] = pd.to_datetime(df[col]).dt.year.astype("Int64")
     if spec.index_time:
-        if cfg.keep_index_rank:
-            out["index_rank"] = index.rank(method="dense").astype("int64")
-            outside.append({"column": "index_rank", "choice": "order of index dates kept (no date) for temporal splits",
-                            "why": "not a date element, but it orders patients in time"})
-        out[spec.index_time], kind, what = generalise_index_time(index, spec.index_time_unit)
+        if cfg.keep_index_rank:   # the dense rank of each index time among the cohort's distinct ones
+            times = np.unique(index.to_numpy()) if index_times is None else index_times
+            out["index_rank"] = (np.searchsorted(times, index.to_numpy()) + 1).astype("int64")
+        out[spec.index_time] = generalise_index_time(index, spec.index_time_unit)[0]
         out.attrs[INDEX_TIME_UNIT] = spec.index_time_unit if pd.api.types.is_numeric_dtype(index) else "year"
-        actions.append({"column": spec.index_time, "kind": kind, "action": what
-                        + (" (+ index_rank: order only)" if cfg.keep_index_rank else "")})
+        counts["index_numeric"] = bool(pd.api.types.is_numeric_dtype(index))
     restricted = restricted_zip3()
     for col, ident in spec.identifiers.items():
         if col in (spec.patient_id, spec.row_id) or ident.kind == "date": continue
         if ident.kind == "zip":
             out[col] = generalise_zip(df[col], restricted["zip3"])
-            n000 = int((out[col] == "000").sum())
-            actions.append({"column": col, "kind": "zip", "action": f"first 3 digits; {n000} row(s) in restricted areas set to 000 "
-                            f"(list {restricted['version']})"})
+            counts["zip_000"][col] = int((out[col] == "000").sum())
         elif ident.kind == "age":
-            n = int((pd.to_numeric(df[col], errors="coerce") > 89).sum())
+            counts["age_over_89"][col] = int((pd.to_numeric(df[col], errors="coerce") > 89).sum())
             out[col] = top_code_age(df[col], cfg.age_top_code)
-            actions.append({"column": col, "kind": "age", "action": f"ages over 89 coded {cfg.age_top_code} ({n} row(s))"})
         else:
             if col in needed:
                 raise DeidentificationError(f"`{col}` is declared a direct identifier ({ident.kind}) but is used as a feature, "
                                             "sensitive attribute or site", hint="remove it from those, or from `identifiers`")
             out = out.drop(columns=col)
-            actions.append({"column": col, "kind": ident.kind, "action": "removed"})
-    out, pooled = pool_rare_categories(out, spec)
-    actions += pooled
-    record = {"method": "HIPAA Safe Harbor, 45 CFR 164.514(b)(2)", "rows": len(out), "columns": list(out.columns),
-              "rare_category_min": spec.rare_category_min, "actions": actions, "outside_safe_harbor": outside,
-              "restricted_zip3": {k: restricted[k] for k in ("version", "census", "source")},
-              "attestation": "required: a person confirms no actual knowledge of re-identification risk "
-                             "(governance file, `deidentification_attestation`)"}
-    return out.reset_index(drop=True), record
+    return out, counts
+
+_KEY_ACTION = {"random": "random surrogate (no crosswalk kept)",
+               "keyed": "keyed surrogate: HMAC-SHA256 under the de-identification key (no crosswalk kept; the key is held outside the data)"}
+
+def deid_record(spec: DatasetSpec, cfg: DeidentifyConfig, counts: dict, columns: list[str], rare: dict[str, list[str]],
+                pooled_rows: dict[str, int]) -> dict:
+    "The record of every action, from the counts of all partitions summed (`sum_counts`)."
+    actions, outside = [], []
+    actions.append({"column": spec.patient_id, "kind": "patient key", "action": _KEY_ACTION[cfg.surrogate]})
+    if spec.row_id: actions.append({"column": spec.row_id, "kind": "row key", "action": _KEY_ACTION[cfg.surrogate]})
+    if cfg.surrogate == "keyed":
+        outside.append({"column": spec.patient_id, "choice": "surrogate keys derived from the patient key by a keyed hash (HMAC-SHA256)",
+                        "why": "a code derived from an identifier is not a Safe Harbor re-identification code (164.514(c)(1)); "
+                               "whoever holds the key and a patient's MRN can find that patient's rows: the key stays with the data custodian"})
+    for col, to in _time_treatment(spec).items():
+        if to == "days_from_index":
+            actions.append({"column": col, "kind": "date", "action": "days relative to the index date; date removed"})
+            outside.append({"column": col, "choice": "days relative to the index date",
+                            "why": "an interval is not a date, but one known date recovers the others; needs your privacy officer's agreement"})
+        else: actions.append({"column": col, "kind": "date", "action": "reduced to year"})
+    if spec.index_time:
+        if cfg.keep_index_rank:
+            outside.append({"column": "index_rank", "choice": "order of index dates kept (no date) for temporal splits",
+                            "why": "not a date element, but it orders patients in time"})
+        axis = pd.Series([], dtype="float64" if counts.get("index_numeric") else "datetime64[ns]")
+        _, kind, what = generalise_index_time(axis, spec.index_time_unit)
+        actions.append({"column": spec.index_time, "kind": kind, "action": what + (" (+ index_rank: order only)" if cfg.keep_index_rank else "")})
+    restricted = restricted_zip3()
+    for col, ident in spec.identifiers.items():
+        if col in (spec.patient_id, spec.row_id) or ident.kind == "date": continue
+        if ident.kind == "zip":
+            actions.append({"column": col, "kind": "zip", "action": f"first 3 digits; {counts['zip_000'].get(col, 0)} row(s) in restricted "
+                            f"areas set to 000 (list {restricted['version']})"})
+        elif ident.kind == "age":
+            actions.append({"column": col, "kind": "age", "action": f"ages over 89 coded {cfg.age_top_code} "
+                            f"({counts['age_over_89'].get(col, 0)} row(s))"})
+        else: actions.append({"column": col, "kind": ident.kind, "action": "removed"})
+    actions += _pooled_actions(rare, pooled_rows, spec.rare_category_min)
+    return {"method": "HIPAA Safe Harbor, 45 CFR 164.514(b)(2)", "rows": counts["rows"], "columns": columns,
+            "rare_category_min": spec.rare_category_min, "actions": actions, "outside_safe_harbor": outside,
+            "restricted_zip3": {k: restricted[k] for k in ("version", "census", "source")},
+            "attestation": "required: a person confirms no actual knowledge of re-identification risk "
+                           "(governance file, `deidentification_attestation`)"}
+
+def sum_counts(parts: list[dict]) -> dict:
+    "The partitions' counts added up (rows; restricted ZIPs and ages over 89 per column)."
+    out = {"rows": sum(p["rows"] for p in parts), "zip_000": collections.Counter(), "age_over_89": collections.Counter()}
+    for p in parts:
+        for k in ("zip_000", "age_over_89"): out[k].update(p[k])
+        if "index_numeric" in p: out["index_numeric"] = p["index_numeric"]
+    return out | {k: dict(out[k]) for k in ("zip_000", "age_over_89")}
+
+def deidentify_cohort(df: pd.DataFrame, spec: DatasetSpec, cfg: DeidentifyConfig = DeidentifyConfig(),
+                      key: Secret | None = None) -> tuple[pd.DataFrame, dict]:
+    "Apply Safe Harbor to `df` as the spec declares; return the de-identified frame and a record of every action."
+    out, counts = deidentify_rows(df, spec, cfg, key=key)
+    rare = rare_levels(level_patients(out, spec), spec.rare_category_min)
+    out, pooled = pool_levels(out, rare)
+    return out.reset_index(drop=True), deid_record(spec, cfg, counts, list(out.columns), rare, pooled)
 
 # %% ../../nbs/10_data/13_phi.ipynb #167cf6e9
 PHI_PATTERNS = {  # a value glued to other text by - _ . still matches; digits around it never do (dates, versions, hashes)
@@ -549,13 +650,65 @@ def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str,
     return scan
 
 # %% ../../nbs/10_data/13_phi.ipynb #c709261d
-def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout) -> dict:
-    "The de-identification stage: validated cohort -> Safe Harbor cohort + record, scanned before it is kept."
-    df = pd.read_parquet(layout.validated)
-    out, record = deidentify_cohort(df, spec, cfg)
-    write_parquet(layout.deidentified, out)
-    scan = keep_only_if_clean(identifier_scanner(spec, df), layout.deidentified,
-                              "{n} suspected identifier(s) remain after de-identification",
+def _deid_facts(part: RowRange, spec: DatasetSpec, cfg: DeidentifyConfig, secret: Secret) -> tuple[np.ndarray | None, dict]:
+    "On a worker: one partition's distinct index times and its (level, patient) pairs after the row-by-row steps."
+    df = read_range(part)
+    out, _ = deidentify_rows(df, spec, cfg, key=secret)
+    index = index_axis(df, spec)
+    return (None if index is None else np.unique(index.to_numpy())), level_patients(out, spec)
+
+def _deid_part(part: RowRange, name: str, spec: DatasetSpec, cfg: DeidentifyConfig, secret: Secret, index_times,
+               rare: dict[str, list[str]], out_dir: Path) -> tuple[dict, dict, list[str]]:
+    "On a worker: de-identify one partition with the cohort-wide facts, write it to `out_dir/name`; its counts."
+    out, counts = deidentify_rows(read_range(part), spec, cfg, index_times=index_times, key=secret)
+    out, pooled = pool_levels(out, rare)
+    write_parquet(Path(out_dir)/name, out.reset_index(drop=True))
+    return counts, pooled, list(out.columns)
+
+def deidentify_on_cluster(client, spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout, key: Secret,
+                          partition_rows: int) -> tuple[Path, dict]:
+    """De-identify the validated cohort partition by partition on the Dask workers of `client` (keyed surrogates):
+    the distinct index times and each level's patients gathered first, then every partition de-identified with them and
+    the parts streamed, in order, into one file. Returns the file and the record."""
+    import shutil, uuid
+    parts = row_ranges([layout.validated.resolve()], partition_rows)   # workers may run elsewhere: absolute paths
+    facts = client.gather(client.map(_deid_facts, parts, spec=spec, cfg=cfg, secret=key, pure=False))   # `key=` is Dask's own
+    times = [t for t, _ in facts if t is not None]
+    index_times = np.unique(np.concatenate(times)) if times else None
+    rare = rare_levels([p for _, p in facts], spec.rare_category_min)
+    work = layout.deidentified.resolve().with_name(f".{layout.deidentified.name}.{uuid.uuid4().hex[:8]}.parts")
+    work.mkdir(parents=True)
+    names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    try:
+        done = client.gather(client.map(_deid_part, parts, names, spec=spec, cfg=cfg, secret=key, index_times=index_times, rare=rare,
+                                        out_dir=work, pure=False))
+        concatenate_parquet([work/n for n in names], layout.deidentified)
+    finally: shutil.rmtree(work, ignore_errors=True)
+    pooled = collections.Counter()
+    for _, p, _ in done: pooled.update(p)
+    record = deid_record(spec, cfg, sum_counts([c for c, _, _ in done]), done[0][2], rare, dict(pooled))
+    return layout.deidentified, record | {"engine": "dask", "partitions": len(parts)}
+
+def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout, compute: ComputeConfig | None = None) -> dict:
+    """The de-identification stage: validated cohort -> Safe Harbor cohort + record, scanned before it is kept. In this
+    process, or (`compute.engine: dask`, keyed surrogates only) partition by partition on the cluster's workers."""
+    compute = compute or ComputeConfig()
+    if compute.engine == "dask" and cfg.surrogate != "keyed":
+        raise DeidentificationError("compute.engine `dask` de-identifies partition by partition, where random surrogate keys cannot "
+                                    "be drawn consistently", hint="set deidentify.surrogate: keyed and give the key in HEALTHML_DEID_KEY "
+                                    "(README, Scale out)")
+    key = deid_key() if cfg.surrogate == "keyed" else None
+    with engine_client(compute) as client:
+        if client is None:
+            df = pd.read_parquet(layout.validated)
+            out, record = deidentify_cohort(df, spec, cfg, key)
+            write_parquet(layout.deidentified, out)
+            scanner = identifier_scanner(spec, df)
+            del df, out
+        else:
+            _, record = deidentify_on_cluster(client, spec, cfg, layout, key, compute.partition_rows)
+            scanner = scanner_for(spec, layout)   # the identifier columns of the validated cohort, read here
+    scan = keep_only_if_clean(scanner, layout.deidentified, "{n} suspected identifier(s) remain after de-identification",
                               hint="declare the column in `dataset.identifiers` (or drop it from the features)", root=layout.root)
     record["scan"] = {k: v for k, v in scan.items() if k != "hits"}
     write_json(layout.deid_record, record)

@@ -10,7 +10,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..core.compute import RowRange, parquet_parts, row_ranges
+from ..core.compute import RowRange, concatenate_parquet, parquet_parts, row_ranges
 from ..core.errors import HealthmlError
 from ..core.io import SOURCE_ROW, canonical_name
 from .serve import RecordScorer, _columns, add_counts, score_chunk
@@ -69,24 +69,6 @@ def _outputs(out: Path, rejects: Path | None) -> tuple[bool, Path, Path]:
             raise HealthmlError(f"{p} already exists and is not an empty folder", hint="give a new folder for the partitioned output, or remove it")
     return single, out, rejects
 
-def _concatenate(parts: list[Path], dest: Path) -> bool:
-    "Stream part files, in order, into one Parquet file written atomically; False when there are none."
-    import pyarrow.parquet as pq
-    parts = [p for p in parts if p.exists()]
-    if not parts:
-        dest.unlink(missing_ok=True); return False
-    tmp, writer = dest.with_name(f".{dest.name}.tmp"), None
-    try:
-        for p in parts:
-            f = pq.ParquetFile(p)
-            for g in range(f.num_row_groups):
-                table = f.read_row_group(g)
-                if writer is None: writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
-        writer.close(); tmp.replace(dest)
-    finally: tmp.unlink(missing_ok=True)
-    return True
-
 # %% ../../nbs/50_deploy/52_cluster.ipynb #84aed341
 def predict_partitioned(client, scorer: RecordScorer, model: bytes, src: str | Path, out: str | Path, rejects: str | Path | None = None,
                         keep: list[str] = (), chunk_rows: int = 100_000, partition_rows: int = 100_000, progress=None) -> dict:
@@ -116,8 +98,8 @@ def predict_partitioned(client, scorer: RecordScorer, model: bytes, src: str | P
             for k in counts: counts[k] += c[k]
             if progress: progress(c["rows"])
         if single:
-            _concatenate([out_dir/n for n in names], out)
-            _concatenate([rej_dir/n for n in names], rejects)
+            concatenate_parquet([out_dir/n for n in names], out)
+            concatenate_parquet([rej_dir/n for n in names], rejects)
         elif not any(rej_dir.iterdir()): rej_dir.rmdir()
     finally:
         if single: shutil.rmtree(work, ignore_errors=True)

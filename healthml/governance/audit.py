@@ -12,14 +12,14 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 from pathlib import Path
 
 from ..core.errors import HealthmlError
+from ..core.secrets import KeyHome
 
 # %% auto #0
-__all__ = ['GENESIS', 'KEY_ENV', 'KEY_FILE_ENV', 'UNANCHORED', 'AuditError', 'actor_name', 'entry_hash', 'key_file', 'audit_key',
-           'sign', 'AuditLog', 'verify_entries', 'verify_log']
+__all__ = ['GENESIS', 'KEY_ENV', 'KEY_FILE_ENV', 'AUDIT_KEY', 'UNANCHORED', 'AuditError', 'actor_name', 'entry_hash', 'key_file',
+           'audit_key', 'sign', 'AuditLog', 'verify_entries', 'verify_log']
 
 # %% ../../nbs/40_governance/42_audit.ipynb #1066595f
 GENESIS = "0" * 64
@@ -40,30 +40,15 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in entry.items() if k not in ("hash", "mac")})).hexdigest()
 
 # %% ../../nbs/40_governance/42_audit.ipynb #eb07f7cf
+AUDIT_KEY = KeyHome("audit", KEY_ENV, KEY_FILE_ENV, "audit.key")   # read the way every healthml key is (healthml.core.secrets)
+
 def key_file() -> Path:
     "Where the audit key file is: `HEALTHML_AUDIT_KEY_FILE`, else `$XDG_CONFIG_HOME/healthml/audit.key`."
-    if os.environ.get(KEY_FILE_ENV): return Path(os.environ[KEY_FILE_ENV])
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home()/".config")/"healthml"/"audit.key"
+    return AUDIT_KEY.file()
 
 def audit_key(create: bool = False) -> bytes:
     "The team's audit key (see the threat model above); made on first use only when `create`."
-    if os.environ.get(KEY_ENV): return os.environ[KEY_ENV].encode()
-    f = key_file()
-    if f.exists():
-        if f.stat().st_mode & 0o077:
-            raise AuditError(f"the audit key file {f} can be read by others", hint=f"chmod 600 {f}")
-        return f.read_bytes().strip()
-    if not create:
-        raise AuditError("no audit key: signatures cannot be checked",
-                         hint=f"set {KEY_ENV} to the team's audit key (a secret), or put it in {f} (mode 600)")
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".{f.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out: out.write(secrets.token_hex(32))
-    try: os.link(tmp, f)                                     # atomic: two processes making a key at once agree on one
-    except FileExistsError: pass
-    finally: tmp.unlink()
-    return f.read_bytes().strip()
+    return AUDIT_KEY.read(create, error=AuditError, missing="no audit key: signatures cannot be checked")
 
 def sign(key: bytes, message: str) -> str:
     "HMAC-SHA256 of `message` under `key`, hex."
