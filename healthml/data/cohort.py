@@ -18,7 +18,7 @@ from pandera.errors import SchemaErrors
 
 from ..core.compute import is_glob, parquet_parts, partitioned
 from ..core.errors import HealthmlError
-from ..core.io import SOURCE_ROW, canonical_name, sha256_file, write_json, write_parquet
+from ..core.io import SOURCE_ROW, canonical_name, read_parquet, sha256_file, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import ValidateConfig
 from ..core.outcome import HOW_TO_FIX, OutcomeLabels
@@ -79,7 +79,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 # %% ../../nbs/10_data/11_cohort.ipynb #bf80ebcd
 def _read_parquet(path: Path) -> pd.DataFrame:
-    try: return pd.read_parquet(path)
+    try: return read_parquet(path)
     except Exception as e:
         raise CohortError(f"{path.name} is not a readable Parquet file ({type(e).__name__})", hint="re-export it, or use CSV") from None
 
@@ -302,7 +302,7 @@ def _checks(items: list[dict]) -> list[Check]:
 # %% ../../nbs/10_data/11_cohort.ipynb #6964d094
 def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateConfig()) -> dict:
     "Validate the ingested cohort; write the result, and the typed cohort only if it passed."
-    df = pd.read_parquet(layout.cohort)
+    df = read_parquet(layout.cohort)
     clean, result, quarantined = validate_cohort(df, spec, cfg)
     write_json(layout.validation, result)
     if not result["passed"]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import HealthmlError
-from ..core.io import write_json, write_parquet
+from ..core.io import read_parquet, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import DeidentifyConfig
 from ..core.spec import RARE_CATEGORY, DatasetSpec
@@ -282,7 +282,7 @@ def _text_hits(scanner, text, file, tabular=False):
         yield PhiHit(file, f"line {line}, col {off - starts[line - 1] + 1}", kind)
 
 def _parquet_hits(scanner, path, file):
-    df = pd.read_parquet(path)
+    df = read_parquet(path)
     for i, c in enumerate(df.columns):
         for _, kind in scanner.scan_text(str(c)): yield PhiHit(file, f"column #{i + 1} name", kind)
         s = df[c]
@@ -466,7 +466,7 @@ def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
 
 def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
     "A scanner loaded with the identifier values of the validated (restricted) cohort."
-    df = pd.read_parquet(layout.validated) if layout.validated.exists() else pd.DataFrame()
+    df = read_parquet(layout.validated) if layout.validated.exists() else pd.DataFrame()
     return identifier_scanner(spec, df)
 
 def leak_message(hits: list[dict], n: int = 8) -> str:
@@ -489,7 +489,7 @@ def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str,
 # %% ../../nbs/10_data/13_phi.ipynb #c709261d
 def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout) -> dict:
     "The de-identification stage: validated cohort -> Safe Harbor cohort + record, scanned before it is kept."
-    df = pd.read_parquet(layout.validated)
+    df = read_parquet(layout.validated)
     out, record = deidentify_cohort(df, spec, cfg)
     write_parquet(layout.deidentified, out)
     scan = keep_only_if_clean(identifier_scanner(spec, df), layout.deidentified,
