@@ -98,3 +98,40 @@ def test_a_different_extract_than_the_pinned_one_is_refused(tmp_path):
     (tmp_path/"params.yaml").write_text(yaml.safe_dump(params))
     r = run(["healthml", "ingest"], tmp_path, check=False)
     assert r.returncode == 1 and "params.yaml pins" in r.stderr
+
+
+# A Python file object whose methods and release record when one of Arrow's native threads calls them, and whose
+# release there then waits a second: long enough for the main thread to reach interpreter shutdown. Before
+# `read_parquet`, pandas handed Arrow such a handle; an Arrow scan thread dropping it after the read returned, during
+# shutdown, aborted the process ("terminate called without an active exception", exit -6) after the stage's ✓.
+LATE_RELEASE = """
+import builtins, io, sys, threading, time
+from healthml.core.io import read_parquet, write_parquet
+import pandas as pd
+real_open, from_arrow = builtins.open, []
+class Watched(io.BufferedReader):
+    def _arrow(self, what):
+        if threading.current_thread() is not threading.main_thread(): from_arrow.append(what); return True
+    def read(self, *a): self._arrow("read"); return super().read(*a)
+    def seek(self, *a): self._arrow("seek"); return super().seek(*a)
+    def __del__(self):
+        if self._arrow("release"): time.sleep(1)
+def watched_open(file, mode="r", *a, **k):
+    if str(file).endswith(".parquet") and mode == "rb": return Watched(io.FileIO(file, "rb"))
+    return real_open(file, mode, *a, **k)
+builtins.open = watched_open
+path = write_parquet(sys.argv[1], pd.DataFrame({"age": range(500), "sex": ["f", "m"] * 250}))
+for _ in range(100):
+    assert len(read_parquet(path)) == 500
+    if "release" in from_arrow: break
+print("calls from Arrow threads:", len(from_arrow))
+"""
+
+
+def test_reading_parquet_leaves_no_python_object_to_arrow_threads_at_exit(tmp_path):
+    "The read every stage uses: Arrow's threads never call into Python, so the process ends with exit 0, whatever the timing."
+    import subprocess, sys
+    r = subprocess.run([sys.executable, "-c", LATE_RELEASE, str(tmp_path/"x.parquet")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "terminate called" not in r.stderr, (r.returncode, r.stderr)
+    assert "calls from Arrow threads: 0" in r.stdout, r.stdout

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SOURCE_ROW', 'MISSING_CATEGORY', 'atomic_write', 'write_json', 'write_parquet', 'sha256_file', 'canonical_name',
-           'staged_dir', 'quiet_stderr']
+__all__ = ['SOURCE_ROW', 'MISSING_CATEGORY', 'atomic_write', 'write_json', 'write_parquet', 'read_parquet', 'sha256_file',
+           'canonical_name', 'staged_dir', 'quiet_stderr']
 
 # %% ../../nbs/00_core/02_io.ipynb #b0a0e65e
 import json, tempfile as _tempfile
@@ -50,6 +50,16 @@ def write_json(path: str | Path, obj) -> Path:
 def write_parquet(path: str | Path, df) -> Path:
     "Write a DataFrame as Parquet (no index), atomically."
     return atomic_write(path, df.to_parquet(index=False))
+
+# %% ../../nbs/00_core/02_io.ipynb #46f7ea8b
+import errno
+
+def read_parquet(path: str | Path, columns: list[str] | None = None):
+    "Read a Parquet file (or a folder of part files) into a DataFrame; Arrow opens it itself, so no Python object outlives the read in its threads."
+    import pandas as pd
+    from pyarrow.fs import LocalFileSystem
+    if not Path(path).exists(): raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    return pd.read_parquet(str(path), columns=columns, filesystem=LocalFileSystem())
 
 # %% ../../nbs/00_core/02_io.ipynb #f7becc5e
 import hashlib

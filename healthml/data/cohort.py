@@ -19,7 +19,7 @@ if TYPE_CHECKING: import pandera.pandas as pa   # imported where a schema runs (
 from ..core.compute import (RowRange, concatenate_parquet, engine_client, is_glob, parquet_parts, partitioned,
                                    read_range, row_ranges)
 from ..core.errors import HealthmlError
-from ..core.io import SOURCE_ROW, canonical_name, sha256_file, write_json, write_parquet
+from ..core.io import SOURCE_ROW, canonical_name, read_parquet, sha256_file, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import ComputeConfig, ValidateConfig
 from ..core.outcome import HOW_TO_FIX, OutcomeLabels
@@ -81,7 +81,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 # %% ../../nbs/10_data/11_cohort.ipynb #bf80ebcd
 def _read_parquet(path: Path) -> pd.DataFrame:
-    try: return pd.read_parquet(path)
+    try: return read_parquet(path)
     except Exception as e:
         raise CohortError(f"{path.name} is not a readable Parquet file ({type(e).__name__})", hint="re-export it, or use CSV") from None
 
@@ -408,7 +408,7 @@ def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateCo
             result = validate_on_cluster(client, spec, layout, cfg, (compute or ComputeConfig()).partition_rows)
             df = None
         else:
-            df = pd.read_parquet(layout.cohort)
+            df = read_parquet(layout.cohort)
             clean, result, quarantined = validate_cohort(df, spec, cfg)
     write_json(layout.validation, result)
     if not result["passed"]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.io import atomic_write, write_json
+from ..core.io import atomic_write, read_parquet, write_json
 from ..core.layout import Layout
 from ..core.pages import cell_text, record_columns, render_page
 from ..core.params import Params
@@ -291,7 +291,7 @@ def _read(path: Path) -> dict:
 def card_inputs(layout: Layout) -> dict:
     "The dataset card's inputs, read from the files the earlier stages wrote (a missing record reads as empty)."
     L = layout
-    return {"splits": {s: pd.read_parquet(L.split_file(s)) for s in SPLITS}, "ingest": _read(L.ingest_record),
+    return {"splits": {s: read_parquet(L.split_file(s)) for s in SPLITS}, "ingest": _read(L.ingest_record),
             "validation": _read(L.validation), "deidentification": _read(L.deid_record), "split": _read(L.split_metrics),
             "leakage": _read(L.leakage)}
 

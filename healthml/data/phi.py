@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..core.compute import RowRange, concatenate_parquet, engine_client, read_range, row_ranges
 from ..core.errors import HealthmlError
-from ..core.io import write_json, write_parquet
+from ..core.io import read_parquet, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import ComputeConfig, DeidentifyConfig
 from ..core.secrets import KeyHome, Secret
@@ -430,7 +430,7 @@ def _text_hits(scanner, text, file, tabular=False):
         yield PhiHit(file, f"line {line}, col {off - starts[line - 1] + 1}", kind)
 
 def _parquet_hits(scanner, path, file):
-    df = pd.read_parquet(path)
+    df = read_parquet(path)
     for i, c in enumerate(df.columns):
         for _, kind in scanner.scan_text(str(c)): yield PhiHit(file, f"column #{i + 1} name", kind)
         s = df[c]
@@ -630,7 +630,7 @@ def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
     import pyarrow.parquet as pq
     present = set(pq.read_schema(layout.validated).names)
     wanted = [c for c in [*_identifier_columns(spec), *spec.identifiers] if c in present]
-    return identifier_scanner(spec, pd.read_parquet(layout.validated, columns=list(dict.fromkeys(wanted))))
+    return identifier_scanner(spec, read_parquet(layout.validated, columns=list(dict.fromkeys(wanted))))
 
 def leak_message(hits: list[dict], n: int = 8) -> str:
     lines = [f"  {h['file']}: {h['location']} ({h['kind']})" for h in hits[:n]]
@@ -700,7 +700,7 @@ def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout, compute
     key = deid_key() if cfg.surrogate == "keyed" else None
     with engine_client(compute) as client:
         if client is None:
-            df = pd.read_parquet(layout.validated)
+            df = read_parquet(layout.validated)
             out, record = deidentify_cohort(df, spec, cfg, key)
             write_parquet(layout.deidentified, out)
             scanner = identifier_scanner(spec, df)

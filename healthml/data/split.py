@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import HealthmlError
-from ..core.io import write_json, write_parquet
+from ..core.io import read_parquet, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import SplitConfig
 from ..core.spec import DatasetSpec, category_labels
@@ -191,7 +191,7 @@ def split_summary(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> dict:
 
 def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout) -> dict:
     "Read the de-identified cohort, split it by patient, write the splits, their summary and the leakage audit."
-    df = pd.read_parquet(layout.deidentified)
+    df = read_parquet(layout.deidentified)
     label = assign_splits(df, spec, cfg)
     splits = {name: df[label == name].reset_index(drop=True) for name in SPLITS}
     for name, d in splits.items():

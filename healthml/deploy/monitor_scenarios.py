@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.io import read_parquet
 from ..core.layout import Layout
 from ..core.params import Params, load_params
 from .monitor import (MonitorError, compare_windows, file_monitoring, known_categories, model_scorer, score_sample,
@@ -145,7 +146,7 @@ def run_demo(root: str | Path = ".", params_path: str | Path = "params.yaml", da
         model_file = layout.model_file(project.candidate, "onnx")
         scorer, sha = model_scorer(layout, model_file)
         threshold = float(scorer.metadata.get("decision_threshold", "0.5"))
-        test = pd.read_parquet(test_file)
+        test = read_parquet(test_file)
         ref_df, windows = support2_windows(test, project, scorer.predict_proba(test), seed)
         spec, cfg = project.dataset, project.monitor
         ref = summarise(ref_df, spec, cfg, None, project.deidentify.age_top_code)

@@ -14,7 +14,7 @@ import pandas as pd
 from .calibration import (Recalibrator, brier, calibration_metrics, calibration_replicates, calibration_slope,
                                              outcome_set_metrics, outcome_set_replicates)
 from ..core.compute import usable_cores
-from ..core.io import write_json, write_parquet
+from ..core.io import read_parquet, write_json, write_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, Params
 from ..core.spec import DatasetSpec
@@ -213,7 +213,7 @@ def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
 def evaluate_models(params: Params, layout: Layout) -> EvaluationResult:
     "The evaluate stage: `evaluate` on the stored splits and models; writes metrics/*.json, plots/ and the test scores."
     from healthml.evaluation.plots import write_plots
-    val, test = (pd.read_parquet(layout.split_file(s)) for s in ("validation", "test"))
+    val, test = (read_parquet(layout.split_file(s)) for s in ("validation", "test"))
     result = evaluate(val, test, model_predictors(params, layout), params.dataset, params.evaluate)
     for path, content in result.outputs(layout).items(): write_json(path, content)
     s = result.scores

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from ..core.io import read_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig, PrivacyRule
 from ..core.spec import DatasetSpec
@@ -299,7 +300,7 @@ def run_privacy(params: Params, layout: Layout) -> dict:
     from healthml.core.io import write_json, write_parquet
     from healthml.evaluation.result import json_ready
     from healthml.modelling.train import load_trained, model_frame
-    train, val, test = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation", "test"))
+    train, val, test = (read_parquet(layout.split_file(s)) for s in ("train", "validation", "test"))
     spec, cand = params.dataset, params.candidate
     model = load_trained(layout, cand)
     with np.errstate(all="ignore"):

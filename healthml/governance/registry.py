@@ -17,7 +17,7 @@ from .gate import evaluate_gate, gate_evidence
 from .report import file_report, write_index
 from ..core.errors import HealthmlError
 from ..core.faults import checkpoint
-from ..core.io import sha256_file
+from ..core.io import read_parquet, sha256_file
 from ..core.layout import Layout, git_commit
 from ..core.params import Params
 from ..modelling.train import mlflow_experiment, using_tracking
@@ -254,12 +254,11 @@ def _new_version(reg: Registry, verdict: dict, onnx_sha: str, who: str) -> tuple
     "Log the run (model, evidence, report) and create the registry version; (version, run id)."
     import mlflow
     from mlflow.models import infer_signature
-    import pandas as pd
     from healthml.core.spec import observed_spec
     from healthml.modelling.train import MODEL_TYPES, load_trained, model_frame
     L, p, cand = reg.layout, reg.params, reg.params.candidate
     onnx, pipe = L.model_file(cand, "onnx"), load_trained(L, cand)   # the file train wrote, by its recorded SHA-256
-    spec = observed_spec(p.dataset, pd.read_parquet(L.split_file("train"), columns=p.dataset.categorical))  # no pooled level
+    spec = observed_spec(p.dataset, read_parquet(L.split_file("train"), columns=p.dataset.categorical))  # no pooled level
     example = model_frame(synthetic_example(spec), spec)
     tags = {"healthml.gate": verdict["verdict"], "healthml.gate_plan": verdict.get("plan", ""), "healthml.onnx_sha256": onnx_sha,
             "healthml.git_commit": git_commit(L.root), "healthml.train_data_sha256": sha256_file(L.split_file("train")),

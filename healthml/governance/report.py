@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..core.errors import HealthmlError
 from ..core.faults import checkpoint
-from ..core.io import atomic_write, quiet_stderr, sha256_file, staged_dir, write_json
+from ..core.io import atomic_write, quiet_stderr, read_parquet, sha256_file, staged_dir, write_json
 from ..core.layout import Layout
 from ..core.pages import render_page
 from ..core.params import MODEL_PACKAGES, Params, load_params
@@ -77,7 +77,7 @@ class ReportContext:
         layout = Layout(root)
         params = load_params(Path(root)/params_path)
         if layout.split_file("train").exists():  # the category lists the models were trained with: no pooled level named
-            train = pd.read_parquet(layout.split_file("train"), columns=params.dataset.categorical)
+            train = read_parquet(layout.split_file("train"), columns=params.dataset.categorical)
             params = params.model_copy(update={"dataset": observed_spec(params.dataset, train)})
         evaluation = EvaluationResult.read(layout, params.model_names)
         export = _models_first(_read_json(layout.export_metrics), params.model_names)
@@ -526,7 +526,7 @@ def prediction_examples(ctx: ReportContext) -> list[dict]:
     onnx = ctx.layout.model_file(cand, "onnx")
     scorer = OnnxScorer(onnx)
     rules = DecisionRules.from_metadata(scorer.metadata)
-    test = pd.read_parquet(ctx.layout.split_file("test"), columns=list(rules.features))
+    test = read_parquet(ctx.layout.split_file("test"), columns=list(rules.features))
     examples = worked_examples(rules, typical_record(test, rules))
     records = [rec for _, rec in examples.values()]
     cols = record_columns(rules, records)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..core.compute import usable_cores
 from ..core.errors import HealthmlError
-from ..core.io import atomic_write, sha256_file, write_json
+from ..core.io import atomic_write, read_parquet, sha256_file, write_json
 from ..core.layout import Layout
 from ..core.params import Params
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, observed_spec
@@ -171,7 +171,7 @@ def explainer_path(layout: Layout, model: str) -> Path:
 
 def export_models(params: Params, layout: Layout, version: str) -> dict:
     "Convert every model's trained pipeline to ONNX with its explainer, check both on the test split, then write them."
-    test, train = pd.read_parquet(layout.split_file("test")), pd.read_parquet(layout.split_file("train"))
+    test, train = read_parquet(layout.split_file("test")), read_parquet(layout.split_file("train"))
     spec = observed_spec(params.dataset, train)  # the category lists the model was trained with: no pooled level named
     data_sha = sha256_file(layout.split_file("train"))
     support = training_support(train, spec)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import HealthmlError
-from ..core.io import write_json
+from ..core.io import read_parquet, write_json
 from ..core.layout import Layout
 from ..core.params import Params
 from .scoring import OnnxScorer, load_verified
@@ -101,7 +101,7 @@ def record_latency(scorers: dict[str, OnnxScorer], records: pd.DataFrame, rounds
 def measure_footprint(params: Params, layout: Layout, records: int = 200, rounds: int = 5) -> dict:
     "The footprint stage: each exported model's size, quantisation effect and single-record latency; writes metrics/footprint.json."
     if not layout.export_metrics.exists(): raise HealthmlError(f"{layout.export_metrics} not found", hint="run `dvc repro export` first")
-    export, test = json.loads(layout.export_metrics.read_text()), pd.read_parquet(layout.split_file("test"))
+    export, test = json.loads(layout.export_metrics.read_text()), read_parquet(layout.split_file("test"))
     out, scorers = {}, {}
     for name in params.model_names:
         sha = (export.get(name) or {}).get("sha256")

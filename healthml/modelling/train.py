@@ -23,7 +23,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from ..core.errors import HealthmlError
-from ..core.io import atomic_write, sha256_file, write_json
+from ..core.io import atomic_write, read_parquet, sha256_file, write_json
 from ..core.compute import engine_client
 from ..core.layout import Layout, git_commit
 from ..core.params import CompactConfig, LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
@@ -301,7 +301,7 @@ def fit_on_cluster(pipe: Pipeline, X: pd.DataFrame, y: np.ndarray, client, parti
 # %% ../../nbs/20_modelling/21_train.ipynb #b52bee90
 def train_models(params: Params, layout: Layout, track: bool = True, environ: Mapping[str, str] = os.environ) -> dict:
     "Fit every model's pipeline on the train split (LightGBM on the Dask cluster with `compute.engine: dask`; compact models last, here), score the validation split, save (each file's SHA-256 into `metrics/train.json`), and log to MLflow (`environ`: where a DVC experiment is named)."
-    train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "validation"))
+    train, val = (read_parquet(layout.split_file(s)) for s in ("train", "validation"))
     spec = observed_spec(params.dataset, train)  # category lists as the de-identified data bears them out (rare levels pooled)
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
     record, fitted = {}, {}
