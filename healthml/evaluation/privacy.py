@@ -5,21 +5,24 @@
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #705e0e55
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from ..core.compute import usable_cores
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig, PrivacyRule
 from ..core.spec import DatasetSpec
-from .discrimination import SortedScores, bootstrap, bootstrap_intervals, ranking_metrics
+from .discrimination import SortedScores, bootstrap, bootstrap_intervals, in_threads, ranking_metrics
 from .robustness import Predict
 
 # %% auto #0
 __all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'fpr_key',
            'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'attack_scores', 'membership_inference', 'worst_case',
-           'attribute_inference', 'mitigation_costs', 'levers_needed', 'out_of_fold_risk', 'confident_learning',
-           'training_data_screen', 'privacy_assessment', 'run_privacy']
+           'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds', 'out_of_fold_risk',
+           'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #9598a97c
 _EPS = 1e-7
@@ -69,6 +72,20 @@ def tpr_at_fpr(sorted_scores: SortedScores, W, fpr: float) -> np.ndarray:
     allowed = fp <= fpr * neg.sum(1)[:, None] * (1 + 1e-12)
     return np.where(allowed, tp, 0).max(axis=1) / pos.sum(1)
 
+def _auc_and_tprs(sorted_scores: SortedScores, W, fprs) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`ranking_metrics`' AUROC and `tpr_at_fpr` at each FPR from one `pos_neg` and one pair of cumulative sums (the same
+    arithmetic, so the same figures; the bootstrap's cost is these passes over a (replicates x patients) matrix)."""
+    pos, neg = sorted_scores.pos_neg(W)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    fp, tp = np.cumsum(neg, axis=1), np.cumsum(pos, axis=1)
+    last = np.arange(len(tp))
+    # fp and tp never fall along a row: the largest tp where fp is allowed is tp at the last allowed position
+    tprs = [np.where((k := (fp <= f * n_neg[:, None] * (1 + 1e-12)).sum(1)) > 0, tp[last, np.maximum(k - 1, 0)], 0) / n_pos
+            for f in fprs]
+    part = np.subtract(n_neg[:, None], fp, out=fp)
+    part += np.multiply(neg, 0.5, out=neg); part *= pos
+    return part.sum(1) / (n_pos * n_neg), tprs
+
 def attack_metrics(member, scores: dict, patients, fprs=(0.001, 0.01), n_boot: int = 500, level: float = 0.95,
                    seed: int = 0) -> dict:
     """Each attack's AUC and TPR at each FPR (`scores`: attack -> score per patient, higher meaning "member"), with
@@ -77,8 +94,11 @@ def attack_metrics(member, scores: dict, patients, fprs=(0.001, 0.01), n_boot: i
     st = {a: SortedScores(member, s) for a, s in scores.items()}
     usable = [f for f in fprs if (~member).sum() * f >= 1]
     def stats(W):
-        return {f"{a}.{k}": v for a, s in st.items()
-                for k, v in {"auc": ranking_metrics(s, W)[0], **{fpr_key(f): tpr_at_fpr(s, W, f) for f in usable}}.items()}
+        out = {}
+        for a, s in st.items():
+            auc, tprs = _auc_and_tprs(s, W, usable)
+            out |= {f"{a}.auc": auc, **{f"{a}.{fpr_key(f)}": t for f, t in zip(usable, tprs)}}
+        return out
     point = {k: float(v[0]) for k, v in stats(np.ones((1, len(member)))).items()}
     flat = point | bootstrap_intervals(bootstrap(stats, member, patients, n_boot, seed), level)
     out = {}
@@ -109,7 +129,7 @@ def attack_scores(members: pd.DataFrame, held_out: pd.DataFrame, target: Predict
     y, p = outcome(data, spec), target(data)
     trained_on = np.zeros((k, len(data)), bool)
     trained_on[:, len(members):] = reference_halves(len(held_out), k, seed)
-    p_ref = np.array([fit(held_out[t[len(members):]])(data) for t in trained_on])
+    p_ref = np.array(in_threads(lambda t: fit(held_out[t[len(members):]])(data), trained_on, usable_cores(2)))   # one fit a core
     rows = pd.DataFrame({"patient": data[spec.patient_id].to_numpy(), "member": np.arange(len(data)) < len(members),
                          "loss": -example_loss(y, p), "reference": reference_attack(y, p, p_ref, trained_on)})
     return rows.groupby("patient", sort=False).agg({"member": "first", "loss": "mean", "reference": "mean"})
@@ -223,14 +243,57 @@ def levers_needed(cfg: PrivacyConfig, rules, summary: dict) -> tuple[bool, str]:
     return False, (("not computed: every privacy rule of the gate holds" if rules else "not computed: the gate has no privacy rule")
                    + "; set privacy.levers: always to see what each lever buys and costs")
 
+# %% ../../nbs/30_evaluation/38_privacy.ipynb #d575d1ec
+def stratified_group_folds(y, groups, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold of each row: scikit-learn's `StratifiedGroupKFold(folds, shuffle=True, random_state=seed)` assignment (groups
+    shuffled, then by falling spread of their class counts, each to the fold that keeps the class shares most even, ties
+    to the smallest fold), computed with the same floating-point operations in plain Python floats."""
+    _, y_inv, y_cnt = np.unique(np.asarray(y), return_inverse=True, return_counts=True)
+    _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups, n_classes = int(g_inv.max()) + 1, len(y_cnt)
+    counts = np.zeros((n_groups, n_classes))
+    np.add.at(counts, (g_inv, y_inv), 1)
+    perm = np.arange(n_groups)
+    np.random.RandomState(seed).shuffle(perm)                  # scikit-learn's check_random_state(seed).shuffle
+    counts = counts[perm]
+    totals = [float(c) for c in y_cnt]
+    in_fold = [[0.0] * n_classes for _ in range(folds)]         # class counts per fold
+    share = [[0.0] * folds for _ in range(n_classes)]           # share[c][f] = in_fold[f][c] / totals[c]
+    size = [0.0] * folds
+    assigned = np.empty(n_groups, np.int64)
+    rows = counts.tolist()
+    for j in np.argsort(-np.std(counts, axis=1), kind="stable").tolist():
+        g, best, best_eval, best_size = rows[j], -1, math.inf, math.inf
+        for i in range(folds):
+            spread = 0.0
+            for c in range(n_classes):                          # np.std over folds of the shares, as numpy sums: in order
+                v = share[c][:]
+                v[i] = (in_fold[i][c] + g[c]) / totals[c]
+                s = 0.0
+                for x in v: s += x
+                m, q = s / folds, 0.0
+                for x in v: q += (x - m) * (x - m)
+                spread += math.sqrt(q / folds)
+            ev = spread / n_classes
+            if ev < best_eval or (abs(ev - best_eval) <= 1e-8 + 1e-5 * abs(best_eval) and size[i] < best_size):  # np.isclose
+                best, best_eval, best_size = i, ev, size[i]
+        for c in range(n_classes):
+            in_fold[best][c] += g[c]
+            share[c][best] = in_fold[best][c] / totals[c]
+        size[best] = sum(in_fold[best])
+        assigned[j] = best
+    fold_of_group = np.empty(n_groups, np.int64)
+    fold_of_group[perm] = assigned
+    return fold_of_group[g_inv]
+
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #c225c42d
 def out_of_fold_risk(df: pd.DataFrame, fit, spec: DatasetSpec, folds: int = 5, seed: int = 0) -> np.ndarray:
     "Each row's risk from a model fitted without the row's patient (stratified folds grouped by patient)."
-    from sklearn.model_selection import StratifiedGroupKFold
     from healthml.modelling.train import outcome
     y, risk = outcome(df, spec), np.empty(len(df))
-    for fit_rows, held in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(df, y, df[spec.patient_id]):
-        risk[held] = fit(df.iloc[fit_rows])(df.iloc[held])
+    fold = stratified_group_folds(y, df[spec.patient_id].to_numpy(), folds, seed)
+    def one(f): return fit(df[fold != f])(df[fold == f])     # the folds' fits are independent: one a core
+    for f, r in enumerate(in_threads(one, range(folds), usable_cores(2))): risk[fold == f] = r
     return risk
 
 def confident_learning(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
