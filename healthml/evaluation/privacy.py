@@ -20,9 +20,9 @@ from .robustness import Predict
 
 # %% auto #0
 __all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'fpr_key',
-           'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'attack_scores', 'membership_inference', 'worst_case',
-           'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds', 'out_of_fold_risk',
-           'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
+           'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'sample_patients', 'attack_scores', 'membership_inference',
+           'worst_case', 'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds',
+           'out_of_fold_risk', 'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #9598a97c
 _EPS = 1e-7
@@ -121,16 +121,31 @@ def model_fitter(spec: DatasetSpec, cfg: ModelConfig):
 ATTACKS = {"loss": "loss threshold (Yeom et al. 2018)",
            "reference": "reference models, offline LiRA (Carlini et al. 2022)"}
 
+_SAMPLE_STREAM = 0x5A3B
+
+def sample_patients(patients, most: int | None, seed: int = 0) -> np.ndarray:
+    "Row mask of a random sample of at most `most` patients (all their rows); every row when there are no more (or `most` is None)."
+    uniq, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    if most is None or len(uniq) <= most: return np.ones(len(inverse), bool)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SAMPLE_STREAM,)))
+    chosen = np.zeros(len(uniq), bool)
+    chosen[rng.choice(len(uniq), most, replace=False)] = True
+    return chosen[inverse]
+
 def attack_scores(members: pd.DataFrame, held_out: pd.DataFrame, target: Predict, fit, spec: DatasetSpec,
-                  k: int = 4, seed: int = 0) -> pd.DataFrame:
-    "Per patient: membership and each attack's score (higher: more likely a training patient); rows of a patient averaged."
+                  k: int = 4, seed: int = 0, max_patients: int | None = None) -> pd.DataFrame:
+    """Per patient: membership and each attack's score (higher: more likely a training patient); rows of a patient averaged.
+    The reference models train on halves of every held-out row; at most `max_patients` members and as many non-members are scored."""
     from healthml.modelling.train import outcome
-    data = pd.concat([members, held_out], ignore_index=True)
+    halves = reference_halves(len(held_out), k, seed)
+    keep_m, keep_h = (sample_patients(d[spec.patient_id], max_patients, seed) for d in (members, held_out))
+    data = pd.concat([members[keep_m], held_out[keep_h]], ignore_index=True)
+    n_members = int(keep_m.sum())
     y, p = outcome(data, spec), target(data)
     trained_on = np.zeros((k, len(data)), bool)
-    trained_on[:, len(members):] = reference_halves(len(held_out), k, seed)
-    p_ref = np.array(in_threads(lambda t: fit(held_out[t[len(members):]])(data), trained_on, usable_cores(2)))   # one fit a core
-    rows = pd.DataFrame({"patient": data[spec.patient_id].to_numpy(), "member": np.arange(len(data)) < len(members),
+    trained_on[:, n_members:] = halves[:, keep_h]
+    p_ref = np.array(in_threads(lambda half: fit(held_out[half])(data), halves, usable_cores(2)))   # one fit a core
+    rows = pd.DataFrame({"patient": data[spec.patient_id].to_numpy(), "member": np.arange(len(data)) < n_members,
                          "loss": -example_loss(y, p), "reference": reference_attack(y, p, p_ref, trained_on)})
     return rows.groupby("patient", sort=False).agg({"member": "first", "loss": "mean", "reference": "mean"})
 
@@ -215,7 +230,7 @@ LEVERS = {  # model kind -> lever -> the change of its hyper-parameters
     "logistic": {"regularisation x10 (C / 10)": lambda c: {"C": c.C / 10}}}
 
 def mitigation_costs(train: pd.DataFrame, validation: pd.DataFrame, held_out: pd.DataFrame, spec: DatasetSpec,
-                     cfg: ModelConfig, baseline: dict, k: int = 4, seed: int = 0) -> list[dict]:
+                     cfg: ModelConfig, baseline: dict, k: int = 4, seed: int = 0, max_patients: int | None = None) -> list[dict]:
     """Each lever applied to the candidate's configuration: both attacks' AUC (point) and the validation AUROC it costs,
     beside `baseline` (the configured model's `<attack>_auc` and `validation_auroc`)."""
     from healthml.modelling.train import outcome
@@ -224,7 +239,7 @@ def mitigation_costs(train: pd.DataFrame, validation: pd.DataFrame, held_out: pd
     for name, change in LEVERS.get(cfg.kind, {}).items():
         fit = model_fitter(spec, cfg.model_copy(update=change(cfg)))
         target = fit(train)
-        s = attack_scores(train, held_out, target, fit, spec, k, seed)
+        s = attack_scores(train, held_out, target, fit, spec, k, seed, max_patients)
         rows.append({"lever": name, "change": change(cfg), **{f"{a}_auc": float(roc_auc_score(s.member, s[a])) for a in ATTACKS},
                      "validation_auroc": float(roc_auc_score(yv, target(validation)))})
     for r in rows:
@@ -333,7 +348,7 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
     from healthml.data.cohort import subgroup_frame
     from healthml.modelling.train import outcome
     fit, held_out = model_fitter(spec, model), pd.concat([validation, test], ignore_index=True)
-    scores = attack_scores(train, held_out, target, fit, spec, cfg.reference_models, cfg.seed)
+    scores = attack_scores(train, held_out, target, fit, spec, cfg.reference_models, cfg.seed, cfg.max_patients)
     data = pd.concat([train, held_out], ignore_index=True)
     groups = subgroup_frame(data, spec, ecfg.intersections, ecfg.slices).groupby(data[spec.patient_id].to_numpy()).first()
     mi = membership_inference(scores, groups, cfg, ecfg.min_subgroup_n, ecfg.min_subgroup_events, ecfg.ci_level)
@@ -342,17 +357,23 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
                         "reference_models": cfg.reference_models, "reference_training": "each on a random half of the non-members",
                         "bootstrap_replicates": cfg.n_bootstrap, "ci_level": ecfg.ci_level, "fpr": cfg.fpr},
            "membership": mi}
+    n_members, n_held = (len(np.unique(d[spec.patient_id].to_numpy())) for d in (train, held_out))
+    if cfg.max_patients is not None and max(n_members, n_held) > cfg.max_patients:   # only then: SUPPORT2's file is as before
+        out["settings"]["sample"] = (f"attacks measured on a random sample of at most {cfg.max_patients:,} of the {n_members:,} members "
+                                     f"and of the {n_held:,} non-members (privacy.max_patients); the CIs are the sample's")
     if cfg.sensitive_attribute is not None:
         attr = spec.sensitive_attributes[cfg.sensitive_attribute]
-        labels = subgroup_frame(train, spec)[cfg.sensitive_attribute]
+        attacked = train[sample_patients(train[spec.patient_id], cfg.max_patients, cfg.seed)]
+        labels = subgroup_frame(attacked, spec)[cfg.sensitive_attribute]
         out["attribute"] = {"attribute": cfg.sensitive_attribute, **attribute_inference(
-            train, target(train), labels, spec, attr.column, cfg.screen_folds, cfg.n_bootstrap, ecfg.ci_level, cfg.seed)}
+            attacked, target(attacked), labels, spec, attr.column, cfg.screen_folds, cfg.n_bootstrap, ecfg.ci_level, cfg.seed)}
         summary |= {"attribute_advantage": out["attribute"]["advantage_over_base_rate"],
                     "attribute_auroc_added_by_risk": out["attribute"]["auroc_added_by_risk"]}
     baseline = {f"{a}_auc": mi["overall"][a]["auc"] for a in ATTACKS} | {
         "validation_auroc": float(roc_auc_score(outcome(validation, spec), target(validation)))}
     need, out["mitigation_status"] = levers_needed(cfg, rules, summary)
-    out["mitigation"] = mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed) if need else []
+    out["mitigation"] = (mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed,
+                                          cfg.max_patients) if need else [])
     out["screen"], flagged = training_data_screen(train, fit, spec, cfg.screen_folds, cfg.seed)
     return {"summary": summary, **out}, flagged
 
