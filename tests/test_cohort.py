@@ -334,3 +334,23 @@ def test_a_patient_split_across_part_files_keeps_one_surrogate_key(tmp_path):
     assert not set(raw.mrn) & set(deid["mrn"].astype(str))
     _, _, deid_one = run_stages(one, "data/raw/extract.parquet")
     pd.testing.assert_frame_equal(deid, deid_one)                        # the same de-identified cohort as the one file
+
+
+def test_arrow_csv_reader_gives_exactly_what_pandas_reads(tmp_path):
+    """The fast CSV path (pyarrow) on the synthetic EHR extract as `healthml synthetic` writes it: the same frame as
+    pandas, values and dtypes; SUPPORT2's file (spaces after commas) is left to pandas and reads as before."""
+    from healthml.data.cohort import _arrow_csv, read_cohort
+    from healthml.data.synthetic import synthetic_ehr
+    path = tmp_path / "synthetic_ehr.csv"
+    path.write_text(synthetic_ehr(6000, seed=7).to_csv(index=False))
+    assert path.stat().st_size > 1 << 20                        # large enough for the fast path
+    fast = _arrow_csv(path, ",", ".")
+    assert fast is not None
+    pandas_read = pd.read_csv(path, skipinitialspace=True, encoding="utf-8", low_memory=False)
+    pd.testing.assert_frame_equal(fast, pandas_read, check_exact=True)
+    assert (read_cohort(path).drop(columns="source_row").columns == pandas_read.columns).all()
+    support2 = ROOT / "data/raw/support2.csv"
+    assert _arrow_csv(support2, ",", ".") is None
+    pd.testing.assert_frame_equal(read_cohort(support2).drop(columns="source_row"),
+                                  pd.read_csv(support2, skipinitialspace=True, low_memory=False).rename(columns=lambda c: c.replace(".", "_")),
+                                  check_exact=True)

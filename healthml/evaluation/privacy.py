@@ -5,22 +5,25 @@
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #705e0e55
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from ..core.compute import usable_cores
 from ..core.io import read_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig, PrivacyRule
 from ..core.spec import DatasetSpec
-from .discrimination import SortedScores, bootstrap, bootstrap_intervals, ranking_metrics
+from .discrimination import SortedScores, bootstrap, bootstrap_intervals, in_threads, ranking_metrics
 from .robustness import Predict
 
 # %% auto #0
 __all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'fpr_key',
-           'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'attack_scores', 'membership_inference', 'worst_case',
-           'attribute_inference', 'mitigation_costs', 'levers_needed', 'out_of_fold_risk', 'confident_learning',
-           'training_data_screen', 'privacy_assessment', 'run_privacy']
+           'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'sample_patients', 'attack_scores', 'membership_inference',
+           'worst_case', 'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds',
+           'out_of_fold_risk', 'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #9598a97c
 _EPS = 1e-7
@@ -70,6 +73,20 @@ def tpr_at_fpr(sorted_scores: SortedScores, W, fpr: float) -> np.ndarray:
     allowed = fp <= fpr * neg.sum(1)[:, None] * (1 + 1e-12)
     return np.where(allowed, tp, 0).max(axis=1) / pos.sum(1)
 
+def _auc_and_tprs(sorted_scores: SortedScores, W, fprs) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`ranking_metrics`' AUROC and `tpr_at_fpr` at each FPR from one `pos_neg` and one pair of cumulative sums (the same
+    arithmetic, so the same figures; the bootstrap's cost is these passes over a (replicates x patients) matrix)."""
+    pos, neg = sorted_scores.pos_neg(W)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    fp, tp = np.cumsum(neg, axis=1), np.cumsum(pos, axis=1)
+    last = np.arange(len(tp))
+    # fp and tp never fall along a row: the largest tp where fp is allowed is tp at the last allowed position
+    tprs = [np.where((k := (fp <= f * n_neg[:, None] * (1 + 1e-12)).sum(1)) > 0, tp[last, np.maximum(k - 1, 0)], 0) / n_pos
+            for f in fprs]
+    part = np.subtract(n_neg[:, None], fp, out=fp)
+    part += np.multiply(neg, 0.5, out=neg); part *= pos
+    return part.sum(1) / (n_pos * n_neg), tprs
+
 def attack_metrics(member, scores: dict, patients, fprs=(0.001, 0.01), n_boot: int = 500, level: float = 0.95,
                    seed: int = 0) -> dict:
     """Each attack's AUC and TPR at each FPR (`scores`: attack -> score per patient, higher meaning "member"), with
@@ -78,8 +95,11 @@ def attack_metrics(member, scores: dict, patients, fprs=(0.001, 0.01), n_boot: i
     st = {a: SortedScores(member, s) for a, s in scores.items()}
     usable = [f for f in fprs if (~member).sum() * f >= 1]
     def stats(W):
-        return {f"{a}.{k}": v for a, s in st.items()
-                for k, v in {"auc": ranking_metrics(s, W)[0], **{fpr_key(f): tpr_at_fpr(s, W, f) for f in usable}}.items()}
+        out = {}
+        for a, s in st.items():
+            auc, tprs = _auc_and_tprs(s, W, usable)
+            out |= {f"{a}.auc": auc, **{f"{a}.{fpr_key(f)}": t for f, t in zip(usable, tprs)}}
+        return out
     point = {k: float(v[0]) for k, v in stats(np.ones((1, len(member)))).items()}
     flat = point | bootstrap_intervals(bootstrap(stats, member, patients, n_boot, seed), level)
     out = {}
@@ -102,16 +122,31 @@ def model_fitter(spec: DatasetSpec, cfg: ModelConfig):
 ATTACKS = {"loss": "loss threshold (Yeom et al. 2018)",
            "reference": "reference models, offline LiRA (Carlini et al. 2022)"}
 
+_SAMPLE_STREAM = 0x5A3B
+
+def sample_patients(patients, most: int | None, seed: int = 0) -> np.ndarray:
+    "Row mask of a random sample of at most `most` patients (all their rows); every row when there are no more (or `most` is None)."
+    uniq, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    if most is None or len(uniq) <= most: return np.ones(len(inverse), bool)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SAMPLE_STREAM,)))
+    chosen = np.zeros(len(uniq), bool)
+    chosen[rng.choice(len(uniq), most, replace=False)] = True
+    return chosen[inverse]
+
 def attack_scores(members: pd.DataFrame, held_out: pd.DataFrame, target: Predict, fit, spec: DatasetSpec,
-                  k: int = 4, seed: int = 0) -> pd.DataFrame:
-    "Per patient: membership and each attack's score (higher: more likely a training patient); rows of a patient averaged."
+                  k: int = 4, seed: int = 0, max_patients: int | None = None) -> pd.DataFrame:
+    """Per patient: membership and each attack's score (higher: more likely a training patient); rows of a patient averaged.
+    The reference models train on halves of every held-out row; at most `max_patients` members and as many non-members are scored."""
     from healthml.modelling.train import outcome
-    data = pd.concat([members, held_out], ignore_index=True)
+    halves = reference_halves(len(held_out), k, seed)
+    keep_m, keep_h = (sample_patients(d[spec.patient_id], max_patients, seed) for d in (members, held_out))
+    data = pd.concat([members[keep_m], held_out[keep_h]], ignore_index=True)
+    n_members = int(keep_m.sum())
     y, p = outcome(data, spec), target(data)
     trained_on = np.zeros((k, len(data)), bool)
-    trained_on[:, len(members):] = reference_halves(len(held_out), k, seed)
-    p_ref = np.array([fit(held_out[t[len(members):]])(data) for t in trained_on])
-    rows = pd.DataFrame({"patient": data[spec.patient_id].to_numpy(), "member": np.arange(len(data)) < len(members),
+    trained_on[:, n_members:] = halves[:, keep_h]
+    p_ref = np.array(in_threads(lambda half: fit(held_out[half])(data), halves, usable_cores(2)))   # one fit a core
+    rows = pd.DataFrame({"patient": data[spec.patient_id].to_numpy(), "member": np.arange(len(data)) < n_members,
                          "loss": -example_loss(y, p), "reference": reference_attack(y, p, p_ref, trained_on)})
     return rows.groupby("patient", sort=False).agg({"member": "first", "loss": "mean", "reference": "mean"})
 
@@ -196,7 +231,7 @@ LEVERS = {  # model kind -> lever -> the change of its hyper-parameters
     "logistic": {"regularisation x10 (C / 10)": lambda c: {"C": c.C / 10}}}
 
 def mitigation_costs(train: pd.DataFrame, validation: pd.DataFrame, held_out: pd.DataFrame, spec: DatasetSpec,
-                     cfg: ModelConfig, baseline: dict, k: int = 4, seed: int = 0) -> list[dict]:
+                     cfg: ModelConfig, baseline: dict, k: int = 4, seed: int = 0, max_patients: int | None = None) -> list[dict]:
     """Each lever applied to the candidate's configuration: both attacks' AUC (point) and the validation AUROC it costs,
     beside `baseline` (the configured model's `<attack>_auc` and `validation_auroc`)."""
     from healthml.modelling.train import outcome
@@ -205,7 +240,7 @@ def mitigation_costs(train: pd.DataFrame, validation: pd.DataFrame, held_out: pd
     for name, change in LEVERS.get(cfg.kind, {}).items():
         fit = model_fitter(spec, cfg.model_copy(update=change(cfg)))
         target = fit(train)
-        s = attack_scores(train, held_out, target, fit, spec, k, seed)
+        s = attack_scores(train, held_out, target, fit, spec, k, seed, max_patients)
         rows.append({"lever": name, "change": change(cfg), **{f"{a}_auc": float(roc_auc_score(s.member, s[a])) for a in ATTACKS},
                      "validation_auroc": float(roc_auc_score(yv, target(validation)))})
     for r in rows:
@@ -224,14 +259,57 @@ def levers_needed(cfg: PrivacyConfig, rules, summary: dict) -> tuple[bool, str]:
     return False, (("not computed: every privacy rule of the gate holds" if rules else "not computed: the gate has no privacy rule")
                    + "; set privacy.levers: always to see what each lever buys and costs")
 
+# %% ../../nbs/30_evaluation/38_privacy.ipynb #d575d1ec
+def stratified_group_folds(y, groups, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold of each row: scikit-learn's `StratifiedGroupKFold(folds, shuffle=True, random_state=seed)` assignment (groups
+    shuffled, then by falling spread of their class counts, each to the fold that keeps the class shares most even, ties
+    to the smallest fold), computed with the same floating-point operations in plain Python floats."""
+    _, y_inv, y_cnt = np.unique(np.asarray(y), return_inverse=True, return_counts=True)
+    _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups, n_classes = int(g_inv.max()) + 1, len(y_cnt)
+    counts = np.zeros((n_groups, n_classes))
+    np.add.at(counts, (g_inv, y_inv), 1)
+    perm = np.arange(n_groups)
+    np.random.RandomState(seed).shuffle(perm)                  # scikit-learn's check_random_state(seed).shuffle
+    counts = counts[perm]
+    totals = [float(c) for c in y_cnt]
+    in_fold = [[0.0] * n_classes for _ in range(folds)]         # class counts per fold
+    share = [[0.0] * folds for _ in range(n_classes)]           # share[c][f] = in_fold[f][c] / totals[c]
+    size = [0.0] * folds
+    assigned = np.empty(n_groups, np.int64)
+    rows = counts.tolist()
+    for j in np.argsort(-np.std(counts, axis=1), kind="stable").tolist():
+        g, best, best_eval, best_size = rows[j], -1, math.inf, math.inf
+        for i in range(folds):
+            spread = 0.0
+            for c in range(n_classes):                          # np.std over folds of the shares, as numpy sums: in order
+                v = share[c][:]
+                v[i] = (in_fold[i][c] + g[c]) / totals[c]
+                s = 0.0
+                for x in v: s += x
+                m, q = s / folds, 0.0
+                for x in v: q += (x - m) * (x - m)
+                spread += math.sqrt(q / folds)
+            ev = spread / n_classes
+            if ev < best_eval or (abs(ev - best_eval) <= 1e-8 + 1e-5 * abs(best_eval) and size[i] < best_size):  # np.isclose
+                best, best_eval, best_size = i, ev, size[i]
+        for c in range(n_classes):
+            in_fold[best][c] += g[c]
+            share[c][best] = in_fold[best][c] / totals[c]
+        size[best] = sum(in_fold[best])
+        assigned[j] = best
+    fold_of_group = np.empty(n_groups, np.int64)
+    fold_of_group[perm] = assigned
+    return fold_of_group[g_inv]
+
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #c225c42d
 def out_of_fold_risk(df: pd.DataFrame, fit, spec: DatasetSpec, folds: int = 5, seed: int = 0) -> np.ndarray:
     "Each row's risk from a model fitted without the row's patient (stratified folds grouped by patient)."
-    from sklearn.model_selection import StratifiedGroupKFold
     from healthml.modelling.train import outcome
     y, risk = outcome(df, spec), np.empty(len(df))
-    for fit_rows, held in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(df, y, df[spec.patient_id]):
-        risk[held] = fit(df.iloc[fit_rows])(df.iloc[held])
+    fold = stratified_group_folds(y, df[spec.patient_id].to_numpy(), folds, seed)
+    def one(f): return fit(df[fold != f])(df[fold == f])     # the folds' fits are independent: one a core
+    for f, r in enumerate(in_threads(one, range(folds), usable_cores(2))): risk[fold == f] = r
     return risk
 
 def confident_learning(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
@@ -271,7 +349,7 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
     from healthml.data.cohort import subgroup_frame
     from healthml.modelling.train import outcome
     fit, held_out = model_fitter(spec, model), pd.concat([validation, test], ignore_index=True)
-    scores = attack_scores(train, held_out, target, fit, spec, cfg.reference_models, cfg.seed)
+    scores = attack_scores(train, held_out, target, fit, spec, cfg.reference_models, cfg.seed, cfg.max_patients)
     data = pd.concat([train, held_out], ignore_index=True)
     groups = subgroup_frame(data, spec, ecfg.intersections, ecfg.slices).groupby(data[spec.patient_id].to_numpy()).first()
     mi = membership_inference(scores, groups, cfg, ecfg.min_subgroup_n, ecfg.min_subgroup_events, ecfg.ci_level)
@@ -280,17 +358,23 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
                         "reference_models": cfg.reference_models, "reference_training": "each on a random half of the non-members",
                         "bootstrap_replicates": cfg.n_bootstrap, "ci_level": ecfg.ci_level, "fpr": cfg.fpr},
            "membership": mi}
+    n_members, n_held = (len(np.unique(d[spec.patient_id].to_numpy())) for d in (train, held_out))
+    if cfg.max_patients is not None and max(n_members, n_held) > cfg.max_patients:   # only then: SUPPORT2's file is as before
+        out["settings"]["sample"] = (f"attacks measured on a random sample of at most {cfg.max_patients:,} of the {n_members:,} members "
+                                     f"and of the {n_held:,} non-members (privacy.max_patients); the CIs are the sample's")
     if cfg.sensitive_attribute is not None:
         attr = spec.sensitive_attributes[cfg.sensitive_attribute]
-        labels = subgroup_frame(train, spec)[cfg.sensitive_attribute]
+        attacked = train[sample_patients(train[spec.patient_id], cfg.max_patients, cfg.seed)]
+        labels = subgroup_frame(attacked, spec)[cfg.sensitive_attribute]
         out["attribute"] = {"attribute": cfg.sensitive_attribute, **attribute_inference(
-            train, target(train), labels, spec, attr.column, cfg.screen_folds, cfg.n_bootstrap, ecfg.ci_level, cfg.seed)}
+            attacked, target(attacked), labels, spec, attr.column, cfg.screen_folds, cfg.n_bootstrap, ecfg.ci_level, cfg.seed)}
         summary |= {"attribute_advantage": out["attribute"]["advantage_over_base_rate"],
                     "attribute_auroc_added_by_risk": out["attribute"]["auroc_added_by_risk"]}
     baseline = {f"{a}_auc": mi["overall"][a]["auc"] for a in ATTACKS} | {
         "validation_auroc": float(roc_auc_score(outcome(validation, spec), target(validation)))}
     need, out["mitigation_status"] = levers_needed(cfg, rules, summary)
-    out["mitigation"] = mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed) if need else []
+    out["mitigation"] = (mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed,
+                                          cfg.max_patients) if need else [])
     out["screen"], flagged = training_data_screen(train, fit, spec, cfg.screen_folds, cfg.seed)
     return {"summary": summary, **out}, flagged
 
