@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from healthml.deploy.serve import free_port, wait_until_ready
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,10 +74,6 @@ def measure_join(root: Path) -> dict:
             "seconds_join": round(join, 2), "late_events_left_out": int(sum(late.values())), "peak_rss_mb": _rss_mb()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(conn, path: str, body: bytes) -> float:
@@ -139,13 +135,7 @@ def measure_online(root: Path, lookups: int, requests: int) -> dict:
                                "--params", str(ROOT/"examples/synthetic-events/params.yaml")],
                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                c.request("GET", "/readyz")
-                if c.getresponse().status == 200: break
-            except OSError: time.sleep(0.1)
-            finally: c.close()
+        assert wait_until_ready(port, process=server), "the service did not become ready"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         for i in range(100): _post(conn, "/v1/predict", bodies[i % 200][1]); _post(conn, "/v1/predict/patient", bodies[i % 200][0])
         raw, patient = [], []

@@ -29,7 +29,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from healthml.deploy.serve import free_port, wait_until_ready
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -163,17 +163,7 @@ def single(spec, pipe, test, onnx, sha, model_frame, n=2000):
     return r, recs
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-
-def wait_ready(port: int, tries: int = 300):
-    for _ in range(tries):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1); c.request("GET", "/readyz")
-            if c.getresponse().status == 200: return
-        except OSError: time.sleep(0.1)
 
 
 async def _client(port, bodies, n, lat, errors, start, pace=None):
@@ -225,7 +215,7 @@ def http_bench(onnx, tmp, records, workers):
                              "--workers", str(workers), "--poll-seconds", "0"],
                             env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(port)
+        assert wait_until_ready(port, process=proc), "the service did not become ready"
         http_load(port, records, 8, 100)                     # warm-up (every worker)
         out = {"workers": workers, "max": http_load(port, records, 64, 150), "paced_1000_rps": http_load(port, records, 16, 250, rate=1000)}
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

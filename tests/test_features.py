@@ -8,14 +8,12 @@ import http.client
 import json
 import shutil
 import subprocess
-import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, ROOT, project_env, run
-from test_serve import free_port
+from healthml.deploy.serve import free_port, wait_until_ready
 
 MODELS = {"params.yaml": "synthetic-events-mortality", "readmission.yaml": "synthetic-events-readmission"}
 
@@ -117,13 +115,7 @@ def test_serve_scores_a_patient_key_with_the_training_values(events_project, tmp
                                "--port", str(port), "--log", str(tmp_path/"predictions.jsonl")],
                               cwd=root, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(300):
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                c.request("GET", "/readyz")
-                if c.getresponse().status == 200: break
-            except OSError: time.sleep(0.1)
-            finally: c.close()
+        assert wait_until_ready(port, process=server), "the service did not become ready"
         patients = train.drop_duplicates("mrn").head(8)
         offline, _ = historical_features(pd.DataFrame({"mrn": patients.mrn, "admit_time": as_of}), spec,
                                          {t: read_events(spec, t, root) for t in spec.events})

@@ -1,6 +1,5 @@
 """`healthml init` on a cohort healthml has never seen, then `dvc repro` with no edit; the draft's ranges on SUPPORT2;
 params left over from another cohort stop a command at their key."""
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

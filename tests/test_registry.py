@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from healthml.governance.audit import AuditLog, verify_log
+from healthml.deploy.serve import free_port
 
 
 def cli(root, *args, check=True, env=None):
@@ -114,10 +115,6 @@ def test_any_byte_level_tampering_of_the_audit_log_is_detected(three_versions, t
     assert verify_log(AuditLog(p), anchor), kind
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
@@ -136,7 +133,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, seconds: float =
 @contextmanager
 def mlflow_server(backend_store_uri: str, folder: Path, env: dict | None = None):
     "`mlflow server` on a free loopback port over `backend_store_uri`, artifacts in `folder`; its URL; stopped afterwards."
-    port, log = _free_port(), folder/"mlflow-server.log"
+    port, log = free_port(), folder/"mlflow-server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([str(BIN/"mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                    "--backend-store-uri", backend_store_uri, "--artifacts-destination",
@@ -174,7 +171,7 @@ def private_postgres():
     createdb = str(Path(pg_ctl).resolve().parent/"createdb")
     user = "postgres" if os.geteuid() == 0 else None
     d = Path(tempfile.mkdtemp(prefix="healthml-pg-"))                  # short: a unix socket path has ~100 characters
-    data, port, password = d/"data", _free_port(), secrets.token_hex(16)
+    data, port, password = d/"data", free_port(), secrets.token_hex(16)
     (d/"password").write_text(password + "\n")
     (d/"pgpass").write_text("".join(f"{host}:{port}:*:mlflow:{password}\n" for host in ("127.0.0.1", d)))  # TCP, unix socket
     (d/"pgpass").chmod(0o600)

@@ -4,7 +4,6 @@ import hashlib
 import http.client
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -17,16 +16,13 @@ import pytest
 from conftest import BIN, project_env, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from healthml.deploy.serve import free_port, wait_until_ready
 
 
 def filed_manifest(root: Path) -> Path:
     return root/json.loads((root/"metrics/report.json").read_text())["report"]/"manifest.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 USER_KEY, ADMIN_KEY = "test-user-key-0123456789abcdef", "test-admin-key-0123456789abcdef"
@@ -44,12 +40,7 @@ class Server:
         self.port = free_port()
         self.proc = subprocess.Popen([str(BIN/"healthml"), "serve", "--port", str(self.port), *args], cwd=root,
                                      env=env or service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(300):
-            if self.proc.poll() is not None: break
-            try:
-                if self.get("/readyz")[0] == 200: return
-            except OSError:
-                time.sleep(0.1)
+        wait_until_ready(self.port, process=self.proc)   # a server that exits (a refused model) is asserted on by the test
 
     def request(self, method, path, body=None, key: str | None = ADMIN_KEY):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)

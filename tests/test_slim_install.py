@@ -8,7 +8,6 @@ import http.client
 import json
 import re
 import shutil
-import socket
 import time
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, project_env
 from healthml.governance.supply_chain import requirement_closure, requirement_names
+from healthml.deploy.serve import free_port
 
 SERVE_REQUIREMENTS = ROOT/"requirements/serve.txt"
 DOCKERFILE = ROOT/"deploy/Dockerfile"
@@ -130,10 +130,6 @@ def test_the_image_runs_as_a_user_with_the_model_read_only_keys_required_and_a_h
     assert command[command.index("--model") + 1] == f"/models/{candidate}.onnx"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(port: int, method: str, path: str, body=None, key: str | None = None):
@@ -156,7 +152,7 @@ def test_the_image_command_serves_in_the_slim_install(pipeline_project, tmp_path
     for f in (f"{candidate}.onnx", f"{candidate}.explain.json"): shutil.copy(root/"models/onnx"/f, models/f)
     shutil.copy(root/json.loads((root/"metrics/report.json").read_text())["report"]/"manifest.json", models/"manifest.json")
     models.chmod(0o555)
-    port = _free_port()
+    port = free_port()
     argv = [a.replace("/models/", f"{models}/").replace("/var/lib/healthml/", f"{state}/") for a in image_command()]
     argv[argv.index("--host") + 1], argv[argv.index("--port") + 1] = "127.0.0.1", str(port)   # loopback in a shared test machine
     site = slim_site(tmp_path/"site")

@@ -37,7 +37,7 @@ from ..modelling.scoring import ModelIntegrityError, column_feed, expected_sha25
 __all__ = ['OPEN_PATHS', 'RecordScorer', 'decide', 'feature_columns', 'file_chunks', 'file_rows', 'chunk_outcome', 'score_chunk',
            'scored_chunks', 'add_counts', 'predict_file', 'ModelSource', 'file_source', 'ModelSlot', 'AliasWatch',
            'prediction_log_key', 'PredictionLog', 'input_hash', 'ApiKeys', 'presented_key', 'is_loopback', 'Guard',
-           'failure_reason', 'FastPredict', 'create_app']
+           'free_port', 'wait_until_ready', 'failure_reason', 'FastPredict', 'create_app']
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #c2d37b40
 class RecordScorer(Scorer):
@@ -599,6 +599,29 @@ async def _send_json(send, status: int, body: dict, headers: list = ()):
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})
     await send({"type": "http.response.body", "body": data})
+
+# %% ../../nbs/50_deploy/51_serve.ipynb #de24a3bd
+def free_port(host: str = "127.0.0.1") -> int:
+    "A TCP port free on `host` now (the OS picks it), for a service started right after."
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0)); return s.getsockname()[1]
+
+def wait_until_ready(port: int, host: str = "127.0.0.1", timeout: float = 30.0, process=None) -> bool:
+    """True once `GET /readyz` on `host:port` answers 200; False after `timeout` seconds, or as soon as `process`
+    (the server's `subprocess.Popen`, if given) has exited."""
+    import http.client, time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None: return False
+        c = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            c.request("GET", "/readyz")
+            if c.getresponse().status == 200: return True
+        except OSError: pass
+        finally: c.close()
+        time.sleep(0.05)
+    return False
 
 # %% ../../nbs/50_deploy/51_serve.ipynb #73267cd9
 def _unknown_name(name: str, known: Iterable[str]) -> dict:
