@@ -49,8 +49,8 @@ def dask_cluster(tmp_path_factory):
         assert address.startswith("tcp://127.0.0.1:") and hosts == {"127.0.0.1"}   # loopback only
         yield address
     finally:
-        for p in reversed(procs): p.terminate()
-        for p in procs:
+        for p in reversed(procs):   # one at a time, workers before the scheduler: a worker stopping while the scheduler
+            p.terminate()           # closes could hang on its connections to the other worker (20 s, then killed)
             try: p.wait(timeout=20)
             except subprocess.TimeoutExpired: p.kill(); p.wait()
         for f in logs: f.close()
