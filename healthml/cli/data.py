@@ -77,12 +77,13 @@ def deidentify(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."
 def split(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Split patients into train / validation / test (random, temporal or leave-one-site-out), disjoint by patient.
 
-    Also audits for leakage (shared patients, duplicate rows, single-feature AUROC, values after the index time).
+    Also audits for leakage (shared patients, duplicate rows, single-feature AUROC, values after the index time). With
+    `compute.engine: dask` the workers split their partitions, from per-patient facts the client assigns.
     Example: healthml split"""
     def go():
         from healthml.data.split import SPLITS, split_cohort
         p = load_params(params)
-        s = split_cohort(p.dataset, p.split, Layout(root))
+        s = split_cohort(p.dataset, p.split, Layout(root), p.compute)
         flags = s["leakage_flags"]
         for f in flags: console.print(f"[yellow]! leakage audit:[/yellow] {escape(f)}")
         return (f"{s['method']}: " + ", ".join(f"{k} {s[k]['patients']} patients ({s[k]['prevalence']:.1%} events)" for k in SPLITS)

@@ -33,7 +33,8 @@ def prepare(window: Annotated[Path, typer.Option(help="The monitored window (CSV
     """Write the retraining cohort: the development data plus the window's labelled, mature rows.
 
     Refuses a prediction log, a window with broken inputs, or one without a labelled, mature row. Writes
-    data/raw/retrain/<window>-<as-of>.<ext> and a JSON record beside it, and prints the `dvc exp run` to run next.
+    data/raw/retrain/<window>-<as-of>.<ext> (from a folder cohort: a new folder, the development parts and the
+    window's part) and a JSON record beside it, and prints the `dvc exp run` to run next.
 
     Example: healthml retrain prepare --window data/live/2026-11.csv --as-of 2026-11-30"""
     out = {}

@@ -5,19 +5,24 @@
 # %% ../../nbs/10_data/15_split.ipynb #d7dae816
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from ..core.compute import RowRange, concatenate_parquet, engine_client, read_range, row_ranges
 from ..core.errors import HealthmlError
 from ..core.io import read_parquet, write_json, write_parquet
 from ..core.layout import Layout
-from ..core.params import SplitConfig
+from ..core.params import ComputeConfig, SplitConfig
 from ..core.spec import DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['SPLITS', 'DROPPED', 'LeakageError', 'patient_split', 'assert_disjoint', 'time_order', 'temporal_split', 'site_split',
-           'assign_splits', 'single_feature_auroc', 'rows_after_start', 'leakage_audit', 'split_summary',
-           'split_cohort']
+__all__ = ['SPLITS', 'DROPPED', 'LeakageError', 'patient_split', 'assert_disjoint', 'time_order', 'temporal_patients',
+           'period_starts', 'cut_at_period_starts', 'temporal_split', 'site_split', 'patient_facts',
+           'combine_patient_facts', 'patient_assignment', 'row_splits', 'assign_splits', 'single_feature_auroc',
+           'rows_after_start', 'feature_row_hashes', 'recorded_after_index', 'leakage_audit', 'split_summary',
+           'split_on_cluster', 'split_cohort']
 
 # %% ../../nbs/10_data/15_split.ipynb #cbe62e62
 SPLITS = ("train", "validation", "test")
@@ -75,20 +80,31 @@ def _period_starts(first: pd.Series, cfg: SplitConfig) -> tuple:
     i_val = 1 + int(np.argmin(np.abs(later[1:i_test] - cfg.test_size - cfg.validation_size)))
     return values[i_val], values[i_test]
 
+def temporal_patients(first: pd.Series, cfg: SplitConfig) -> pd.Series:
+    "Each patient's period from their first time (`first`, indexed by patient): the earliest train, then validation, the latest test."
+    val_start, test_start = _period_starts(first, cfg)
+    return pd.Series(np.where(first >= test_start, "test", np.where(first >= val_start, "validation", "train")),
+                     index=first.index, dtype=object)
+
+def period_starts(first: pd.Series, label: pd.Series) -> dict:
+    "Where the validation and the test period start: the first time of their earliest patient."
+    return {s: first[(label == s).to_numpy()].min() for s in ("validation", "test")}
+
+def cut_at_period_starts(rows: pd.Series, t: pd.Series, starts: dict) -> pd.Series:
+    "Mark `dropped` a train patient's rows from the validation start on, and a validation patient's from the test start on."
+    rows = rows.copy()
+    for split, later in (("train", "validation"), ("validation", "test")):
+        rows[(rows == split) & (t >= starts[later])] = DROPPED
+    return rows
+
 def temporal_split(df: pd.DataFrame, patient_id: str, order: str, cfg: SplitConfig) -> pd.Series:
     """Earliest patients (by first `order` value) train, then validation, the latest test; rows are cut at the boundaries:
     a train patient's rows from the validation start on, and a validation patient's from the test start on, are `dropped`.
     The boundaries are time values, so patients entering at the same time share a split."""
-    first = df.groupby(patient_id, sort=True)[order].min().sort_values(kind="stable")
-    val_start, test_start = _period_starts(first, cfg)
-    label = pd.Series(np.where(first >= test_start, "test", np.where(first >= val_start, "validation", "train")),
-                      index=first.index, dtype=object)
+    first = df.groupby(patient_id, sort=True)[order].min()
+    label = temporal_patients(first, cfg)
     rows = pd.Series(df[patient_id].map(label).to_numpy(), index=df.index, name="split")
-    t = df[order]
-    for split, later in (("train", "validation"), ("validation", "test")):
-        start = t[rows == later].min()
-        rows[(rows == split) & (t >= start)] = DROPPED
-    return rows
+    return cut_at_period_starts(rows, df[order], period_starts(first, label))
 
 def site_split(df: pd.DataFrame, patient_id: str, outcome: str, site: str, cfg: SplitConfig) -> pd.Series:
     "Patients of `cfg.test_site` are the test set; the others split at random into train and validation."
@@ -104,15 +120,43 @@ def site_split(df: pd.DataFrame, patient_id: str, outcome: str, site: str, cfg: 
     label.loc[inner.index] = inner
     return label
 
+# %% ../../nbs/10_data/15_split.ipynb #9f8ba1f9
+def _fact_rules(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> dict[str, str]:
+    "The per-patient facts `cfg.method` needs and how rows (or parts' facts) reduce to them."
+    if cfg.method == "temporal" and not spec.index_time: raise HealthmlError("a temporal split needs `dataset.index_time`")
+    if cfg.method == "site" and not spec.site: raise HealthmlError("a site split needs `dataset.site`")
+    return {spec.outcome: "max", **({time_order(df, spec): "min"} if cfg.method == "temporal" else {}),
+            **({spec.site: "first"} if cfg.method == "site" else {})}
+
+def patient_facts(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> pd.DataFrame:
+    "One row per patient (sorted by key): what the split of `cfg.method` is decided on."
+    return df.groupby(spec.patient_id, sort=True).agg(_fact_rules(df, spec, cfg))
+
+def combine_patient_facts(parts: list[pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig) -> pd.DataFrame:
+    "The facts of a whole cohort from its parts' facts, in part order (equal to `patient_facts` of all the rows)."
+    both = pd.concat(parts)
+    return both.groupby(level=0, sort=True).agg(_fact_rules(both, spec, cfg))
+
+def patient_assignment(facts: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> tuple[pd.Series, dict | None]:
+    "Each patient's split (indexed by patient) from their facts; for a temporal split also the period starts the rows are cut at."
+    if cfg.method == "temporal":
+        first = facts[time_order(facts, spec)]
+        label = temporal_patients(first, cfg)
+        return label, period_starts(first, label)
+    table = facts.reset_index()
+    label = (site_split(table, spec.patient_id, spec.outcome, spec.site, cfg) if cfg.method == "site"
+             else patient_split(table, spec.patient_id, spec.outcome, cfg))
+    return pd.Series(label.to_numpy(), index=facts.index, dtype=object), None
+
+def row_splits(df: pd.DataFrame, label: pd.Series, spec: DatasetSpec, starts: dict | None = None) -> pd.Series:
+    "Each row's split: its patient's, and `dropped` for a row past a period start (temporal split)."
+    rows = pd.Series(df[spec.patient_id].map(label).to_numpy(), index=df.index, name="split", dtype=object)
+    return rows if starts is None else cut_at_period_starts(rows, df[time_order(df, spec)], starts)
+
 def assign_splits(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> pd.Series:
     "The split of each row under `cfg.method`."
-    if cfg.method == "temporal":
-        if not spec.index_time: raise HealthmlError("a temporal split needs `dataset.index_time`")
-        return temporal_split(df, spec.patient_id, time_order(df, spec), cfg)
-    if cfg.method == "site":
-        if not spec.site: raise HealthmlError("a site split needs `dataset.site`")
-        return site_split(df, spec.patient_id, spec.outcome, spec.site, cfg)
-    return patient_split(df, spec.patient_id, spec.outcome, cfg)
+    label, starts = patient_assignment(patient_facts(df, spec, cfg), spec, cfg)
+    return row_splits(df, label, spec, starts)
 
 # %% ../../nbs/10_data/15_split.ipynb #d4043bdc
 def single_feature_auroc(x: pd.Series, y: pd.Series, categorical: bool) -> float:
@@ -138,29 +182,52 @@ def rows_after_start(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Sp
             "train_after_test_start": int((splits["train"][order] >= start["test"]).sum()),
             "validation_after_test_start": int((splits["validation"][order] >= start["test"]).sum())}
 
-def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig) -> dict:
-    "The leakage audit of written splits: shared patients, duplicate rows, suspicious features, post-index values."
-    names = list(splits)
-    shared = {f"{a}/{b}": int(len(np.intersect1d(splits[a][spec.patient_id].unique(), splits[b][spec.patient_id].unique())))
-              for i, a in enumerate(names) for b in names[i + 1:]}
-    feats = list(spec.features)
-    h = {n: pd.util.hash_pandas_object(d[feats], index=False) for n, d in splits.items()}   # one row hash on the values
-    dup = {n: int(h[n].isin(h["train"].to_numpy()).sum()) for n in names if n != "train"}    # (the splits share dtypes)
-    # the chance level: with a few coarse features (four 0/1 flags) every row has a twin, in train as anywhere; a
-    # split is flagged only when it repeats training rows clearly more often than training rows repeat each other
-    # (twice as often, or 10 points more): with continuous features the chance level is 0 and any copy is flagged
-    chance = float(h["train"].duplicated(keep=False).mean()) if len(h["train"]) else 0.0
-    share = {n: (dup[n] / len(h[n]) if len(h[n]) else 0.0) for n in dup}
-    copied = {n: k for n, k in dup.items() if k and share[n] > min(2 * chance, chance + 0.1)}
-    tr = splits["train"]
-    aucs = {f: round(single_feature_auroc(tr[f], tr[spec.outcome], spec.features[f].kind == "categorical"), 4) for f in feats}
-    suspected = sorted((f for f, a in aucs.items() if a == a and a >= cfg.leakage_auroc), key=lambda f: -aucs[f])
+def feature_row_hashes(d: pd.DataFrame, features: list[str]) -> pd.Series:
+    """One hash per row over its feature values (equal rows, equal hashes). Numbers and flags are hashed as float64, so
+    a part of a file hashes its rows as the whole file does (a part with no gap in an integer column reads as integers)."""
+    def ready(s: pd.Series) -> pd.Series:
+        if isinstance(s.dtype, pd.CategoricalDtype): return s
+        if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s): return s.astype("float64")
+        if s.dtype == object and s.map(lambda v: v is None or isinstance(v, (bool, np.bool_))).all(): return s.astype("float64")
+        return s
+    return pd.util.hash_pandas_object(pd.DataFrame({f: ready(d[f]) for f in features}, index=d.index), index=False)
+
+def recorded_after_index(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> dict[str, int]:
+    "For each feature with a `recorded_at` column: its values recorded after the index time (`recorded_at` > 0), over the splits."
     post = {}
     for f, feat in spec.features.items():
         if feat.recorded_at:
             d = pd.concat([s[[f, feat.recorded_at]] for s in splits.values()])
             t = pd.to_numeric(d[feat.recorded_at], errors="coerce")
             post[f] = int(((t > 0) & d[f].notna()).sum())
+    return post
+
+def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig,
+                  hashes: dict[str, pd.Series] | None = None,  # each split's `feature_row_hashes`; default: from `splits`
+                  recorded_after: dict[str, int] | None = None,  # `recorded_after_index`; default: from `splits`
+                  train_feature=None,  # feature name -> the train split's [feature, outcome]; default: from `splits`
+                  ) -> dict:
+    """The leakage audit of written splits: shared patients, duplicate rows, suspicious features, post-index values. A
+    cluster passes narrow `splits` (keys, outcome, times) with the rest gathered from its workers."""
+    names = list(splits)
+    shared = {f"{a}/{b}": int(len(np.intersect1d(splits[a][spec.patient_id].unique(), splits[b][spec.patient_id].unique())))
+              for i, a in enumerate(names) for b in names[i + 1:]}
+    feats = list(spec.features)
+    h = hashes if hashes is not None else {n: feature_row_hashes(d, feats) for n, d in splits.items()}   # one row hash on the values
+    dup = {n: int(h[n].isin(h["train"].to_numpy()).sum()) for n in names if n != "train"}
+    # the chance level: with a few coarse features (four 0/1 flags) every row has a twin, in train as anywhere; a
+    # split is flagged only when it repeats training rows clearly more often than training rows repeat each other
+    # (twice as often, or 10 points more): with continuous features the chance level is 0 and any copy is flagged
+    chance = float(h["train"].duplicated(keep=False).mean()) if len(h["train"]) else 0.0
+    share = {n: (dup[n] / len(h[n]) if len(h[n]) else 0.0) for n in dup}
+    copied = {n: k for n, k in dup.items() if k and share[n] > min(2 * chance, chance + 0.1)}
+    train_feature = train_feature or (lambda f: splits["train"])
+    aucs = {}
+    for f in feats:
+        tr = train_feature(f)
+        aucs[f] = round(single_feature_auroc(tr[f], tr[spec.outcome], spec.features[f].kind == "categorical"), 4)
+    suspected = sorted((f for f, a in aucs.items() if a == a and a >= cfg.leakage_auroc), key=lambda f: -aucs[f])
+    post = recorded_after if recorded_after is not None else recorded_after_index(splits, spec)
     after = rows_after_start(splits, spec, cfg)
     flags = ([f"{n} patient(s) in both {k.replace('/', ' and ')}" for k, n in shared.items() if n]
              + [f"{n} {k.replace('_after_', ' row(s) with an index time after the ').replace('_start', ' start')}" for k, n in after.items() if n]
@@ -189,18 +256,84 @@ def split_summary(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> dict:
         if spec.site: out[name]["sites"] = sorted(map(str, d[spec.site].dropna().unique()))
     return out
 
-def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout) -> dict:
-    "Read the de-identified cohort, split it by patient, write the splits, their summary and the leakage audit."
-    df = read_parquet(layout.deidentified)
-    label = assign_splits(df, spec, cfg)
-    splits = {name: df[label == name].reset_index(drop=True) for name in SPLITS}
-    for name, d in splits.items():
-        if d.empty: raise HealthmlError(f"the {name} split is empty", hint="check split sizes, test_site or the cohort size")
-    assert_disjoint(splits, spec.patient_id)
-    audit = leakage_audit(splits, spec, cfg)
-    for name, d in splits.items(): write_parquet(layout.split_file(name), d)
+# %% ../../nbs/10_data/15_split.ipynb #2eda5e0a
+def _narrow_columns(columns, spec: DatasetSpec) -> list[str]:
+    "The columns besides the features that the summary and the audit read: keys, outcome, times, site."
+    return list(dict.fromkeys(c for c in (spec.patient_id, spec.outcome, spec.index_time, "index_rank", spec.site) if c and c in columns))
+
+def _split_facts(part: RowRange, columns: list[str], spec: DatasetSpec, cfg: SplitConfig) -> pd.DataFrame:
+    "On a worker: one partition's per-patient facts, read from the columns they need."
+    return patient_facts(read_range(part, columns), spec, cfg)
+
+def _split_part(part: RowRange, name: str, label: pd.Series, starts: dict | None, spec: DatasetSpec, out_dir: Path) -> dict:
+    "On a worker: one partition's rows written to `out_dir/<split>/name`; its narrow columns, row hashes and counts."
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    f = pq.ParquetFile(part.file)
+    table = f.read_row_groups(list(part.row_groups)) if part.row_groups else f.schema_arrow.empty_table()
+    df = table.to_pandas()
+    rows = row_splits(df, label, spec, starts)
+    cols, mine = _narrow_columns(df.columns, spec), {}
+    for s in SPLITS:
+        keep = (rows == s).to_numpy()
+        pq.write_table(table.filter(pa.array(keep)), Path(out_dir)/s/name)   # the file's own types, part after part
+        mine[s] = df[keep]
+    return {"narrow": {s: d[cols] for s, d in mine.items()}, "hashes": {s: feature_row_hashes(d, list(spec.features)) for s, d in mine.items()},
+            "recorded_after": recorded_after_index(mine, spec), "dropped": int((rows == DROPPED).sum())}
+
+def split_on_cluster(client, spec: DatasetSpec, cfg: SplitConfig, layout: Layout, partition_rows: int) -> tuple[dict, dict, int, int]:
+    """Split the de-identified cohort partition by partition on the Dask workers of `client` and write the split files.
+    Returns the narrow splits (keys, outcome, times, site), the leakage audit, the rows dropped at time boundaries and
+    the number of partitions."""
+    import shutil, uuid
+    import pyarrow.parquet as pq
+    source = layout.deidentified.resolve()   # workers may run elsewhere: absolute paths
+    parts, schema = row_ranges([source], partition_rows), pq.read_schema(source)
+    needs = [spec.patient_id, *_fact_rules(pd.DataFrame(columns=schema.names), spec, cfg)]
+    facts = combine_patient_facts(client.gather(client.map(_split_facts, parts, columns=needs, spec=spec, cfg=cfg, pure=False)), spec, cfg)
+    label, starts = patient_assignment(facts, spec, cfg)
+    [shared] = client.scatter([label], broadcast=True)   # one copy to each worker, not one a task
+    out = layout.split_file("train").resolve().parent
+    work = out/f".split.{uuid.uuid4().hex[:8]}.parts"
+    for s in SPLITS: (work/s).mkdir(parents=True)
+    names = [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    try:
+        done = client.gather(client.map(_split_part, parts, names, label=shared, starts=starts, spec=spec, out_dir=work, pure=False))
+        attrs = schema.empty_table().to_pandas().attrs   # the cohort's attributes (its index time unit)
+        splits = {s: pd.concat([d["narrow"][s] for d in done], ignore_index=True) for s in SPLITS}
+        for s, d in splits.items():
+            d.attrs = dict(attrs)
+            if d.empty: raise HealthmlError(f"the {s} split is empty", hint="check split sizes, test_site or the cohort size")
+        assert_disjoint(splits, spec.patient_id)
+        for s in SPLITS: concatenate_parquet([work/s/n for n in names], layout.split_file(s))
+    finally: shutil.rmtree(work, ignore_errors=True)
+    hashes = {s: pd.concat([d["hashes"][s] for d in done], ignore_index=True) for s in SPLITS}
+    recorded = {f: sum(d["recorded_after"][f] for d in done) for f in done[0]["recorded_after"]}
+    audit = leakage_audit(splits, spec, cfg, hashes=hashes, recorded_after=recorded,
+                          train_feature=lambda f: read_parquet(layout.split_file("train"), columns=[f, spec.outcome]))
+    return splits, audit, sum(d["dropped"] for d in done), len(parts)
+
+# %% ../../nbs/10_data/15_split.ipynb #9446d795
+def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout, compute: ComputeConfig | None = None) -> dict:
+    """Read the de-identified cohort, split it by patient, write the splits, their summary and the leakage audit: in this
+    process, or (`compute.engine: dask`) partition by partition on the cluster's workers, with the same result."""
+    compute = compute or ComputeConfig()
+    with engine_client(compute) as client:
+        if client is None:
+            df = read_parquet(layout.deidentified)
+            label = assign_splits(df, spec, cfg)
+            splits = {name: df[label == name].reset_index(drop=True) for name in SPLITS}
+            for name, d in splits.items():
+                if d.empty: raise HealthmlError(f"the {name} split is empty", hint="check split sizes, test_site or the cohort size")
+            assert_disjoint(splits, spec.patient_id)
+            audit = leakage_audit(splits, spec, cfg)
+            for name, d in splits.items(): write_parquet(layout.split_file(name), d)
+            dropped, engine = int((label == DROPPED).sum()), {}
+        else:
+            splits, audit, dropped, n = split_on_cluster(client, spec, cfg, layout, compute.partition_rows)
+            engine = {"engine": "dask", "partitions": n}
     summary = {"method": cfg.method, **({"test_site": cfg.test_site} if cfg.method == "site" else {}), **split_summary(splits, spec)}
-    if cfg.method == "temporal": summary["rows_dropped_at_time_boundaries"] = int((label == DROPPED).sum())
-    write_json(layout.split_metrics, summary)
+    if cfg.method == "temporal": summary["rows_dropped_at_time_boundaries"] = dropped
+    write_json(layout.split_metrics, summary | engine)
     write_json(layout.leakage, audit)
-    return summary | {"leakage_flags": audit["flags"]}
+    return summary | engine | {"leakage_flags": audit["flags"]}

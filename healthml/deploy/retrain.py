@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.compute import parquet_parts
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, sha256_file
 from ..core.layout import Layout
@@ -23,8 +24,8 @@ from .monitor import (OUTCOME, WindowSummary, as_of_date, data_quality_alerts, i
                                      outcome_cutoff, row_fingerprints, summarise, window_frame, window_name)
 
 # %% auto #0
-__all__ = ['RETRAIN_FOLDER', 'RetrainError', 'retrain_rows', 'combine_cohort', 'raw_chunks', 'cohort_bytes', 'experiment_command',
-           'prepare_retrain']
+__all__ = ['RETRAIN_FOLDER', 'RetrainError', 'retrain_rows', 'align_window', 'combine_cohort', 'raw_chunks', 'cohort_bytes',
+           'experiment_command', 'prepare_retrain']
 
 # %% ../../nbs/50_deploy/55_retrain.ipynb #ee58447e
 class RetrainError(HealthmlError):
@@ -46,8 +47,8 @@ def retrain_rows(chunk: pd.DataFrame, spec: DatasetSpec, mature_before: pd.Times
     return chunk[keep], why
 
 # %% ../../nbs/50_deploy/55_retrain.ipynb #5db57714
-def combine_cohort(development: pd.DataFrame, added: pd.DataFrame) -> pd.DataFrame:
-    "Development rows, then the added window rows, in the development file's columns (names, order); window columns matched by canonical name."
+def align_window(development: pd.DataFrame, added: pd.DataFrame) -> pd.DataFrame:
+    "The added window rows in the development file's columns (names, order) and types; window columns matched by canonical name."
     from healthml.data.cohort import canonical_name
     by_name = {canonical_name(c): c for c in added.columns}
     aligned = pd.DataFrame({c: added[by_name[canonical_name(c)]].to_numpy() if canonical_name(c) in by_name else None
@@ -55,7 +56,11 @@ def combine_cohort(development: pd.DataFrame, added: pd.DataFrame) -> pd.DataFra
     for c in development.columns:  # Parquet keeps types: give the window's values the development column's type
         if pd.api.types.is_datetime64_any_dtype(development[c]): aligned[c] = pd.to_datetime(aligned[c], errors="coerce")
         elif pd.api.types.is_numeric_dtype(development[c]): aligned[c] = pd.to_numeric(aligned[c], errors="coerce")
-    return pd.concat([development, aligned], ignore_index=True)
+    return aligned
+
+def combine_cohort(development: pd.DataFrame, added: pd.DataFrame) -> pd.DataFrame:
+    "Development rows, then the added window rows, aligned to the development file's columns."
+    return pd.concat([development, align_window(development, added)], ignore_index=True)
 
 # %% ../../nbs/50_deploy/55_retrain.ipynb #f5fb330d
 def raw_chunks(path: Path, chunk_rows: int = 100_000):
@@ -95,7 +100,8 @@ def _development(params: Params, layout: Layout) -> tuple[Path, pd.DataFrame, st
     if spec.provenance.sha256 and digest != spec.provenance.sha256:
         raise RetrainError(f"{path.name} is not the development cohort params.yaml pins (SHA-256 {digest[:12]}...)",
                            hint="restore the pinned file (git checkout / dvc checkout) before preparing a retraining cohort")
-    return path, pd.concat(list(raw_chunks(path)), ignore_index=True), digest
+    files = parquet_parts(path) if path.is_dir() else [path]   # a folder of Parquet parts: read in ingest's order
+    return path, pd.concat([c for f in files for c in raw_chunks(f)], ignore_index=True), digest
 
 def _claim_file(folder: Path, stem: str, suffix: str, data: bytes, digest: str) -> Path:
     "`folder/stem+suffix`, or `-2`, `-3`, ...: the same cohort reuses its file, a different one never overwrites another."
@@ -104,6 +110,27 @@ def _claim_file(folder: Path, stem: str, suffix: str, data: bytes, digest: str) 
         if not path.exists(): atomic_write(path, data); return path
         if sha256_file(path) == digest: return path
     raise RetrainError(f"no free file name for {stem} in {folder}", hint="remove old retraining cohorts")
+
+def _claim_folder(folder: Path, stem: str, development: Path, part_name: str, part: bytes) -> tuple[Path, str]:
+    """`folder/stem/`: the development parts under `development/` (hard links where the file system allows, else
+    copies) and the window's part under `window/`, so ingest reads the development rows first; or `-2`, `-3`, ...:
+    the same cohort reuses its folder, a different one never overwrites another. Returns it and its fingerprint."""
+    import os, shutil, uuid
+    tmp = folder/f".{stem}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        for f in parquet_parts(development):
+            dest = tmp/"development"/f.relative_to(development)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try: os.link(f, dest)
+            except OSError: shutil.copyfile(f, dest)
+        atomic_write(tmp/"window"/part_name, part)
+        digest = sha256_file(tmp)   # over relative paths and file digests: the same wherever the folder lies
+        for n in range(1, 1000):
+            path = folder/f"{stem}{'' if n == 1 else f'-{n}'}"
+            if not path.exists(): tmp.rename(path); return path, digest
+            if path.is_dir() and sha256_file(path) == digest: return path, digest
+        raise RetrainError(f"no free folder name for {stem} in {folder}", hint="remove old retraining cohorts")
+    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../../nbs/50_deploy/55_retrain.ipynb #6093391f
 def prepare_retrain(params: Params, layout: Layout, window: str | Path, as_of: str | None = None, progress=None) -> dict:
@@ -137,17 +164,24 @@ def prepare_retrain(params: Params, layout: Layout, window: str | Path, as_of: s
     if not why["added"]: raise RetrainError(f"{window.name} has no labelled, mature row to add ({why['unlabelled']:,} without an "
                                             f"outcome, {why['immature']:,} not yet mature, {why['repeated']:,} repeating development rows)",
                                             hint="wait for the outcomes to be recorded and mature, or check --as-of")
-    cohort = combine_cohort(dev, pd.concat(added, ignore_index=True))
-    data = cohort_bytes(cohort, dev_path.suffix)
-    digest = hashlib.sha256(data).hexdigest()
-    path = _claim_file(layout.root/RETRAIN_FOLDER, f"{window_name(window)}-{as_of}", dev_path.suffix, data, digest)
+    stem, window_rows = f"{window_name(window)}-{as_of}", pd.concat(added, ignore_index=True)
+    if dev_path.is_dir():   # a new folder version: the development parts and one part for the window, never one big file
+        path, digest = _claim_folder(layout.root/RETRAIN_FOLDER, stem, dev_path, f"{stem}.parquet",
+                                     cohort_bytes(align_window(dev, window_rows), ".parquet"))
+        total, record_file = len(dev) + len(window_rows), path.parent/f"{path.name}.json"
+    else:
+        cohort = combine_cohort(dev, window_rows)
+        data = cohort_bytes(cohort, dev_path.suffix)
+        digest = hashlib.sha256(data).hexdigest()
+        path = _claim_file(layout.root/RETRAIN_FOLDER, stem, dev_path.suffix, data, digest)
+        total, record_file = len(cohort), path.with_suffix(".json")
     rel = path.relative_to(layout.root) if path.is_relative_to(layout.root) else path
     name = f"retrain-{window_name(window)}-{as_of}"
     record = {"policy": "development cohort + the window's labelled, mature rows (healthml.deploy.retrain)",
               "file": str(rel), "sha256": digest, "as_of": as_of, "outcome_horizon_days": spec.outcome_horizon_days,
               "development": {"file": str(spec.file), "sha256": dev_sha, "rows": len(dev)},
               "window": {"file": str(window), "sha256": sha256_file(window), **dict(why)},
-              "rows": {"development": len(dev), "added": why["added"], "total": len(cohort)},
+              "rows": {"development": len(dev), "added": why["added"], "total": total},
               "command": experiment_command(rel, digest, name)}
-    atomic_write(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    atomic_write(record_file, json.dumps(record, indent=2) + "\n")
     return record
