@@ -14,8 +14,8 @@ from .errors import HealthmlError
 from .params import ComputeConfig
 
 # %% auto #0
-__all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'usable_cores', 'is_glob',
-           'partitioned', 'parquet_parts', 'RowRange', 'row_ranges', 'read_range', 'concatenate_parquet']
+__all__ = ['ComputeError', 'require_dask', 'local_cluster_size', 'dask_client', 'engine_client', 'usable_cores', 'row_sample',
+           'is_glob', 'partitioned', 'parquet_parts', 'RowRange', 'row_ranges', 'read_range', 'concatenate_parquet']
 
 # %% ../../nbs/00_core/10_compute.ipynb #70aeab55
 class ComputeError(HealthmlError):
@@ -78,6 +78,19 @@ def usable_cores(most: int = 4) -> int:
     try: cores = len(os.sched_getaffinity(0))
     except AttributeError: cores = os.cpu_count() or 1   # no affinity on this platform
     return max(1, min(most, cores))
+
+# %% ../../nbs/00_core/10_compute.ipynb #06abc5d8
+_SAMPLE_STREAM = 0x5A3E
+
+def row_sample(n: int, most: int | None, seed: int = 0):
+    """At most `most` of `n` rows drawn at random without replacement, in row order (`slice(None)`: every row, when there
+    are no more or `most` is None). The one rule by which a stage bounds work whose answer does not need every row of a
+    large split (stress tests, the explainer's check): the same draws for the same `n`, `most` and `seed`."""
+    import numpy as np
+    if most is None or n <= most: return slice(None)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SAMPLE_STREAM,)))
+    return np.sort(rng.choice(n, most, replace=False))
+
 
 # %% ../../nbs/00_core/10_compute.ipynb #f9fdc2b0
 def is_glob(path: str | Path) -> bool:

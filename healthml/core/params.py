@@ -224,6 +224,7 @@ class RobustnessConfig(StrictModel):
     unit_errors: dict[str, float] = {}  # feature -> factor, e.g. {crea: 88.4} for mg/dL sent as umol/L
     direction_tolerance: float = Field(0.005, ge=0)  # allowed drop in mean risk along a feature's known direction
     evasion_fraction: float = Field(0.05, gt=0, le=0.5)  # evasion check: each numeric moved by this share of its plausible range
+    max_rows: int | None = Field(20_000, ge=1_000)  # the stress tests and permutation importance run on at most this many test rows (a random sample; null: all)
 
 # %% ../../nbs/00_core/04_params.ipynb #b73b3cd2
 class EvaluateConfig(StrictModel):
@@ -268,6 +269,7 @@ class ExportConfig(StrictModel):
     "ONNX export and its parity check against the native model."
     parity_tolerance: float = Field(1e-5, gt=0)  # max |p_onnx - p_native| on the test set
     opset: int = Field(17, ge=13)
+    explainer_rows: int | None = Field(20_000, ge=1_000)  # the explainer's parity and global importance on at most this many test rows (a random sample; null: all)
 
 # %% ../../nbs/00_core/04_params.ipynb #5ac76750
 def project_root(root: str | Path = ".") -> Path:

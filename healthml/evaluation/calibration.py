@@ -14,10 +14,10 @@ from sklearn.base import BaseEstimator
 from sklearn.isotonic import IsotonicRegression
 
 # %% auto #0
-__all__ = ['EPS', 'EXPANSION_ROWS', 'logit', 'weighted_logistic', 'calibration_in_the_large', 'calibration_slope',
-           'smoothed_calibration', 'integrated_calibration_index', 'expected_calibration_error', 'Recalibrator',
-           'brier', 'calibration_replicates', 'calibration_metrics', 'outcome_set_replicates', 'outcome_set_metrics',
-           'calibration_bins', 'calibration_curve', 'risk_histogram']
+__all__ = ['EPS', 'EXPANSION_ROWS', 'SETTLED_REACH', 'logit', 'weighted_logistic', 'calibration_in_the_large',
+           'calibration_slope', 'smoothed_calibration', 'integrated_calibration_index', 'expected_calibration_error',
+           'Recalibrator', 'brier', 'calibration_replicates', 'calibration_metrics', 'outcome_set_replicates',
+           'outcome_set_metrics', 'calibration_bins', 'calibration_curve', 'risk_histogram']
 
 # %% ../../nbs/30_evaluation/32_calibration.ipynb #5eee1e65
 EPS = 1e-10
@@ -42,15 +42,19 @@ def _logistic_derivatives(s: np.ndarray, order: int) -> list[np.ndarray]:
     for _ in range(order): coefs.append(P.polymul(P.polyder(coefs[-1]), [0.0, 1.0, -1.0]))
     return [P.polyval(s, c) for c in coefs]
 
-def _expansion_start(X, y, W, off, beta0, order: int = 6, steps: int = 30) -> np.ndarray:
-    """Each weight row's fit from a Taylor expansion of the logistic function around `beta0`, the fit to all rows.
+SETTLED_REACH = 0.2   # an expanded fit is kept when it moves no row's log-odds further than this from the fit to all rows
+
+def _expansion_start(X, y, W, off, beta0, order: int = 6, steps: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Each weight row's fit from a Taylor expansion of the logistic function around `beta0`, the fit to all rows, and
+    whether it is settled: its steps converged and it moves no row's log-odds by more than `SETTLED_REACH`.
 
     With X = [1] (and an offset) or [1, z], the expansion turns every sum a Newton step needs into moments
-    `W @ (d^m sigma(eta0) z^j)`: one matrix product, then steps that cost nothing per row. For a bootstrap replicate it
-    lands within ~1e-9 of the exact fit; a replicate it cannot reach (more than 1 away) starts at `beta0`."""
+    `W @ (d^m sigma(eta0) z^j)`: one matrix product, then steps that cost nothing per row. A settled fit's error is the
+    Taylor remainder, at most 0.2^7 / 7! times the seventh derivative's bound (< 1e-8 of each score equation's terms; observed
+    1e-13 at a million rows); a replicate it cannot reach (more than 1 away) starts at `beta0`."""
     B, k = W.shape[0], X.shape[1]
     start = np.tile(beta0, (B, 1))
-    if k not in (1, 2) or not np.all(X[:, 0] == 1): return start
+    if k not in (1, 2) or not np.all(X[:, 0] == 1): return start, np.zeros(B, bool)
     z = X[:, 1] if k == 2 else np.zeros(len(y))
     eta0 = X @ beta0 + off
     d = _logistic_derivatives(1 / (1 + np.exp(-eta0)), order)
@@ -75,8 +79,10 @@ def _expansion_start(X, y, W, off, beta0, order: int = 6, steps: int = 30) -> np
         step = np.linalg.solve(H + 1e-9 * np.eye(k), (S[:, -2:][:, :k] - fitted)[..., None])[..., 0]
         delta += step
         if not np.abs(step).max() > 1e-13: break
+    reach = np.abs(delta[:, 0]) + (np.abs(delta[:, 1]) * np.abs(z).max() if k == 2 else 0.0)   # largest log-odds change
+    settled = np.isfinite(delta).all(axis=1) & (np.abs(step).max(axis=1) <= 1e-13) & (reach <= SETTLED_REACH)
     delta[~np.isfinite(delta).all(axis=1) | (np.abs(delta).max(axis=1) > 1)] = 0.0
-    return start + delta
+    return start + delta, settled
 
 def weighted_logistic(X, y, W=None, offset=None, start=None, max_iter: int = 100, tol: float = 1e-9) -> np.ndarray:
     "Logistic regression coefficients (B, k) of y on columns X (n, k) for each weight row of W (B, n)."
@@ -85,9 +91,12 @@ def weighted_logistic(X, y, W=None, offset=None, start=None, max_iter: int = 100
     off = 0.0 if offset is None else np.asarray(offset, float)
     k = X.shape[1]
     beta = np.zeros((W.shape[0], k)) if start is None else np.tile(np.asarray(start, float), (W.shape[0], 1))
+    fits = None                                       # the settled replicates' fits, when only some settled
     if W.shape[0] > 1 and len(y) >= EXPANSION_ROWS:   # bootstrap replicates of a large sample: start each from the
         beta0 = weighted_logistic(X, y, None, offset, start, max_iter, tol)[0]   # expansion around the fit to all rows
-        beta = _expansion_start(X, y, W, np.broadcast_to(off, len(y)), beta0)
+        beta, settled = _expansion_start(X, y, W, np.broadcast_to(off, len(y)), beta0)
+        if settled.all(): return beta                 # every replicate settled: no pass over the rows
+        if settled.any(): fits, W, beta = beta, W[~settled], beta[~settled]   # the others take exact steps
     XX = np.stack([X[:, i] * X[:, j] for i in range(k) for j in range(k)], axis=1)   # (n, k*k) products
     loglik = lambda eta: (W * (y * eta - np.logaddexp(0, eta))).sum(1)
     eta = beta @ X.T + off
@@ -110,7 +119,9 @@ def weighted_logistic(X, y, W=None, offset=None, start=None, max_iter: int = 100
         beta = beta + step
         np.matmul(beta, X.T, out=eta); eta += off
         if np.abs(step).max() < tol: break
-    return beta
+    if fits is None: return beta
+    fits[~settled] = beta
+    return fits
 
 def calibration_in_the_large(y_true, y_prob, W=None) -> np.ndarray:
     "Intercept with the model's log-odds as offset (0 when the mean risk is right)."

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from ..core.compute import row_sample
 from ..core.params import RobustnessConfig
 from ..core.spec import DatasetSpec
 
@@ -66,14 +67,16 @@ def _effect(y, base: np.ndarray, p: np.ndarray) -> dict:
     return {"auroc": float(roc_auc_score(y, p)), "mean_risk_change": float(d.mean()),
             "mean_abs_risk_change": float(np.abs(d).mean()), "share_risk_moved_5pts": float((np.abs(d) > 0.05).mean())}
 
-def robustness_checks(predict: Predict, df: pd.DataFrame, y, spec: DatasetSpec, cfg: RobustnessConfig, seed: int = 0,
-                      importance_rows: int = 20_000) -> dict:
-    "AUROC and risk shifts under missing top features, noise and unit errors (every changed copy scored in one call)."
+def robustness_checks(predict: Predict, df: pd.DataFrame, y, spec: DatasetSpec, cfg: RobustnessConfig, seed: int = 0) -> dict:
+    """AUROC and risk shifts under missing top features, noise and unit errors (every changed copy scored in one call), on
+    at most `cfg.max_rows` test rows drawn at random (`rows`; the baseline is theirs, so every change is paired)."""
+    rows = row_sample(len(df), cfg.max_rows, seed)
+    df, y = df.iloc[rows].reset_index(drop=True), np.asarray(y)[rows]
     base = predict(df)
     base_auroc = float(roc_auc_score(y, base))
-    out = {"baseline_auroc": base_auroc, "missing": {}, "noise": {}, "unit_errors": {}}
-    top = top_features(predict, df, y, list(spec.features), cfg.top_features, seed, max_rows=importance_rows, baseline=base)
-    out["top_features"], out["importance_rows"] = top, min(len(df), importance_rows)
+    out = {"baseline_auroc": base_auroc, "rows": len(df), "missing": {}, "noise": {}, "unit_errors": {}}
+    top = top_features(predict, df, y, list(spec.features), cfg.top_features, seed, max_rows=len(df), baseline=base)
+    out["top_features"], out["importance_rows"] = top, len(df)
     changed = {}
     for f in top:
         gone = df.copy()

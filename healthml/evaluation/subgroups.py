@@ -70,21 +70,19 @@ def subgroup_table(y_true, y_prob, groups: pd.DataFrame, patients, threshold: fl
 # %% ../../nbs/30_evaluation/34_subgroups.ipynb #d54a8ceb
 def fairness_gaps(y_true, y_prob, groups: pd.DataFrame, threshold: float, table: pd.DataFrame) -> dict:
     "Per attribute: the TPR, FPR and calibration-in-the-large gaps (`group_gap`) over the adequately sized groups."
-    from fairlearn.metrics import MetricFrame, false_positive_rate, true_positive_rate
     y, p = np.asarray(y_true, int), np.asarray(y_prob, float)
-    flag = (p >= threshold).astype(int)
+    flag, event = p >= threshold, y == 1
     out = {}
     for attribute in groups.columns:
         ok = table[(table.attribute == attribute) & (table.status == "ok")].group.tolist()
         if len(ok) < 2:
             out[attribute] = {"groups_compared": ok, "tpr_gap": None, "fpr_gap": None, "citl_gap": None}
             continue
-        keep = groups[attribute].isin(ok).to_numpy()
-        mf = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate}, y_true=y[keep],
-                         y_pred=flag[keep], sensitive_features=groups[attribute].to_numpy()[keep])
-        tpr, fpr = ({k: float(v) for k, v in mf.by_group[m].items()} for m in ("tpr", "fpr"))
-        citl = {g: float(calibration_in_the_large(y[keep & (groups[attribute] == g).to_numpy()],
-                                                  p[keep & (groups[attribute] == g).to_numpy()])[0]) for g in ok}
+        tpr, fpr, citl = {}, {}, {}
+        for g in ok:   # the size guard passed: every group has events and non-events
+            member = (groups[attribute] == g).to_numpy()
+            tpr[g], fpr[g] = float(flag[member & event].mean()), float(flag[member & ~event].mean())
+            citl[g] = float(calibration_in_the_large(y[member], p[member])[0])
         out[attribute] = {"groups_compared": ok, "tpr_gap": group_gap(tpr)["gap"], "fpr_gap": group_gap(fpr)["gap"],
                           "citl_gap": group_gap(citl)["gap"], "tpr_by_group": tpr, "fpr_by_group": fpr, "citl_by_group": citl}
     return out

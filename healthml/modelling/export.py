@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.compute import usable_cores
+from ..core.compute import row_sample, usable_cores
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, read_parquet, sha256_file, write_json
 from ..core.layout import Layout
@@ -129,11 +129,12 @@ def compile_trees(pipeline) -> bytes:
         if r.returncode: raise TreesUnavailable("linking the compiled trees failed", hint=r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "")
         return lib.read_bytes()
 
-def trees_parity(trees: CompiledTrees, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec) -> dict:
+def trees_parity(trees: CompiledTrees, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec,
+                 onnx_risk: np.ndarray | None = None) -> dict:   # the ONNX risks of `df`, when already scored
     "Max and mean |p_trees - p_onnx| over the rows of `df`: the compiled trees against the audited ONNX graph."
     frame = model_frame(df, spec)
     p = trees.score({c: frame[c].to_numpy() for c in frame}, len(frame))
-    diff = np.abs(p - scorer.predict_proba(df))
+    diff = np.abs(p - (scorer.predict_proba(df) if onnx_risk is None else onnx_risk))
     return {"max_abs_diff_onnx": float(diff.max()), "mean_abs_diff_onnx": float(diff.mean()), "rows": int(len(df))}
 
 def trees_path(layout: Layout, model: str) -> Path:
@@ -141,12 +142,15 @@ def trees_path(layout: Layout, model: str) -> Path:
     return layout.model_file(model, "onnx").with_suffix(".trees.so")
 
 # %% ../../nbs/20_modelling/25_export.ipynb #681770b3
-def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec) -> dict:
+def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetSpec,
+           onnx_risk: np.ndarray | None = None) -> dict:   # the ONNX risks of `df`, when already scored
     "Max and mean |p_onnx - p_native| over the rows of `df`."
-    diff = np.abs(scorer.predict_proba(df) - native_pipeline.predict_proba(model_frame(df, spec))[:, 1])
+    onnx_risk = scorer.predict_proba(df) if onnx_risk is None else onnx_risk
+    diff = np.abs(onnx_risk - native_pipeline.predict_proba(model_frame(df, spec))[:, 1])
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
 
-def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str):
+def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str,
+              onnx_risk: np.ndarray | None = None):
     """The compiled trees (`library`) and the ONNX bytes that vouch for them (`onnx`, from `onnx_with(metadata)`), with
     their parity record; (None, why) when they cannot be built here or disagree with the ONNX graph. The check loads them
     as every scorer will: from the final ONNX file's metadata (`trees_encoding` decoded from its JSON)."""
@@ -159,7 +163,7 @@ def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, t
     with tempfile.TemporaryDirectory() as d:
         (Path(d)/name).write_bytes(lib)
         trees = CompiledTrees(Path(d)/meta["trees_file"], meta["trees_sha256"], json.loads(meta["trees_encoding"]))
-        check = trees_parity(trees, scorer, test, spec)
+        check = trees_parity(trees, scorer, test, spec, onnx_risk)
     check |= {"built": True, "sha256": sha, "bytes": len(lib), "tolerance": tolerance,
               "passed": check["max_abs_diff_onnx"] <= tolerance}
     if not check["passed"]: check["why"] = "refused: the compiled trees disagree with the ONNX graph; the ONNX graph scores"
@@ -194,18 +198,21 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
                  "explainer_sha256": hashlib.sha256(explainer_data).hexdigest()}
         data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
         scorer = OnnxScorer(data)
-        check = parity(pipe, scorer, test, spec)
+        onnx_risk = scorer.predict_proba(test)   # scored once: every check of this graph compares with these risks
+        check = parity(pipe, scorer, test, spec, onnx_risk)
         trees, check["compiled"] = _compiled(pipe, scorer, test, spec, min(params.export.parity_tolerance, 1e-6),
                                              lambda extra: to_onnx(pipe, spec, meta | extra, params.export.opset, support).SerializeToString(),
-                                             trees_path(layout, name).name)
+                                             trees_path(layout, name).name, onnx_risk)
         if trees is not None: data = trees["onnx"]   # the ONNX metadata vouches for the compiled file, as for the explainer
         check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
         result[name] = check
         if check["passed"]:
-            frame, ex = model_frame(test, spec), Explainer(explainer, threads=usable_cores())
+            rows = row_sample(len(test), params.export.explainer_rows, params.evaluate.seed)   # TreeSHAP costs ~100 predictions
+            frame, ex = model_frame(test.iloc[rows], spec), Explainer(explainer, threads=usable_cores())
             contributions = ex.contributions(frame)   # TreeSHAP once, on every core (each row's values are the same)
-            reasons = explainer_parity(ex, native_log_odds(pipe, frame), scorer.predict_proba(test), frame,
+            reasons = explainer_parity(ex, native_log_odds(pipe, frame), onnx_risk[rows], frame,
                                        params.export.parity_tolerance, contributions=contributions)
+            if not isinstance(rows, slice): reasons["sample"] = f"{len(frame):,} of the {len(test):,} test rows at random (export.explainer_rows)"
             check["explainer"] = {"file": meta["explainer_file"], "sha256": meta["explainer_sha256"], "kind": ex.kind, "units": "log-odds",
                                   **reasons, "global_importance": global_importance(ex, frame, contributions)}
             if not reasons["passed"]:
