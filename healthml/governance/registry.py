@@ -20,6 +20,7 @@ from ..core.faults import checkpoint
 from ..core.io import read_parquet, sha256_file
 from ..core.layout import Layout, git_commit
 from ..core.params import Params
+from ..core.tracking import start_store
 from ..modelling.train import mlflow_experiment, using_tracking
 
 # %% auto #0
@@ -93,6 +94,7 @@ class Registry:
         self.params, self.layout = params, Layout(root)
         self.name = params.report.model_name
         self.uri = params.tracking.store_uri(root)                   # passed explicitly: no process-wide MLflow state
+        start_store(self.uri)                                        # a new SQLite store: the cached empty schema
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.experiment_id = mlflow_experiment(self.client, params.tracking, root)
         log = params.tracking.audit_log

@@ -28,6 +28,7 @@ from ..core.compute import engine_client
 from ..core.layout import Layout, git_commit
 from ..core.params import CompactConfig, LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed_spec
+from ..core.tracking import start_store
 
 # %% auto #0
 __all__ = ['PIPELINES', 'MODEL_TYPES', 'EXPERIMENT_TAGS', 'model_frame', 'outcome', 'lightgbm_pipeline', 'logistic_pipeline',
@@ -338,6 +339,7 @@ def _run_tags(params: Params, model: str, commit: str, experiment: dict, data_sh
 def _log_runs(params: Params, layout: Layout, record: dict, experiment: dict) -> dict:
     import mlflow
     uri = params.tracking.store_uri(layout.root)
+    start_store(uri)                                  # a new SQLite store: MLflow's empty schema, copied (core.tracking)
     exp = mlflow_experiment(mlflow.MlflowClient(tracking_uri=uri), params.tracking, layout.root)
     data_sha, commit = sha256_file(layout.split_file("train")), git_commit(layout.root)
     runs = {}
