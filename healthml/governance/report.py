@@ -805,10 +805,13 @@ def _execute(template: Path, dest: Path, root: Path, params_path, version: str, 
     _without_iri_parser()
     import papermill as pm
     with quiet_stderr() as kernel_log:
-        try: pm.execute_notebook(str(template), str(dest), parameters={"root": str(root), "params_path": str(params_path), "version": version},
-                                 kernel_name=kernel, progress_bar=False, cwd=str(root), log_output=False)
+        try: nb = pm.execute_notebook(str(template), None, parameters={"root": str(root), "params_path": str(params_path), "version": version},
+                                      kernel_name=kernel, progress_bar=False, cwd=str(root), log_output=False)
         except Exception as e: failed = e
         else: failed = None
+    if failed is None:   # written once: with a path, Papermill rewrites the whole notebook (figures and all) at each cell's start and end
+        from papermill.iorw import write_ipynb
+        write_ipynb(nb, str(dest))
     if failed is not None:
         sys.stderr.write(kernel_log()[-4000:])
         raise failed
