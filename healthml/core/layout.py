@@ -20,6 +20,7 @@ class Layout:
         self.validation = r/"metrics/validation.json"           # validate: every check and its result
         self.quarantine = r/"data/interim/quarantine.parquet"   # validate: rows set aside, with reasons
         self.deidentified = r/"data/deid/cohort.parquet"         # deidentify: Safe Harbor cohort, surrogate keys
+        self.phi_values = r/"data/interim/phi_values.parquet"   # deidentify: the identifier values PHI scans search for (restricted)
         self.deid_record = r/"metrics/deidentify.json"          # deidentify: what was removed / generalised
         self.leakage = r/"metrics/leakage.json"                 # split: leakage audit
         self.dataset_card = r/"datacard"                        # dataset card: JSON, Markdown, HTML, Table 1

@@ -30,13 +30,14 @@ from ..core.spec import RARE_CATEGORY, DatasetSpec
 
 # %% auto #0
 __all__ = ['DEID_KEY', 'INDEX_TIME_UNIT', 'PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS',
-           'DeidentificationError', 'restricted_zip3', 'generalise_zip', 'top_code_age', 'surrogate_keys', 'deid_key',
-           'keyed_surrogates', 'surrogates', 'level_patients', 'rare_levels', 'pool_levels', 'pool_rare_categories',
-           'index_axis', 'days_after_index', 'generalise_index_time', 'deidentify_rows', 'deid_record', 'sum_counts',
-           'deidentify_cohort', 'PhiHit', 'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts',
-           'without_static_styles', 'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError',
-           'row_counter', 'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message',
-           'keep_only_if_clean', 'deidentify_on_cluster', 'deidentify', 'phi_scan']
+           'SCANNER_FORMAT', 'DeidentificationError', 'restricted_zip3', 'generalise_zip', 'top_code_age',
+           'surrogate_keys', 'deid_key', 'keyed_surrogates', 'surrogates', 'level_patients', 'rare_levels',
+           'pool_levels', 'pool_rare_categories', 'index_axis', 'days_after_index', 'generalise_index_time',
+           'deidentify_rows', 'deid_record', 'sum_counts', 'deidentify_cohort', 'PhiHit', 'PhiScanner',
+           'vendored_script_hashes', 'without_vendored_scripts', 'without_static_styles', 'without_embedded_images',
+           'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter', 'identifier_values',
+           'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'scanner_key', 'save_scanner',
+           'load_scanner', 'deidentify_on_cluster', 'deidentify', 'phi_scan']
 
 # %% ../../nbs/10_data/13_phi.ipynb #c6bfe23f
 class DeidentificationError(HealthmlError):
@@ -625,8 +626,11 @@ def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
     return PhiScanner(values, people=people, not_searched=not_searched)
 
 def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
-    "A scanner loaded with the identifier values of the validated (restricted) cohort (only its identifier columns are read)."
+    """A scanner loaded with the identifier values of the validated (restricted) cohort: the one de-identification stored
+    (`save_scanner`) when it was built from this cohort, spec and day, else built from the cohort's identifier columns."""
     if not layout.validated.exists(): return identifier_scanner(spec, pd.DataFrame())
+    stored = load_scanner(layout.phi_values, scanner_key(spec, layout.validated))   # as de-identification built it
+    if stored is not None: return stored
     import pyarrow.parquet as pq
     present = set(pq.read_schema(layout.validated).names)
     wanted = [c for c in [*_identifier_columns(spec), *spec.identifiers] if c in present]
@@ -648,6 +652,54 @@ def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str,
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         raise PhiLeakError(message.format(n=len(scan["hits"])) + ":\n" + leak_message(scan["hits"]), hint=hint)
     return scan
+
+# %% ../../nbs/10_data/13_phi.ipynb #4936df7b
+SCANNER_FORMAT = "healthml-phi-values/1"
+
+def scanner_key(spec: DatasetSpec, validated: Path) -> str:
+    """What a stored scanner must have been built from: the validated cohort's bytes, the spec's identifier columns and
+    today's date (dates of the last `recent_days` are not searched)."""
+    import hashlib
+    from healthml.core.io import sha256_file
+    declared = {"identifiers": {c: i.model_dump(mode="json") for c, i in spec.identifiers.items()}, "patient_id": spec.patient_id,
+                "row_id": spec.row_id, "time_columns": list(spec.time_columns)}
+    text = json.dumps([SCANNER_FORMAT, sha256_file(validated), declared, date.today().isoformat()], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+def save_scanner(scanner: PhiScanner, path: Path, key: str) -> Path:
+    """The scanner's values (value -> kind) as Parquet, with what it was built from (`key`). Identifier values: a file
+    of the restricted zone (`data/interim`, never pushed), like the validated cohort it is read from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from healthml.core.io import atomic_write
+    meta = {"format": SCANNER_FORMAT, "key": key, "skipped": scanner.skipped, "not_searched": scanner.not_searched}
+    table = pa.table({"value": pa.array(list(scanner.values), pa.large_string()),
+                      "kind": pa.array(list(scanner.values.values()), pa.string()).dictionary_encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata({"healthml": json.dumps(meta)}), sink)
+    return atomic_write(path, sink.getvalue().to_pybytes())
+
+def load_scanner(path: Path, key: str) -> PhiScanner | None:
+    """The scanner `save_scanner` stored at `path`, if it was built from what `key` names; None otherwise (no file, another
+    cohort, spec or day, an unreadable file): the caller builds it again. Where a longer value can start, and the most
+    tokens in one, follow from the values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(str(path))
+        meta = json.loads((table.schema.metadata or {}).get(b"healthml", b"{}"))
+    except (OSError, pa.ArrowException, ValueError): return None
+    if meta.get("format") != SCANNER_FORMAT or meta.get("key") != key or table.column_names != ["value", "kind"]: return None
+    values = table["value"].combine_chunks()
+    scanner = PhiScanner(not_searched=meta.get("not_searched", {}))
+    scanner.values = dict(zip(values.to_pylist(), table["kind"].to_pylist()))
+    multi = pc.filter(values, pc.match_substring(values, " "))
+    scanner.first = set(pc.unique(pc.list_element(pc.split_pattern(multi, " ", max_splits=1), 0)).to_pylist())
+    scanner.width = max(1, int(pc.max(pc.count_substring(values, " ")).as_py() or 0) + 1) if len(values) else 1
+    scanner.skipped = int(meta.get("skipped", 0))
+    return scanner
+
 
 # %% ../../nbs/10_data/13_phi.ipynb #c709261d
 def _deid_facts(part: RowRange, spec: DatasetSpec, cfg: DeidentifyConfig, secret: Secret) -> tuple[np.ndarray | None, dict]:
@@ -705,9 +757,11 @@ def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout, compute
             write_parquet(layout.deidentified, out)
             scanner = identifier_scanner(spec, df)
             del df, out
+            save_scanner(scanner, layout.phi_values, scanner_key(spec, layout.validated))   # for the report and the PHI scan
         else:
             _, record = deidentify_on_cluster(client, spec, cfg, layout, key, compute.partition_rows)
             scanner = scanner_for(spec, layout)   # the identifier columns of the validated cohort, read here
+            save_scanner(scanner, layout.phi_values, scanner_key(spec, layout.validated))
     scan = keep_only_if_clean(scanner, layout.deidentified, "{n} suspected identifier(s) remain after de-identification",
                               hint="declare the column in `dataset.identifiers` (or drop it from the features)", root=layout.root)
     record["scan"] = {k: v for k, v in scan.items() if k != "hits"}

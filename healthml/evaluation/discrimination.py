@@ -95,21 +95,23 @@ class SortedScores:
         if self.ties: pos, neg = np.add.reduceat(pos, self.starts, axis=1), np.add.reduceat(neg, self.starts, axis=1)
         return pos, neg
 
-def ranking_metrics(sorted_scores: SortedScores, W) -> tuple[np.ndarray, np.ndarray]:
-    "AUROC and average precision for each row of weights `W`, from one pass (arrays reused in place: memory-bound work)."
+def ranking_metrics(sorted_scores: SortedScores, W, precision: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """AUROC and average precision for each row of weights `W`, from one pass (arrays reused in place: memory-bound work);
+    without `precision`, AUROC alone (None for the average precision: one (replicates x rows) buffer and pass fewer)."""
     pos, neg = sorted_scores.pos_neg(W)
     n_pos, n_neg = pos.sum(1), neg.sum(1)
     fp = np.cumsum(neg, axis=1)
-    part = np.subtract(n_neg[:, None], fp)                  # per positive: the negatives strictly lower ...
+    part = np.subtract(n_neg[:, None], fp, out=None if precision else fp)   # per positive: the negatives strictly lower ...
     part += np.multiply(neg, 0.5, out=neg); part *= pos     # ... plus half the ties, times its weight
     auroc = part.sum(1) / (n_pos * n_neg)
+    if not precision: return auroc, None
     tp = np.cumsum(pos, axis=1, out=part)
     np.divide(tp, np.add(tp, fp, out=fp), out=tp, where=fp > 0)   # precision (0 before the first flag: tp is 0 there)
     return auroc, (np.multiply(tp, pos, out=tp)).sum(1) / n_pos
 
 def weighted_auroc(sorted_scores: SortedScores, W) -> np.ndarray:
-    "AUROC for each row of weights `W`."
-    return ranking_metrics(sorted_scores, W)[0]
+    "AUROC for each row of weights `W` (the same numbers as `ranking_metrics`, without its precision pass)."
+    return ranking_metrics(sorted_scores, W, precision=False)[0]
 
 def weighted_average_precision(sorted_scores: SortedScores, W) -> np.ndarray:
     "Average precision (step-wise AUPRC, as scikit-learn) for each row of weights `W`."

@@ -16,7 +16,7 @@ from ..core.io import read_parquet
 from ..core.layout import Layout
 from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig, PrivacyRule
 from ..core.spec import DatasetSpec
-from .discrimination import SortedScores, bootstrap, bootstrap_intervals, in_threads, ranking_metrics
+from .discrimination import SortedScores, bootstrap, bootstrap_intervals, in_threads, weighted_auroc
 from .robustness import Predict
 
 # %% auto #0
@@ -218,7 +218,7 @@ def attribute_inference(members: pd.DataFrame, risk, attribute: pd.Series, spec:
         y = target == classes[1]
         st = {k: SortedScores(y, P[:, 1]) for k, P in prob.items()}
         def stats(W):
-            a = {k: ranking_metrics(s, W)[0] for k, s in st.items()}
+            a = {k: weighted_auroc(s, W) for k, s in st.items()}
             return {"risk_only_auroc": a["risk_only"], "auroc_added_by_risk": a["features_and_risk"] - a["features_only"]}
         out |= bootstrap_intervals(bootstrap(stats, y, members[spec.patient_id].to_numpy()[known], n_boot, seed), level)
     return out
