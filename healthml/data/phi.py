@@ -693,7 +693,10 @@ def load_scanner(path: Path, key: str) -> PhiScanner | None:
     if meta.get("format") != SCANNER_FORMAT or meta.get("key") != key or table.column_names != ["value", "kind"]: return None
     values = table["value"].combine_chunks()
     scanner = PhiScanner(not_searched=meta.get("not_searched", {}))
-    scanner.values = dict(zip(values.to_pylist(), table["kind"].to_pylist()))
+    kind = table["kind"].combine_chunks()   # decoded through its few labels: a dictionary column's to_pylist takes seconds
+    kinds = (np.asarray(kind.dictionary.to_pylist(), dtype=object)[kind.indices.to_numpy(zero_copy_only=False)]
+             if pa.types.is_dictionary(kind.type) else kind.to_pylist())
+    scanner.values = dict(zip(values.to_pylist(), kinds))
     multi = pc.filter(values, pc.match_substring(values, " "))
     scanner.first = set(pc.unique(pc.list_element(pc.split_pattern(multi, " ", max_splits=1), 0)).to_pylist())
     scanner.width = max(1, int(pc.max(pc.count_substring(values, " ")).as_py() or 0) + 1) if len(values) else 1
