@@ -625,12 +625,12 @@ def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
     people = df[names].drop_duplicates().itertuples(index=False, name=None) if len(names) > 1 else ()
     return PhiScanner(values, people=people, not_searched=not_searched)
 
-def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
+def scanner_for(spec: DatasetSpec, layout: Layout, stored: bool = True) -> PhiScanner:
     """A scanner loaded with the identifier values of the validated (restricted) cohort: the one de-identification stored
-    (`save_scanner`) when it was built from this cohort, spec and day, else built from the cohort's identifier columns."""
+    (`save_scanner`) when it was built from this cohort, spec and day (and `stored`), else built from the cohort's identifier columns."""
     if not layout.validated.exists(): return identifier_scanner(spec, pd.DataFrame())
-    stored = load_scanner(layout.phi_values, scanner_key(spec, layout.validated))   # as de-identification built it
-    if stored is not None: return stored
+    kept = load_scanner(layout.phi_values, scanner_key(spec, layout.validated)) if stored else None   # as de-identification built it
+    if kept is not None: return kept
     import pyarrow.parquet as pq
     present = set(pq.read_schema(layout.validated).names)
     wanted = [c for c in [*_identifier_columns(spec), *spec.identifiers] if c in present]
@@ -777,7 +777,7 @@ def phi_scan(spec: DatasetSpec, layout: Layout, tracking_uri: str | None = None,
     L = layout
     paths = paths or [L.deidentified, L.deid_record, L.splits, L.models, L.root/"metrics", L.plots, L.report_render, L.reports,
                       L.dataset_card, L.root/"audit", L.root/"mlartifacts"]
-    scanner = scanner_for(spec, L)
+    scanner = scanner_for(spec, L, stored=False)   # the last check before the gate trusts no stored file: built from the cohort
     result = scan_paths(scanner, [p for p in paths if p != L.phi_scan], root=L.root)
     if tracking_uri:
         mlflow_hits = scan_mlflow(scanner, tracking_uri)
