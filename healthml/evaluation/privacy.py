@@ -345,10 +345,21 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
                        spec: DatasetSpec, cfg: PrivacyConfig, ecfg: EvaluateConfig, rules=()) -> tuple[dict, pd.DataFrame]:
     """The privacy stage in memory: membership inference (train patients against validation + test patients), attribute
     inference, mitigation levers (when `levers_needed` by the gate's privacy `rules`) and the training-data screen;
-    returns `metrics/privacy.json`'s content and the flagged rows."""
+    returns `metrics/privacy.json`'s content and the flagged rows. The screen's fits need nothing the attacks compute: they
+    run beside them on another thread (the trees release the GIL), so both cores stay busy through the stage."""
+    from concurrent.futures import ThreadPoolExecutor
+    fit = model_fitter(spec, model)
+    with ThreadPoolExecutor(1, thread_name_prefix="healthml-screen") as beside:
+        screen = beside.submit(training_data_screen, train, fit, spec, cfg.screen_folds, cfg.seed)
+        summary, out = _attacks(train, validation, test, target, model, fit, spec, cfg, ecfg, rules)
+        out["screen"], flagged = screen.result()
+    return {"summary": summary, **out}, flagged
+
+def _attacks(train, validation, test, target, model, fit, spec, cfg, ecfg, rules) -> tuple[dict, dict]:
+    "Membership and attribute inference and the mitigation levers: (summary, the rest of privacy.json but the screen)."
     from healthml.data.cohort import subgroup_frame
     from healthml.modelling.train import outcome
-    fit, held_out = model_fitter(spec, model), pd.concat([validation, test], ignore_index=True)
+    held_out = pd.concat([validation, test], ignore_index=True)
     scores = attack_scores(train, held_out, target, fit, spec, cfg.reference_models, cfg.seed, cfg.max_patients)
     data = pd.concat([train, held_out], ignore_index=True)
     groups = subgroup_frame(data, spec, ecfg.intersections, ecfg.slices).groupby(data[spec.patient_id].to_numpy()).first()
@@ -375,8 +386,7 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
     need, out["mitigation_status"] = levers_needed(cfg, rules, summary)
     out["mitigation"] = (mitigation_costs(train, validation, held_out, spec, model, baseline, cfg.reference_models, cfg.seed,
                                           cfg.max_patients) if need else [])
-    out["screen"], flagged = training_data_screen(train, fit, spec, cfg.screen_folds, cfg.seed)
-    return {"summary": summary, **out}, flagged
+    return summary, out
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #dc61625b
 def run_privacy(params: Params, layout: Layout) -> dict:
