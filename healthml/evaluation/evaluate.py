@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -140,7 +141,8 @@ def _subgroups(test: pd.DataFrame, y, risk, threshold: float, spec: DatasetSpec,
             "min_events": cfg.min_subgroup_events, "min_non_events": cfg.min_subgroup_non_events, **({"by": named} if named else {})}
 
 def _robustness(predict: Predict, test: pd.DataFrame, y, spec: DatasetSpec, cfg: EvaluateConfig) -> dict:
-    out = robustness_checks(predict, test, y, spec, cfg.robustness, cfg.seed)
+    with np.errstate(all="ignore"):    # numpy's error state is the thread's own: this runs beside the bootstraps
+        out = robustness_checks(predict, test, y, spec, cfg.robustness, cfg.seed)
     return out | {"direction": direction_checks(predict, test, spec, cfg.robustness.direction_tolerance, cfg.seed),
                   "evasion": evasion_check(predict, test, spec, cfg.robustness.evasion_fraction, seed=cfg.seed)}
 
@@ -181,14 +183,17 @@ def evaluate(validation: pd.DataFrame, test: pd.DataFrame, predictors: dict[str,
         if cfg.recalibration != "none":
             recal = Recalibrator(cfg.recalibration).fit(sv[cand], yv)
             sv[f"{cand}_recalibrated"], st[f"{cand}_recalibrated"] = recal.predict(sv[cand]), recal.predict(st[cand])
-        thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
-        sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
-        evaluated = {m: model_replicates(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
-        models = {m: point for m, (point, _) in evaluated.items()}
-        comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg, (evaluated[cand], evaluated[m]))
-                      for m in st if m != cand}
-        return EvaluationResult(models, {**evaluation_settings(cfg), "candidate": cand}, comparison, _subgroups(test, yt, st[cand], thr[cand], spec, cfg),
-                                _robustness(predictors[cand], test, yt, spec, cfg), pd.DataFrame({"outcome": yt, **st}))
+        with ThreadPoolExecutor(1, thread_name_prefix="healthml-robustness") as beside:   # the trees score the changed copies
+            robust = beside.submit(_robustness, predictors[cand], test, yt, spec, cfg)        # (GIL released) beside the bootstraps
+            thr = {m: choose_threshold(yv, sv[m], cfg) for m in st}
+            sets = {m: OutcomeSets(cfg.outcome_set_coverage).fit(yv, sv[m]) for m in st}
+            evaluated = {m: model_replicates(yt, s, patients, thr[m], cfg, sets[m]) for m, s in st.items()}
+            models = {m: point for m, (point, _) in evaluated.items()}
+            comparison = {m: compare(yt, st[cand], st[m], patients, thr[cand], thr[m], cfg, (evaluated[cand], evaluated[m]))
+                          for m in st if m != cand}
+            subgroups = _subgroups(test, yt, st[cand], thr[cand], spec, cfg)
+            return EvaluationResult(models, {**evaluation_settings(cfg), "candidate": cand}, comparison, subgroups,
+                                    robust.result(), pd.DataFrame({"outcome": yt, **st}))
 
 # %% ../../nbs/30_evaluation/37_evaluate.ipynb #6d079c1e
 def model_predictors(params: Params, layout: Layout) -> dict[str, Predict]:
