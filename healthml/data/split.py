@@ -20,9 +20,9 @@ from ..core.spec import DatasetSpec, category_labels
 # %% auto #0
 __all__ = ['SPLITS', 'DROPPED', 'LeakageError', 'patient_split', 'assert_disjoint', 'time_order', 'temporal_patients',
            'period_starts', 'cut_at_period_starts', 'temporal_split', 'site_split', 'patient_facts',
-           'combine_patient_facts', 'patient_assignment', 'row_splits', 'assign_splits', 'single_feature_auroc',
-           'rows_after_start', 'feature_row_hashes', 'recorded_after_index', 'leakage_audit', 'split_summary',
-           'split_on_cluster', 'split_cohort']
+           'combine_patient_facts', 'patient_assignment', 'row_splits', 'assign_splits', 'rank_auroc',
+           'single_feature_auroc', 'rows_after_start', 'feature_row_hashes', 'recorded_after_index', 'leakage_audit',
+           'split_summary', 'split_on_cluster', 'split_cohort']
 
 # %% ../../nbs/10_data/15_split.ipynb #cbe62e62
 SPLITS = ("train", "validation", "test")
@@ -159,9 +159,17 @@ def assign_splits(df: pd.DataFrame, spec: DatasetSpec, cfg: SplitConfig) -> pd.S
     return row_splits(df, label, spec, starts)
 
 # %% ../../nbs/10_data/15_split.ipynb #d4043bdc
+def rank_auroc(y, score) -> float:
+    """AUROC as the Mann-Whitney statistic: the chance that an event outranks a non-event, ties counting one half
+    (scikit-learn's `roc_auc_score`, to rounding); numpy alone, so the split stage does not load scikit-learn."""
+    y, score = np.asarray(y).astype(bool), np.asarray(score, dtype=np.float64)
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2          # each distinct value's average rank (1-based)
+    n1 = int(y.sum()); n0 = len(y) - n1
+    return float((mid_rank[inverse][y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
 def single_feature_auroc(x: pd.Series, y: pd.Series, categorical: bool) -> float:
     "AUROC of one feature alone (direction-free: max(AUC, 1 - AUC)); NaN if it cannot be computed."
-    from sklearn.metrics import roc_auc_score
     if y.nunique() < 2: return float("nan")
     if categorical:
         key = category_labels(x)
@@ -170,7 +178,7 @@ def single_feature_auroc(x: pd.Series, y: pd.Series, categorical: bool) -> float
         v = pd.to_numeric(x, errors="coerce")
         if v.notna().sum() == 0: return float("nan")
         score = v.fillna(v.min() - 1)
-    auc = roc_auc_score(y, score)
+    auc = rank_auroc(y, score)
     return float(max(auc, 1 - auc))
 
 def rows_after_start(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig) -> dict:
