@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from ..core.errors import HealthmlError
 from ..core.io import atomic_write, read_parquet, sha256_file, write_json
-from ..core.compute import engine_client
+from ..core.compute import engine_client, usable_cores
 from ..core.layout import Layout, git_commit
 from ..core.params import CompactConfig, LightGBMConfig, LogisticConfig, ModelConfig, Params, TrackingConfig, project_root
 from ..core.spec import MISSING_CATEGORY, DatasetSpec, category_labels, observed_spec
@@ -307,17 +308,24 @@ def train_models(params: Params, layout: Layout, track: bool = True, environ: Ma
     X, y, Xv, yv = model_frame(train, spec), outcome(train, spec), model_frame(val, spec), outcome(val, spec)
     record, fitted = {}, {}
     pipes = model_pipelines(params, spec)
+    order = sorted(pipes, key=lambda m: m in params.compact_models)   # compact models last: the candidate may teach them
     with engine_client(params.compute) as client:  # None: this process (`compute.engine: local`)
-        for name in sorted(pipes, key=lambda m: m in params.compact_models):  # compact models last: the candidate may teach them
+        def fit(name: str) -> tuple:
             pipe, cfg, compact = pipes[name], params.models[name], name in params.compact_models
             on_cluster = client is not None and isinstance(cfg, LightGBMConfig) and not compact
             t0 = time.perf_counter()
             if compact:
                 teacher = fitted[params.candidate].predict_proba(X)[:, 1] if cfg.teacher_weight > 0 else None
-                pipe = fitted[name] = fit_compact(pipe, X, y, teacher, cfg.teacher_weight)
-            else: pipe = fitted[name] = fit_on_cluster(pipe, X, y, client, params.compute.partition_rows) if on_cluster else pipe.fit(X, y)
+                pipe = fit_compact(pipe, X, y, teacher, cfg.teacher_weight)
+            else: pipe = fit_on_cluster(pipe, X, y, client, params.compute.partition_rows) if on_cluster else pipe.fit(X, y)
             seconds = time.perf_counter() - t0
-            auc = float(roc_auc_score(yv, pipe.predict_proba(Xv)[:, 1]))
+            return pipe, seconds, float(roc_auc_score(yv, pipe.predict_proba(Xv)[:, 1])), on_cluster
+        first = [m for m in order if m not in params.compact_models]   # independent fits: one a core here (each single-threaded)
+        with ThreadPoolExecutor(1 if client is not None else max(1, min(len(first), usable_cores(2)))) as pool:
+            done = dict(zip(first, pool.map(fit, first)))
+        for name in order:
+            pipe, seconds, auc, on_cluster = done[name] if name in done else fit(name)
+            fitted[name] = pipe
             path = save_model(pipe, layout.model_file(name))
             record[name] = {"validation_auroc": round(auc, 6), "fit_seconds": round(seconds, 3), "sha256": sha256_file(path),
                             "engine": "dask" if on_cluster else "local"}
