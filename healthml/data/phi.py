@@ -30,14 +30,14 @@ from ..core.spec import RARE_CATEGORY, DatasetSpec
 
 # %% auto #0
 __all__ = ['DEID_KEY', 'INDEX_TIME_UNIT', 'PHI_PATTERNS', 'DATE_PATTERN', 'TEXT_SUFFIXES', 'IMAGE_SUFFIXES', 'VENDORED_SCRIPTS',
-           'SCANNER_FORMAT', 'DeidentificationError', 'restricted_zip3', 'generalise_zip', 'top_code_age',
-           'surrogate_keys', 'deid_key', 'keyed_surrogates', 'surrogates', 'level_patients', 'rare_levels',
-           'pool_levels', 'pool_rare_categories', 'index_axis', 'days_after_index', 'generalise_index_time',
-           'deidentify_rows', 'deid_record', 'sum_counts', 'deidentify_cohort', 'PhiHit', 'PhiScanner',
-           'vendored_script_hashes', 'without_vendored_scripts', 'without_static_styles', 'without_embedded_images',
-           'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter', 'identifier_values',
-           'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean', 'scanner_key', 'save_scanner',
-           'load_scanner', 'deidentify_on_cluster', 'deidentify', 'phi_scan']
+           'SCANNER_FORMAT', 'SCANNER_KEY', 'DeidentificationError', 'restricted_zip3', 'generalise_zip',
+           'top_code_age', 'surrogate_keys', 'deid_key', 'keyed_surrogates', 'surrogates', 'level_patients',
+           'rare_levels', 'pool_levels', 'pool_rare_categories', 'index_axis', 'days_after_index',
+           'generalise_index_time', 'deidentify_rows', 'deid_record', 'sum_counts', 'deidentify_cohort', 'PhiHit',
+           'PhiScanner', 'vendored_script_hashes', 'without_vendored_scripts', 'without_static_styles',
+           'without_embedded_images', 'scan_file', 'scan_paths', 'scan_mlflow', 'PhiLeakError', 'row_counter',
+           'identifier_values', 'identifier_scanner', 'scanner_for', 'leak_message', 'keep_only_if_clean',
+           'scanner_key', 'save_scanner', 'load_scanner', 'deidentify_on_cluster', 'deidentify', 'phi_scan']
 
 # %% ../../nbs/10_data/13_phi.ipynb #c6bfe23f
 class DeidentificationError(HealthmlError):
@@ -625,11 +625,12 @@ def identifier_scanner(spec: DatasetSpec, df: pd.DataFrame) -> PhiScanner:
     people = df[names].drop_duplicates().itertuples(index=False, name=None) if len(names) > 1 else ()
     return PhiScanner(values, people=people, not_searched=not_searched)
 
-def scanner_for(spec: DatasetSpec, layout: Layout, stored: bool = True) -> PhiScanner:
+def scanner_for(spec: DatasetSpec, layout: Layout) -> PhiScanner:
     """A scanner loaded with the identifier values of the validated (restricted) cohort: the one de-identification stored
-    (`save_scanner`) when it was built from this cohort, spec and day (and `stored`), else built from the cohort's identifier columns."""
+    (`save_scanner`) when it was built from this cohort, spec and day and its MAC verifies under this machine's key, else
+    built from the cohort's identifier columns."""
     if not layout.validated.exists(): return identifier_scanner(spec, pd.DataFrame())
-    kept = load_scanner(layout.phi_values, scanner_key(spec, layout.validated)) if stored else None   # as de-identification built it
+    kept = load_scanner(layout.phi_values, scanner_key(spec, layout.validated))   # as de-identification built it
     if kept is not None: return kept
     import pyarrow.parquet as pq
     present = set(pq.read_schema(layout.validated).names)
@@ -655,6 +656,21 @@ def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str,
 
 # %% ../../nbs/10_data/13_phi.ipynb #4936df7b
 SCANNER_FORMAT = "healthml-phi-values/1"
+SCANNER_KEY = KeyHome("PHI scanner", "HEALTHML_SCANNER_KEY", "HEALTHML_SCANNER_KEY_FILE", "scanner.key")   # this machine's
+
+def _scanner_mac(secret: bytes, meta: dict, values, kind) -> str:
+    """HMAC-SHA256 of a stored scanner: its metadata (but the MAC), every value's bytes and each value's kind, in a form
+    the Parquet round trip keeps (offsets from 0, kinds by their sorted labels)."""
+    import hashlib
+    h = hmac.new(secret, json.dumps({k: v for k, v in meta.items() if k != "mac"}, sort_keys=True).encode(), hashlib.sha256)
+    _, offsets, data = values.buffers()
+    o = np.frombuffer(offsets, np.int64)[values.offset: values.offset + len(values) + 1]
+    h.update((o - o[0]).tobytes()); h.update(memoryview(data)[int(o[0]):int(o[-1])] if len(values) else b"")
+    labels = kind.dictionary.to_pylist()
+    rank = np.argsort(np.argsort(np.asarray(labels, dtype=object))) if labels else np.zeros(0, np.int64)
+    h.update(json.dumps(sorted(labels)).encode())
+    h.update(rank[kind.indices.to_numpy(zero_copy_only=False)].astype(np.int64).tobytes() if len(kind) else b"")
+    return h.hexdigest()
 
 def scanner_key(spec: DatasetSpec, validated: Path) -> str:
     """What a stored scanner must have been built from: the validated cohort's bytes, the spec's identifier columns and
@@ -667,22 +683,25 @@ def scanner_key(spec: DatasetSpec, validated: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 def save_scanner(scanner: PhiScanner, path: Path, key: str) -> Path:
-    """The scanner's values (value -> kind) as Parquet, with what it was built from (`key`). Identifier values: a file
-    of the restricted zone (`data/interim`, never pushed), like the validated cohort it is read from."""
+    """The scanner's values (value -> kind) as Parquet, with what it was built from (`key`) and a keyed MAC of both (the
+    machine's `SCANNER_KEY`, made on first use outside the project). Identifier values: a file of the restricted zone
+    (`data/interim`, never pushed), like the validated cohort it is read from."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from healthml.core.io import atomic_write
+    values = pa.array(list(scanner.values), pa.large_string())
+    kind = pa.array(list(scanner.values.values()), pa.string()).dictionary_encode()
     meta = {"format": SCANNER_FORMAT, "key": key, "skipped": scanner.skipped, "not_searched": scanner.not_searched}
-    table = pa.table({"value": pa.array(list(scanner.values), pa.large_string()),
-                      "kind": pa.array(list(scanner.values.values()), pa.string()).dictionary_encode()})
+    meta["mac"] = _scanner_mac(SCANNER_KEY.read(create=True), meta, values, kind)
+    table = pa.table({"value": values, "kind": kind})
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata({"healthml": json.dumps(meta)}), sink)
     return atomic_write(path, sink.getvalue().to_pybytes())
 
 def load_scanner(path: Path, key: str) -> PhiScanner | None:
-    """The scanner `save_scanner` stored at `path`, if it was built from what `key` names; None otherwise (no file, another
-    cohort, spec or day, an unreadable file): the caller builds it again. Where a longer value can start, and the most
-    tokens in one, follow from the values."""
+    """The scanner `save_scanner` stored at `path`, if it was built from what `key` names and its MAC verifies under this
+    machine's `SCANNER_KEY`; None otherwise (no file, another cohort, spec or day, an unreadable or edited file, no key):
+    the caller builds it again. Where a longer value can start, and the most tokens in one, follow from the values."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -691,11 +710,14 @@ def load_scanner(path: Path, key: str) -> PhiScanner | None:
         meta = json.loads((table.schema.metadata or {}).get(b"healthml", b"{}"))
     except (OSError, pa.ArrowException, ValueError): return None
     if meta.get("format") != SCANNER_FORMAT or meta.get("key") != key or table.column_names != ["value", "kind"]: return None
-    values = table["value"].combine_chunks()
+    values, kind = table["value"].combine_chunks(), table["kind"].combine_chunks()
+    if not pa.types.is_large_string(values.type) or not pa.types.is_dictionary(kind.type): return None
+    try: secret = SCANNER_KEY.read()
+    except HealthmlError: return None                          # no key here: nothing stored can be vouched for
+    if not hmac.compare_digest(str(meta.get("mac", "")), _scanner_mac(secret, meta, values, kind)): return None
     scanner = PhiScanner(not_searched=meta.get("not_searched", {}))
-    kind = table["kind"].combine_chunks()   # decoded through its few labels: a dictionary column's to_pylist takes seconds
-    kinds = (np.asarray(kind.dictionary.to_pylist(), dtype=object)[kind.indices.to_numpy(zero_copy_only=False)]
-             if pa.types.is_dictionary(kind.type) else kind.to_pylist())
+    # the kinds decoded through their few labels: a dictionary column's to_pylist takes seconds
+    kinds = np.asarray(kind.dictionary.to_pylist(), dtype=object)[kind.indices.to_numpy(zero_copy_only=False)]
     scanner.values = dict(zip(values.to_pylist(), kinds))
     multi = pc.filter(values, pc.match_substring(values, " "))
     scanner.first = set(pc.unique(pc.list_element(pc.split_pattern(multi, " ", max_splits=1), 0)).to_pylist())
@@ -777,7 +799,7 @@ def phi_scan(spec: DatasetSpec, layout: Layout, tracking_uri: str | None = None,
     L = layout
     paths = paths or [L.deidentified, L.deid_record, L.splits, L.models, L.root/"metrics", L.plots, L.report_render, L.reports,
                       L.dataset_card, L.root/"audit", L.root/"mlartifacts"]
-    scanner = scanner_for(spec, L, stored=False)   # the last check before the gate trusts no stored file: built from the cohort
+    scanner = scanner_for(spec, L)   # a stored scanner only under this machine's key (its MAC): an edited file is rebuilt
     result = scan_paths(scanner, [p for p in paths if p != L.phi_scan], root=L.root)
     if tracking_uri:
         mlflow_hits = scan_mlflow(scanner, tracking_uri)
