@@ -234,7 +234,13 @@ def record_model(features: Mapping, name: str = "PatientRecord"):
 def _is_time(s):
     import pandas as pd
     if pd.api.types.is_datetime64_any_dtype(s): return pd.Series(True, index=s.index)
-    return pd.to_datetime(s, errors="coerce", format="mixed").notna() | s.isna()
+    ok = None
+    if not pd.api.types.is_numeric_dtype(s):          # ISO 8601 text first, in pandas' C parser (most cohorts' dates), the
+        try: ok = pd.to_datetime(s, errors="coerce", format="ISO8601", utc=True).notna() | s.isna()   # rest value by value; utc:
+        except (ValueError, TypeError, OverflowError): ok = None       # offsets that differ row to row still parse
+    if ok is None: return pd.to_datetime(s, errors="coerce", format="mixed", utc=True).notna() | s.isna()
+    if not ok.all(): ok[~ok] = pd.to_datetime(s[~ok], errors="coerce", format="mixed", utc=True).notna()
+    return ok
 
 VALIDATED = ("number", "range", "category")  # the kinds of value rule cohort validation runs
 NOT_ENTIRELY_MISSING = "not entirely missing"
