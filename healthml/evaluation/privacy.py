@@ -17,13 +17,14 @@ from ..core.layout import Layout
 from ..core.params import EvaluateConfig, ModelConfig, Params, PrivacyConfig, PrivacyRule
 from ..core.spec import DatasetSpec
 from .discrimination import SortedScores, bootstrap, bootstrap_intervals, in_threads, weighted_auroc
+from .result import fpr_key
 from .robustness import Predict
 
 # %% auto #0
-__all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'fpr_key',
-           'tpr_at_fpr', 'attack_metrics', 'model_fitter', 'sample_patients', 'attack_scores', 'membership_inference',
-           'worst_case', 'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds',
-           'out_of_fold_risk', 'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
+__all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'tpr_at_fpr',
+           'attack_metrics', 'model_fitter', 'sample_patients', 'attack_scores', 'membership_inference', 'worst_case',
+           'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds', 'out_of_fold_risk',
+           'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #9598a97c
 _EPS = 1e-7
@@ -62,10 +63,6 @@ def reference_attack(y_true, p_target, p_reference, trained_on) -> np.ndarray:
     return (scaled_confidence(y_true, p_target) - mu) / sd
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #2822f293
-def fpr_key(fpr: float) -> str:
-    "The name of a TPR-at-FPR figure: 0.001 -> `tpr_at_fpr_0_1pct`."
-    return f"tpr_at_fpr_{fpr * 100:g}pct".replace(".", "_")
-
 def tpr_at_fpr(sorted_scores: SortedScores, W, fpr: float) -> np.ndarray:
     "True-positive rate at the lowest threshold whose false-positive rate is at most `fpr`, for each row of weights `W`."
     pos, neg = sorted_scores.pos_neg(W)

@@ -17,7 +17,7 @@ from ..core.errors import HealthmlError
 from ..core.layout import Layout
 
 # %% auto #0
-__all__ = ['SETTINGS', 'json_ready', 'group_gap', 'attribute_gaps', 'EvaluationResult']
+__all__ = ['SETTINGS', 'json_ready', 'fpr_key', 'group_gap', 'attribute_gaps', 'EvaluationResult']
 
 # %% ../../nbs/30_evaluation/30_result.ipynb #67f09961
 def json_ready(obj, digits: int = 6):
@@ -27,6 +27,10 @@ def json_ready(obj, digits: int = 6):
     if isinstance(obj, (float, np.floating)): return None if not np.isfinite(obj) else round(float(obj), digits)
     if isinstance(obj, np.integer): return int(obj)
     return obj
+
+def fpr_key(fpr: float) -> str:
+    "The name of a TPR-at-FPR figure of the privacy attacks: 0.001 -> `tpr_at_fpr_0_1pct` (here, for the report: no scikit-learn)."
+    return f"tpr_at_fpr_{fpr * 100:g}pct".replace(".", "_")
 
 # %% ../../nbs/30_evaluation/30_result.ipynb #f175aef1
 def _z(level: float) -> float: return round(NormalDist().inv_cdf(0.5 + level / 2), 6)   # 0.95 -> 1.959964 (no scipy import for the gate)

@@ -356,7 +356,7 @@ def _pct_ci(m: dict, k: str) -> str:
 
 def membership_table(privacy: dict) -> pd.DataFrame:
     "Each membership attack: AUC and TPR at each FPR, with 95% CIs (train patients against held-out patients)."
-    from healthml.evaluation.privacy import fpr_key
+    from healthml.evaluation.result import fpr_key
     fprs, attacks = privacy["settings"]["fpr"], privacy["membership"]["attacks"]
     return pd.DataFrame([{"Attack": attacks[a], "Members / non-members": f"{m['members']:,} / {m['non_members']:,}",
                           "AUC (95% CI)": _ci(m, "auc"), **{f"TPR at {f:.1%} FPR": _pct_ci(m, fpr_key(f)) for f in fprs}}
