@@ -777,10 +777,13 @@ def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout, compute
     key = deid_key() if cfg.surrogate == "keyed" else None
     with engine_client(compute) as client:
         if client is None:
+            from concurrent.futures import ThreadPoolExecutor
             df = read_parquet(layout.validated)
-            out, record = deidentify_cohort(df, spec, cfg, key)
-            write_parquet(layout.deidentified, out)
-            scanner = identifier_scanner(spec, df)
+            with ThreadPoolExecutor(1, thread_name_prefix="healthml-scanner") as aside:   # both only read `df`: the scanner's
+                scanner = aside.submit(identifier_scanner, spec, df)                   # Arrow kernels run beside pandas' work
+                out, record = deidentify_cohort(df, spec, cfg, key)
+                write_parquet(layout.deidentified, out)
+                scanner = scanner.result()
             del df, out
             save_scanner(scanner, layout.phi_values, scanner_key(spec, layout.validated))   # for the report and the PHI scan
         else:
