@@ -692,7 +692,9 @@ def save_scanner(scanner: PhiScanner, path: Path, key: str) -> Path:
     values = pa.array(list(scanner.values), pa.large_string())
     kind = pa.array(list(scanner.values.values()), pa.string()).dictionary_encode()
     meta = {"format": SCANNER_FORMAT, "key": key, "skipped": scanner.skipped, "not_searched": scanner.not_searched}
-    meta["mac"] = _scanner_mac(SCANNER_KEY.read(create=True), meta, values, kind)
+    try: secret = SCANNER_KEY.read(create=True)
+    except (HealthmlError, OSError): secret = None   # no key here (a read-only home, a key file others can read): the
+    meta["mac"] = None if secret is None else _scanner_mac(secret, meta, values, kind)   # file is written, never loaded
     table = pa.table({"value": values, "kind": kind})
     sink = pa.BufferOutputStream()
     pq.write_table(table.replace_schema_metadata({"healthml": json.dumps(meta)}), sink)
