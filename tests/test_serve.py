@@ -356,4 +356,6 @@ def test_no_acknowledged_prediction_is_lost_when_the_service_is_killed(pipeline_
     server.proc.communicate(timeout=30)
     assert server.proc.returncode == -9                                           # killed at the named step, not a timer
     logged = [json.loads(line)["request_id"] for line in log.read_text().splitlines()]
-    assert len(acknowledged) >= 19 and set(acknowledged) <= set(logged)
+    # 19 batches were made durable before the kill; answers go out after their batch's fsync, on the event loop, so the
+    # last batches' answers may not have left: every answered request is logged, not every logged one answered
+    assert len(set(logged)) >= 19 and acknowledged and set(acknowledged) <= set(logged)
