@@ -715,7 +715,7 @@ def load_scanner(path: Path, key: str) -> PhiScanner | None:
     values, kind = table["value"].combine_chunks(), table["kind"].combine_chunks()
     if not pa.types.is_large_string(values.type) or not pa.types.is_dictionary(kind.type): return None
     try: secret = SCANNER_KEY.read()
-    except HealthmlError: return None                          # no key here: nothing stored can be vouched for
+    except (HealthmlError, OSError): return None               # no key here: nothing stored can be vouched for
     if not hmac.compare_digest(str(meta.get("mac", "")), _scanner_mac(secret, meta, values, kind)): return None
     scanner = PhiScanner(not_searched=meta.get("not_searched", {}))
     # the kinds decoded through their few labels: a dictionary column's to_pylist takes seconds
