@@ -39,8 +39,8 @@ $(PLOTS_TEMPLATE): docs/plots/vendor.py docs/plots/dvc_plots.html $(VENV)/.insta
 	else echo "npm not found: dvc plots show will load Vega from a CDN (install Node.js and npm, then make setup)"; fi
 
 # The summary is printed whether the pipeline passed or not (a failing gate exits 1: so does make).
-run: setup  ## run the pipeline (dvc repro), register its candidate (healthml model register), then print what it found (healthml summary)
-	dvc repro && healthml model register || status=$$?; healthml summary; exit $${status:-0}
+run: setup  ## run the pipeline (healthml repro: dvc repro, its stages served by a warm runner), register its candidate (healthml model register), then print what it found (healthml summary)
+	healthml repro && healthml model register || status=$$?; healthml summary; exit $${status:-0}
 
 plots: setup  ## draw the pipeline's plots into dvc_plots/index.html (one file, opens offline)
 	dvc plots show

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,34 @@ def anchor(dest: Path) -> dict:
             "seconds": round(min(times), 3)}
 
 
-def run_size(rows: int, keep: Path | None) -> dict:
+def warm_pass(base: Path) -> dict:
+    """The same 13 stages again on the same project, as `healthml repro` runs them: each forked from one warm runner
+    started first (its imports overlap the first stages). Wall seconds per stage and in all, from the runner's start to the
+    last stage's end; CPU seconds of everything (runner, forks, callers), counted once the runner has stopped."""
+    sys.path.insert(0, str(ROOT))
+    from healthml.cli.warm import warm_runner
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environment())   # the runner and its callers must share their import-time environment
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        stages = {}
+        with warm_runner() as env:
+            os.environ.update(env)        # timed() passes environment(), built from os.environ, to each stage
+            for s in STAGES:
+                stages[s] = {"seconds": timed(["healthml", *s.split()], base)["seconds"]}
+                print(f"  warm {s:<10} {stages[s]['seconds']:7.2f} s", flush=True)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"stages": stages, "seconds_total": round(wall, 2), "cpu_seconds_total": round(cpu, 2)}
+
+
+def run_size(rows: int, keep: Path | None, warm: bool = True) -> dict:
     base = Path(tempfile.mkdtemp(prefix=f"bench-pipeline-{rows}-")) if keep is None else keep/f"rows-{rows}"
     if base.exists() and keep is not None: shutil.rmtree(base)
     base.mkdir(parents=True, exist_ok=True)
@@ -115,6 +143,7 @@ def run_size(rows: int, keep: Path | None) -> dict:
         split = json.loads((base/"metrics/split.json").read_text())   # speed drifts by 20% within minutes
         ingest = json.loads((base/"data/interim/ingest.json").read_text())
         anchors.append(anchor(base))
+        warmed = warm_pass(base) if warm else None
         a = {"what": anchors[0]["what"] + ", measured after the split stage and after the last; their mean",
              "seconds": round(sum(x["seconds"] for x in anchors) / len(anchors), 3), "samples": [x["seconds"] for x in anchors]}
         total = sum(v["seconds"] for v in stages.values())
@@ -126,7 +155,8 @@ def run_size(rows: int, keep: Path | None) -> dict:
                 "cpu_seconds_total": round(sum(v["cpu_seconds"] for v in stages.values()), 2),
                 "cpu_seconds_total_without_privacy": round(sum(v["cpu_seconds"] for k, v in stages.items() if k != "privacy"), 2),
                 "load_average_before": load_before,
-                "anchor": a, "total_x_anchor": round(total / a["seconds"], 1)}
+                "anchor": a, "total_x_anchor": round(total / a["seconds"], 1),
+                **({"warm": {**warmed, "total_x_anchor": round(warmed["seconds_total"] / a["seconds"], 1)}} if warmed else {})}
     finally:
         if keep is None: shutil.rmtree(base, ignore_errors=True)
 
@@ -148,18 +178,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="encounter rows per run")
     ap.add_argument("--out", type=Path, default=HERE/"results/pipeline.json")
+    ap.add_argument("--cold-only", action="store_true", help="skip the second pass through a warm runner (healthml repro)")
     ap.add_argument("--keep", type=Path, help="keep each run's project under this folder (for profiling a stage)")
     a = ap.parse_args()
     results = {}
     for rows in a.rows:
         print(f"pipeline on {rows:,} synthetic rows", flush=True)
-        results[str(rows)] = run_size(rows, a.keep)
+        results[str(rows)] = run_size(rows, a.keep, warm=not a.cold_only)
     largest = results[str(max(a.rows))]
     result = {"benchmark": "the whole healthml pipeline (the 13 stages of dvc.yaml, one `healthml` process each, as dvc repro runs them) "
                            "on the synthetic EHR example (examples/synthetic-ehr/params.yaml)",
               "sizes": results, "growth_log_log_slope": growth(results) if len(results) > 1 else {},
               "target": {"rows": 1_000_000, "seconds_total": TARGET_SECONDS},
               "met": bool(1_000_000 in a.rows and results["1000000"]["seconds_total"] <= TARGET_SECONDS),
+              "met_warm": bool(1_000_000 in a.rows and "warm" in results["1000000"] and results["1000000"]["warm"]["seconds_total"] <= TARGET_SECONDS),
+              "met_warm_x_anchor": bool(1_000_000 in a.rows and "warm" in results["1000000"]
+                                        and results["1000000"]["warm"]["total_x_anchor"] <= TARGET_SECONDS / TARGET_ANCHOR_SECONDS),
               "met_without_privacy": bool(1_000_000 in a.rows and results["1000000"]["seconds_total_without_privacy"] <= TARGET_SECONDS),
               # the same target in anchors (the issue's 60 s on the machine whose anchor took TARGET_ANCHOR_SECONDS): what
               # this machine's figure compares with when its cores are slower or faster
@@ -172,7 +206,7 @@ def main():
                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(json.dumps({k: result[k] for k in ("largest", "met", "met_without_privacy", "target_x_anchor", "met_x_anchor", "growth_log_log_slope")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("largest", "met", "met_warm", "met_warm_x_anchor", "met_without_privacy", "target_x_anchor", "met_x_anchor", "growth_log_log_slope")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -90,14 +90,14 @@ def shared_dir(tmp_path_factory) -> Path:
 
 
 def build_pipeline_project(shared: Path) -> Path:
-    """A copy of the project on which `dvc repro` has run once and whose run was then registered (`healthml model
+    """A copy of the project on which `healthml repro` (`dvc repro`, stages served warm) has run once and whose run was then registered (`healthml model
     register`, the explicit step CI on main takes), with their output, in `shared`. Built once per test run (xdist
     workers and the prebuild share it through a file lock)."""
     root, record = shared/"pipeline-project", shared/"pipeline-project.json"
     with FileLock(str(shared/"pipeline-project.lock")):
         if not record.exists():
             root.mkdir()
-            r = run(["dvc", "repro"], copy_project(root))
+            r = run(["healthml", "repro"], copy_project(root))
             reg = run(["healthml", "model", "register"], root)
             record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode,
                                           "register_stderr": reg.stderr}))
@@ -160,7 +160,7 @@ def build_three_versions(shared: Path) -> Path:
             clone_project(shared/"pipeline-project", root)             # v1 was registered after the first run
             # 100 bootstrap replicates (not 500): these versions exist for the registry; their statistics are tested elsewhere
             set_params(root, **{"models.lightgbm.n_estimators": 120, "evaluate.n_bootstrap": 100})
-            v2 = run(["dvc", "repro"], root)
+            v2 = run(["healthml", "repro"], root)
             run(["healthml", "model", "register"], root)                # v2
             snapshot = shared/"v2-outputs"
             snapshot.mkdir()
@@ -171,7 +171,7 @@ def build_three_versions(shared: Path) -> Path:
             gate = yaml.safe_load((root/"params.yaml").read_text())["gate"]
             gate["rules"][0]["min"] = 0.95                              # a plan no model here can meet
             set_params(root, gate=gate)
-            v3 = run(["dvc", "repro"], root, check=False)
+            v3 = run(["healthml", "repro"], root, check=False)
             assert v3.returncode != 0 and "gate FAILED" in v3.stderr    # the pipeline stops at the gate...
             run(["healthml", "model", "register"], root)                # ...and a person registers it anyway: v3, gate FAIL
             record.write_text(json.dumps({"v2_stdout": v2.stdout}))

@@ -58,7 +58,7 @@ def build_synthetic_project(shared: Path) -> Path:
             (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             df.to_csv(root/"data/raw/synthetic_ehr.csv", index=False, quoting=csv.QUOTE_MINIMAL)
             df.to_parquet(shared/"synthetic-planted.parquet")
-            r = run(["dvc", "repro"], root, timeout=1500)
+            r = run(["healthml", "repro"], root, timeout=1500)
             record.write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr, "returncode": r.returncode}))
     return record
 

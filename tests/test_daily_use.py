@@ -127,7 +127,7 @@ def test_summary_names_what_is_missing_or_failed_and_never_fails_the_run(tmp_pat
 def test_make_run_ends_with_the_summary_even_when_the_gate_fails():
     recipe = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "healthml summary" in recipe and "dvc metrics show" not in recipe, recipe
-    assert re.search(r"^dvc repro\b.*\|\| status=\$\?; healthml summary; exit \$\{status:-0\}$", recipe, re.M), recipe
+    assert re.search(r"^healthml repro\b.*\|\| status=\$\?; healthml summary; exit \$\{status:-0\}$", recipe, re.M), recipe
 
 
 def mlflow_info_lines(verbose: bool, tmp_path) -> list[str]:

@@ -49,7 +49,7 @@ def test_an_experiment_trains_and_reports_but_never_touches_the_registry(project
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "pipeline run"], root)                 # a team's main branch after `dvc repro`
     before = governance_state(root)
-    exp = run(["dvc", "exp", "run", "-n", "leaves31", "-S", "models.lightgbm.num_leaves=31",
+    exp = run(["healthml", "warm", "dvc", "exp", "run", "-n", "leaves31", "-S", "models.lightgbm.num_leaves=31",
                "-S", "evaluate.n_bootstrap=100"], root)                  # (fewer replicates: the loop is under test here)
     stages = [s for s in ("train", "evaluate", "privacy", "export", "footprint", "report", "phi_scan", "gate") if f"Running stage '{s}'" in exp.stdout]
     assert stages == ["train", "evaluate", "privacy", "export", "footprint", "report", "phi_scan", "gate"], exp.stdout[-2000:]

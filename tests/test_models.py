@@ -22,7 +22,7 @@ def test_three_models_with_logistic_as_candidate_flow_through_every_stage(pipeli
     params["evaluate"]["n_bootstrap"] = 50                                        # fast: the statistics are tested elsewhere
     (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    r = run(["dvc", "repro"], root, check=False)               # every stage; the gate may fail
+    r = run(["healthml", "repro"], root, check=False)               # every stage; the gate may fail
     gate = json.loads((root/"metrics/gate.json").read_text())
     assert r.returncode == (0 if gate["passed"] else 1), r.stderr[-3000:]
     assert "Traceback" not in r.stderr

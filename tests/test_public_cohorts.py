@@ -98,7 +98,7 @@ def cohort_runs(tmp_path_factory):
         if name not in done:
             root = copy_project(tmp_path_factory.mktemp(name)/"project")
             configure(root, name)
-            done[name] = root, run(["dvc", "repro"], root, check=False, timeout=900)
+            done[name] = root, run(["healthml", "repro"], root, check=False, timeout=900)
         return done[name]
     return get
 

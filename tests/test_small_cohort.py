@@ -43,7 +43,7 @@ def tiny_project(tmp_path_factory):
     died = (rng.random(n) < 1 / (1 + np.exp(3.2 - 0.03 * (age - 55) - 0.3 * (lab - 5)))).astype(int)
     pd.DataFrame({"age": age, "sex": rng.choice(["female", "male"], n), "lab": lab, "died": died}).to_csv(root/"data/raw/tiny.csv", index=False)
     (root/"params.yaml").write_text(yaml.safe_dump(tiny_params(yaml.safe_load((root/"params.yaml").read_text())), sort_keys=False))
-    return root, run(["dvc", "repro"], root, check=False), int(died.sum())
+    return root, run(["healthml", "repro"], root, check=False), int(died.sum())
 
 
 def test_a_tiny_cohort_without_identifiers_renders_its_report_with_insufficient_in_place_of_numbers(tiny_project):
