@@ -16,9 +16,17 @@ from conftest import project_env, run
 pytest.importorskip("distributed")
 
 
+def _complete_json(path: Path) -> bool:
+    "Whether `path` holds a whole JSON document (the scheduler creates its file before it writes it)."
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError): return False
+
+
 def _wait_for(path: Path, procs: list, logs: Path, seconds: float = 30) -> None:
     end = time.monotonic() + seconds
-    while not path.exists():
+    while not _complete_json(path):
         if any(p.poll() is not None for p in procs):
             raise AssertionError("a Dask process exited early:\n" + "\n".join(f.read_text() for f in logs.glob("*.log")))
         if time.monotonic() > end: raise AssertionError(f"no {path.name} after {seconds} s")
