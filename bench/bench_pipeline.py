@@ -6,10 +6,12 @@ the report's kernel included). The anchor, measured in the same run on the same 
 fit the example's model (150 trees, 7 leaves) on the train split's numeric features with one thread (best of 3, after
 the split stage and again after the last; their mean): every stage is stated as a multiple of it too, so figures from
 different machines, or from one VM whose speed drifts, compare. The growth curve is each stage's time
-against rows and its log-log slope between sizes (1 = linear).
+against rows and its log-log slope between sizes (1 = linear). Then the same 13 stages run again on the same project
+through one warm runner, as `healthml repro` runs them (`warm`: each stage forked from a process that imported the
+libraries once; timed from the runner's start, so its imports count); `--cold-only` skips that pass.
 
 Writes bench/results/pipeline.json. Heavy (about 5 minutes at 1M rows): run it alone, never beside the test suite.
-Run: .venv/bin/python bench/bench_pipeline.py [--rows 10000 100000 1000000] [--keep DIR]
+Run: .venv/bin/python bench/bench_pipeline.py [--rows 10000 100000 1000000] [--keep DIR] [--cold-only]
 """
 import argparse
 import json
