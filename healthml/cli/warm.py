@@ -229,14 +229,23 @@ def _same_user(conn: socket.socket) -> bool:
     return uid == os.getuid()
 
 # %% ../../nbs/60_cli/61_warm.ipynb #75962eb4
+def _forget_healthml() -> None:
+    """Unload the healthml modules the runner imported (all but this one and its packages), so a fork imports them fresh
+    in its own environment; their parent packages forget them too, or `from healthml.cli import common` would return the
+    runner's copy."""
+    for name in [m for m in sys.modules if m.startswith("healthml.") and m not in ("healthml.cli", __name__)]:
+        del sys.modules[name]
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules: vars(sys.modules[parent]).pop(child, None)
+
+
 def serve(where: str, preload: tuple[str, ...] = PRELOAD, control: int = 0) -> None:
     """The warm runner: listen on the Unix socket `where`, import the libraries stages use (answering requests between
     two imports), and fork a supervised stage process per request, until the pipe `control` closes."""
     from healthml.cli.common import telemetry_off
     started = {"fingerprint": fingerprint(), "env": dict(os.environ)}   # what the preloaded libraries saw
     telemetry_off()   # before any library is imported, as a command does it
-    for name in [m for m in sys.modules if m.startswith("healthml.") and m not in ("healthml.cli", __name__)]:
-        del sys.modules[name]   # stages import healthml themselves, fresh, in their own environment
+    _forget_healthml()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(where)
     listener.listen(64)
