@@ -78,7 +78,7 @@ def run_warm(command: list[str]) -> int:
     if not command: raise HealthmlError("no command to run", hint="e.g. healthml warm dvc exp run -S models.lightgbm.num_leaves=31")
     if shutil.which(command[0]) is None:
         raise HealthmlError(f"{command[0]} not found", hint="run `make setup`, then use the project's .venv (it has dvc)")
-    with warm_runner() as env:
+    with warm_runner(reuse=True) as env:
         main = threading.current_thread() is threading.main_thread()
         before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # Ctrl-C reaches the command, which decides
         try: return subprocess.run(command, env=env).returncode

@@ -261,6 +261,7 @@ class PrivacyConfig(StrictModel):
     fpr: list[float] = [0.001, 0.01]  # each attack's true-positive rate is reported at these false-positive rates
     n_bootstrap: int = Field(500, ge=10)  # patient-level bootstrap replicates for every CI
     screen_folds: int = Field(5, ge=2)  # training-data screen: out-of-fold risks from this many folds of the candidate's pipeline
+    screen_rows: int | None = Field(100_000, ge=1_000)  # a large train split is screened with fewer folds (down to 2) while each fold's model still trains on this many rows; null: always screen_folds
     max_patients: int | None = Field(20_000, ge=1_000)  # the attacks are measured on at most this many members and as many non-members (a random sample of patients; null: all)
     levers: Literal["when_failing", "always", "never"] = "when_failing"  # refit the candidate with each mitigation lever: when a gate privacy rule fails (default), always, or never
     seed: int = 42

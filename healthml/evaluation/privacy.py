@@ -24,7 +24,7 @@ from .robustness import Predict
 __all__ = ['ATTACKS', 'LEVERS', 'example_loss', 'scaled_confidence', 'reference_halves', 'reference_attack', 'tpr_at_fpr',
            'attack_metrics', 'model_fitter', 'sample_patients', 'attack_scores', 'membership_inference', 'worst_case',
            'attribute_inference', 'mitigation_costs', 'levers_needed', 'stratified_group_folds', 'out_of_fold_risk',
-           'confident_learning', 'training_data_screen', 'privacy_assessment', 'run_privacy']
+           'confident_learning', 'training_data_screen', 'screen_fold_count', 'privacy_assessment', 'run_privacy']
 
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #9598a97c
 _EPS = 1e-7
@@ -337,6 +337,14 @@ def training_data_screen(train: pd.DataFrame, fit, spec: DatasetSpec, folds: int
                "out_of_fold_auroc": float(roc_auc_score(y, risk))}
     return summary, listed.reset_index(drop=True)
 
+# %% ../../nbs/30_evaluation/38_privacy.ipynb #34c3e66c
+def screen_fold_count(rows: int, most: int = 5, enough: int | None = 100_000) -> int:
+    """Folds of the training-data screen: `most`, or fewer (down to 2) on a large train split while each fold's model
+    still trains on `enough` rows (or on all `most` folds would give it, when that is fewer)."""
+    if enough is None or rows < 1: return most
+    need = min(enough, rows * (most - 1) / most)
+    return int(min(most, max(2, math.ceil(rows / (rows - need) - 1e-9))))
+
 # %% ../../nbs/30_evaluation/38_privacy.ipynb #2dcb56d4
 def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, target: Predict, model: ModelConfig,
                        spec: DatasetSpec, cfg: PrivacyConfig, ecfg: EvaluateConfig, rules=()) -> tuple[dict, pd.DataFrame]:
@@ -347,7 +355,8 @@ def privacy_assessment(train: pd.DataFrame, validation: pd.DataFrame, test: pd.D
     from concurrent.futures import ThreadPoolExecutor
     fit = model_fitter(spec, model)
     with ThreadPoolExecutor(1, thread_name_prefix="healthml-screen") as beside:
-        screen = beside.submit(training_data_screen, train, fit, spec, cfg.screen_folds, cfg.seed)
+        folds = screen_fold_count(len(train), cfg.screen_folds, cfg.screen_rows)
+        screen = beside.submit(training_data_screen, train, fit, spec, folds, cfg.seed)
         summary, out = _attacks(train, validation, test, target, model, fit, spec, cfg, ecfg, rules)
         out["screen"], flagged = screen.result()
     return {"summary": summary, **out}, flagged
