@@ -150,12 +150,12 @@ def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetS
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
 
 def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str,
-              onnx_risk: np.ndarray | None = None):
+              onnx_risk: np.ndarray | None = None, library=None):   # `library`: a Future of `compile_trees(pipe)`, when started earlier
     """The compiled trees (`library`) and the ONNX bytes that vouch for them (`onnx`, from `onnx_with(metadata)`), with
     their parity record; (None, why) when they cannot be built here or disagree with the ONNX graph. The check loads them
     as every scorer will: from the final ONNX file's metadata (`trees_encoding` decoded from its JSON)."""
     import tempfile
-    try: lib = compile_trees(pipe)
+    try: lib = compile_trees(pipe) if library is None else library.result()
     except TreesUnavailable as e: return None, {"built": False, "why": str(e)}
     sha = hashlib.sha256(lib).hexdigest()
     data = onnx_with({"trees_file": name, "trees_sha256": sha, "trees_encoding": json.dumps(tree_encoding(pipe), sort_keys=True)})
@@ -180,9 +180,18 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
     data_sha = sha256_file(layout.split_file("train"))
     support = training_support(train, spec)
     evaluation = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
-    result = {}
+    from concurrent.futures import ThreadPoolExecutor
+    result, pipes = {}, {name: load_trained(layout, name) for name in params.models}
+    # LLVM compiles the tree models' trees (seconds each, the GIL released) while the loop converts and checks them
+    compiling = ThreadPoolExecutor(usable_cores(), thread_name_prefix="healthml-compile")
+    libraries = {name: compiling.submit(compile_trees, pipe) for name, pipe in pipes.items()}
+    try: return _export_each(params, layout, version, test, train, spec, data_sha, support, evaluation, pipes, libraries, result)
+    finally: compiling.shutdown(wait=True, cancel_futures=True)
+
+def _export_each(params, layout, version, test, train, spec, data_sha, support, evaluation, pipes, libraries, result) -> dict:
+    "`export_models`' loop: each model converted, checked and written in turn (its trees compiled beside, in `libraries`)."
     for name, cfg in params.models.items():
-        pipe = load_trained(layout, name)
+        pipe = pipes[name]
         meta = {"model_name": f"{params.report.model_name}-{name}", "model_kind": cfg.kind, "healthml_version": version,
                 "dataset": spec.name, "train_data_sha256": data_sha, "outcome": spec.outcome,
                 "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
@@ -202,7 +211,7 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
         check = parity(pipe, scorer, test, spec, onnx_risk)
         trees, check["compiled"] = _compiled(pipe, scorer, test, spec, min(params.export.parity_tolerance, 1e-6),
                                              lambda extra: to_onnx(pipe, spec, meta | extra, params.export.opset, support).SerializeToString(),
-                                             trees_path(layout, name).name, onnx_risk)
+                                             trees_path(layout, name).name, onnx_risk, libraries[name])
         if trees is not None: data = trees["onnx"]   # the ONNX metadata vouches for the compiled file, as for the explainer
         check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
         result[name] = check
