@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['HealthmlError', 'ConfigError']
+__all__ = ['HealthmlError', 'ConfigError', 'yaml_problem']
 
 # %% ../../nbs/00_core/01_errors.ipynb #5dce7ba4
 class HealthmlError(Exception):
@@ -15,3 +15,10 @@ class HealthmlError(Exception):
 
 class ConfigError(HealthmlError):
     "`params.yaml` is missing, unreadable or has a bad key."
+
+# %% ../../nbs/00_core/01_errors.ipynb #29dec724
+def yaml_problem(error: Exception) -> str:
+    "A YAML parser's error (ruamel.yaml or PyYAML) in one line: `line L, column C: <problem>`."
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem or error).split())

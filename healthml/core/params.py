@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, yaml_problem
 from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 
 # %% auto #0
@@ -520,7 +520,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path} not found", hint="run from the project root or pass --params")
     try: raw = read_yaml(path.read_text())
     except YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}", hint="check indentation and quoting") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}", hint="check indentation and quoting") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections (dataset, split, models, ...)")
     return parse_params(raw)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.errors import HealthmlError
+from ..core.errors import HealthmlError, yaml_problem
 from ..core.pages import render_page, trusted_html
 
 # %% auto #0
@@ -28,7 +28,7 @@ def load_review(path: str | Path) -> dict:
     if path.exists():
         try: raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise HealthmlError(f"{path} is not valid YAML: {e}", hint="fix the review file's indentation or quoting") from None
+            raise HealthmlError(f"{path} is not valid YAML: {yaml_problem(e)}", hint="fix the review file's indentation or quoting") from None
     out = {k: str(raw.get(k) or "").strip() or NOT_PROVIDED for k in REVIEW_ITEMS}
     sign = raw.get("sign_off") or {}
     out["sign_off"] = {k: str(sign.get(k) or "").strip() or NOT_PROVIDED for k in ("name", "role", "date")}
