@@ -298,7 +298,7 @@ def _warm_kernel(folder: Path) -> dict:
 def warm_runner(preload: tuple[str, ...] = PRELOAD, reuse: bool = False):
     """A warm runner for the commands run inside the block: yields the environment that sends `healthml` commands to it.
     With `reuse`, a runner that already serves this process's environment (its socket is up) serves the block: a
-    `healthml repro` that was itself forked from a runner (under the test suite's) starts no second one."""
+    `healthml repro` that was itself forked from a runner (run by `healthml warm`, say) starts no second one."""
     if reuse and (where := os.environ.get(WARM_ENV)) and os.path.exists(where):
         yield dict(os.environ)
         return
