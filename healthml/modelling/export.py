@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from contextlib import contextmanager
 import json
 from pathlib import Path
 
@@ -149,13 +150,13 @@ def parity(native_pipeline, scorer: OnnxScorer, df: pd.DataFrame, spec: DatasetS
     diff = np.abs(onnx_risk - native_pipeline.predict_proba(model_frame(df, spec))[:, 1])
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "rows": int(len(df))}
 
-def _compiled(pipe, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str,
-              onnx_risk: np.ndarray | None = None, library=None):   # `library`: a Future of `compile_trees(pipe)`, when started earlier
+def _compiled(pipe, library, scorer: OnnxScorer, test: pd.DataFrame, spec: DatasetSpec, tolerance: float, onnx_with, name: str,
+              onnx_risk: np.ndarray | None = None):   # `library`: the Future of `compile_trees(pipe)` (`_compiling`)
     """The compiled trees (`library`) and the ONNX bytes that vouch for them (`onnx`, from `onnx_with(metadata)`), with
     their parity record; (None, why) when they cannot be built here or disagree with the ONNX graph. The check loads them
     as every scorer will: from the final ONNX file's metadata (`trees_encoding` decoded from its JSON)."""
     import tempfile
-    try: lib = compile_trees(pipe) if library is None else library.result()
+    try: lib = library.result()
     except TreesUnavailable as e: return None, {"built": False, "why": str(e)}
     sha = hashlib.sha256(lib).hexdigest()
     data = onnx_with({"trees_file": name, "trees_sha256": sha, "trees_encoding": json.dumps(tree_encoding(pipe), sort_keys=True)})
@@ -173,6 +174,15 @@ def explainer_path(layout: Layout, model: str) -> Path:
     "The explainer of model `model`, next to its ONNX graph: `models/onnx/<model>.explain.json`."
     return layout.model_file(model, "onnx").with_suffix(".explain.json")
 
+@contextmanager
+def _compiling(pipes: dict):
+    """Each model's `compile_trees` started on threads, as {name: Future}: LLVM compiles (seconds a model, the GIL released)
+    while the caller converts and checks the models; what has not started when the block ends is cancelled."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(usable_cores(), thread_name_prefix="healthml-compile")
+    try: yield {name: pool.submit(compile_trees, pipe) for name, pipe in pipes.items()}
+    finally: pool.shutdown(wait=True, cancel_futures=True)
+
 def export_models(params: Params, layout: Layout, version: str) -> dict:
     "Convert every model's trained pipeline to ONNX with its explainer, check both on the test split, then write them."
     test, train = read_parquet(layout.split_file("test")), read_parquet(layout.split_file("train"))
@@ -180,65 +190,57 @@ def export_models(params: Params, layout: Layout, version: str) -> dict:
     data_sha = sha256_file(layout.split_file("train"))
     support = training_support(train, spec)
     evaluation = json.loads(layout.evaluation.read_text()) if layout.evaluation.exists() else {}
-    from concurrent.futures import ThreadPoolExecutor
     result, pipes = {}, {name: load_trained(layout, name) for name in params.models}
-    # LLVM compiles the tree models' trees (seconds each, the GIL released) while the loop converts and checks them
-    compiling = ThreadPoolExecutor(usable_cores(), thread_name_prefix="healthml-compile")
-    libraries = {name: compiling.submit(compile_trees, pipe) for name, pipe in pipes.items()}
-    try: return _export_each(params, layout, version, test, train, spec, data_sha, support, evaluation, pipes, libraries, result)
-    finally: compiling.shutdown(wait=True, cancel_futures=True)
-
-def _export_each(params, layout, version, test, train, spec, data_sha, support, evaluation, pipes, libraries, result) -> dict:
-    "`export_models`' loop: each model converted, checked and written in turn (its trees compiled beside, in `libraries`)."
-    for name, cfg in params.models.items():
-        pipe = pipes[name]
-        meta = {"model_name": f"{params.report.model_name}-{name}", "model_kind": cfg.kind, "healthml_version": version,
-                "dataset": spec.name, "train_data_sha256": data_sha, "outcome": spec.outcome,
-                "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
-                "threshold_rule": (f"sensitivity {params.evaluate.target_sensitivity:g} on the validation split"
-                                   if params.evaluate.target_sensitivity else f"risk {params.evaluate.risk_threshold}")}
-        if "event_from" in evaluation.get(name, {}):   # the outcome sets evaluate fitted on the validation split
-            meta["outcome_sets"] = json.dumps({"coverage": evaluation[name]["nominal_coverage"], **{
-                k: evaluation[name][k] for k in ("event_from", "no_event_until")}})
-        explainer = build_explainer(pipe, model_frame(train, spec), meta["model_name"],
-                                    {n: f.description for n, f in spec.features.items()})
-        explainer_data = explainer_bytes(explainer)
-        meta |= {"explainer_file": explainer_path(layout, name).name,
-                 "explainer_sha256": hashlib.sha256(explainer_data).hexdigest()}
-        data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
-        scorer = OnnxScorer(data)
-        onnx_risk = scorer.predict_proba(test)   # scored once: every check of this graph compares with these risks
-        check = parity(pipe, scorer, test, spec, onnx_risk)
-        trees, check["compiled"] = _compiled(pipe, scorer, test, spec, min(params.export.parity_tolerance, 1e-6),
-                                             lambda extra: to_onnx(pipe, spec, meta | extra, params.export.opset, support).SerializeToString(),
-                                             trees_path(layout, name).name, onnx_risk, libraries[name])
-        if trees is not None: data = trees["onnx"]   # the ONNX metadata vouches for the compiled file, as for the explainer
-        check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
-        result[name] = check
-        if check["passed"]:
-            rows = row_sample(len(test), params.export.explainer_rows, params.evaluate.seed)   # TreeSHAP costs ~100 predictions
-            frame, ex = model_frame(test.iloc[rows], spec), Explainer(explainer, threads=usable_cores())
-            contributions = ex.contributions(frame)   # TreeSHAP once, on every core (each row's values are the same)
-            reasons = explainer_parity(ex, native_log_odds(pipe, frame), onnx_risk[rows], frame,
-                                       params.export.parity_tolerance, contributions=contributions)
-            if not isinstance(rows, slice): reasons["sample"] = f"{len(frame):,} of the {len(test):,} test rows at random (export.explainer_rows)"
-            check["explainer"] = {"file": meta["explainer_file"], "sha256": meta["explainer_sha256"], "kind": ex.kind, "units": "log-odds",
-                                  **reasons, "global_importance": global_importance(ex, frame, contributions)}
-            if not reasons["passed"]:
+    with _compiling(pipes) as libraries:
+        for name, cfg in params.models.items():
+            pipe = pipes[name]
+            meta = {"model_name": f"{params.report.model_name}-{name}", "model_kind": cfg.kind, "healthml_version": version,
+                    "dataset": spec.name, "train_data_sha256": data_sha, "outcome": spec.outcome,
+                    "decision_threshold": evaluation.get(name, {}).get("threshold", 0.5),
+                    "threshold_rule": (f"sensitivity {params.evaluate.target_sensitivity:g} on the validation split"
+                                       if params.evaluate.target_sensitivity else f"risk {params.evaluate.risk_threshold}")}
+            if "event_from" in evaluation.get(name, {}):   # the outcome sets evaluate fitted on the validation split
+                meta["outcome_sets"] = json.dumps({"coverage": evaluation[name]["nominal_coverage"], **{
+                    k: evaluation[name][k] for k in ("event_from", "no_event_until")}})
+            explainer = build_explainer(pipe, model_frame(train, spec), meta["model_name"],
+                                        {n: f.description for n, f in spec.features.items()})
+            explainer_data = explainer_bytes(explainer)
+            meta |= {"explainer_file": explainer_path(layout, name).name,
+                     "explainer_sha256": hashlib.sha256(explainer_data).hexdigest()}
+            data = to_onnx(pipe, spec, meta, params.export.opset, support).SerializeToString()
+            scorer = OnnxScorer(data)
+            onnx_risk = scorer.predict_proba(test)   # scored once: every check of this graph compares with these risks
+            check = parity(pipe, scorer, test, spec, onnx_risk)
+            trees, check["compiled"] = _compiled(pipe, libraries[name], scorer, test, spec, min(params.export.parity_tolerance, 1e-6),
+                                                 lambda extra: to_onnx(pipe, spec, meta | extra, params.export.opset, support).SerializeToString(),
+                                                 trees_path(layout, name).name, onnx_risk)
+            if trees is not None: data = trees["onnx"]   # the ONNX metadata vouches for the compiled file, as for the explainer
+            check["passed"] = check["max_abs_diff"] <= params.export.parity_tolerance
+            result[name] = check
+            if check["passed"]:
+                rows = row_sample(len(test), params.export.explainer_rows, params.evaluate.seed)   # TreeSHAP costs ~100 predictions
+                frame, ex = model_frame(test.iloc[rows], spec), Explainer(explainer, threads=usable_cores())
+                contributions = ex.contributions(frame)   # TreeSHAP once, on every core (each row's values are the same)
+                reasons = explainer_parity(ex, native_log_odds(pipe, frame), onnx_risk[rows], frame,
+                                           params.export.parity_tolerance, contributions=contributions)
+                if not isinstance(rows, slice): reasons["sample"] = f"{len(frame):,} of the {len(test):,} test rows at random (export.explainer_rows)"
+                check["explainer"] = {"file": meta["explainer_file"], "sha256": meta["explainer_sha256"], "kind": ex.kind, "units": "log-odds",
+                                      **reasons, "global_importance": global_importance(ex, frame, contributions)}
+                if not reasons["passed"]:
+                    write_json(layout.export_metrics, result)
+                    raise ParityError(f"{name}: the explainer's log-odds differ from the model's by up to "
+                                      f"{reasons['max_abs_diff_native_log_odds']:.2e} (native) / "
+                                      f"{reasons['max_abs_diff_onnx_risk']:.2e} (ONNX risk) on {reasons['rows']} test rows",
+                                      hint="neither the ONNX file nor the explainer was written; a disagreeing explainer is refused")
+            if not check["passed"]:
                 write_json(layout.export_metrics, result)
-                raise ParityError(f"{name}: the explainer's log-odds differ from the model's by up to "
-                                  f"{reasons['max_abs_diff_native_log_odds']:.2e} (native) / "
-                                  f"{reasons['max_abs_diff_onnx_risk']:.2e} (ONNX risk) on {reasons['rows']} test rows",
-                                  hint="neither the ONNX file nor the explainer was written; a disagreeing explainer is refused")
-        if not check["passed"]:
-            write_json(layout.export_metrics, result)
-            raise ParityError(f"{name}: ONNX and native risks differ by up to {check['max_abs_diff']:.2e} "
-                              f"(tolerance {params.export.parity_tolerance:g}) on {check['rows']} test rows",
-                              hint="the ONNX file was not written; check categorical encoding and the converter version")
-        atomic_write(layout.model_file(name, "onnx"), data)
-        atomic_write(explainer_path(layout, name), explainer_data)
-        if trees is not None: atomic_write(trees_path(layout, name), trees["library"])
-        else: trees_path(layout, name).unlink(missing_ok=True)   # never a stale file the new ONNX does not vouch for
-        result[name]["sha256"] = sha256_file(layout.model_file(name, "onnx"))
+                raise ParityError(f"{name}: ONNX and native risks differ by up to {check['max_abs_diff']:.2e} "
+                                  f"(tolerance {params.export.parity_tolerance:g}) on {check['rows']} test rows",
+                                  hint="the ONNX file was not written; check categorical encoding and the converter version")
+            atomic_write(layout.model_file(name, "onnx"), data)
+            atomic_write(explainer_path(layout, name), explainer_data)
+            if trees is not None: atomic_write(trees_path(layout, name), trees["library"])
+            else: trees_path(layout, name).unlink(missing_ok=True)   # never a stale file the new ONNX does not vouch for
+            result[name]["sha256"] = sha256_file(layout.model_file(name, "onnx"))
     write_json(layout.export_metrics, result)
     return result
