@@ -296,12 +296,25 @@ PHI_PATTERNS = {  # a value glued to other text by - _ . still matches; digits a
     "ssn": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",
     "phone": r"(?<!\d)(?<!\d[.-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?!\d)(?![.-]\d)",
     "email": r"[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9])",   # a TLD ends the address: never `pkg@2.9.0.post0`
-    "mrn": r"(?i)(?<![a-z])(?:MRN|medical record (?:number|no))[\s:#_.-]*\d[\dA-Z]{4,}(?![a-z0-9])",
+    "mrn": r"(?i)(?<![a-z])(?:MRN|medical record (?:number|no))[\s:#_.-]{0,64}\d[\dA-Z]{4,}(?![a-z0-9])",
 }
 DATE_PATTERN = r"\b(?:19|20)\d\d-[01]\d-[0-3]\d\b|\b[01]?\d/[0-3]?\d/(?:19|20)\d\d\b"
 _WORD = re.compile(r"[^\W_]+")                    # a token: letters and digits; `-`, `_`, `.`, `@` ... separate tokens
 _GLUE = re.compile(r"[ \t\-_.,/'@:+]{1,3}")       # what may join the tokens of one value in text (never a line break)
 _DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=\s]+")
+_BLANK_RUN = re.compile(r"[ \n]{256,}")          # a blanked script, style or image: no pattern reaches across one
+
+def _blanked(text: str) -> str:
+    "`text` with every character but line breaks turned into a space (same length and lines)."
+    return "\n".join(" " * len(line) for line in text.split("\n"))
+
+def _segments(text: str):
+    "(offset, part) of `text` between runs of 256+ blanks, which no pattern can match across (each allows at most 64)."
+    start = 0
+    for gap in _BLANK_RUN.finditer(text):
+        if gap.start() > start: yield start, text[start:gap.start()]
+        start = gap.end()
+    if start < len(text): yield start, text[start:]
 _STYLE = re.compile(r"(<style[^>]*>)(.*?)(</style>)", re.S | re.I)
 
 def _tokens(text: str) -> list[str]:
@@ -404,7 +417,7 @@ class PhiScanner:
     def scan_text(self, text: str, tabular: bool = False) -> list[tuple[int, str]]:
         "Offsets and kinds of suspected identifiers in `text` (dates by pattern only when `tabular`)."
         text = _DATA_URI.sub(lambda m: " " * len(m.group()), text)
-        hits = [(m.start(), kind) for kind, p in self.patterns.items() for m in p.finditer(text)]
+        hits = [(at + m.start(), kind) for at, part in _segments(text) for kind, p in self.patterns.items() for m in p.finditer(part)]
         if tabular: hits += [(m.start(), "date") for m in self.date.finditer(text)]
         if self.values:
             words = list(_WORD.finditer(text.lower()))
@@ -494,20 +507,20 @@ def without_vendored_scripts(page: str) -> str:
     def blank(m):
         body = m.group(2)
         if hashlib.sha256(body.encode()).hexdigest() not in known: return m.group(0)
-        return m.group(1) + re.sub(r"[^\n]", " ", body) + m.group(3)
+        return m.group(1) + _blanked(body) + m.group(3)
     return _SCRIPT.sub(blank, page) if known else page
 
 # %% ../../nbs/10_data/13_phi.ipynb #d29fea0d
 def without_static_styles(page: str) -> str:
     "The page with each `<style>` body blanked (same length and lines, so hit positions hold): CSS is never data."
-    return _STYLE.sub(lambda m: m.group(1) + re.sub(r"[^\n]", " ", m.group(2)) + m.group(3), page)
+    return _STYLE.sub(lambda m: m.group(1) + _blanked(m.group(2)) + m.group(3), page)
 
 _EMBEDDED_IMAGE = re.compile(r'(data:image/[a-z+.-]+;base64,|"image/(?:png|jpeg|gif)":\s*")([A-Za-z0-9+/=\s]*(?:\\n[A-Za-z0-9+/=]*)*)')
 
 def without_embedded_images(text: str) -> str:
     """The text with each base64 image payload blanked (HTML `data:` URIs, notebook `image/png` outputs): pixels are
     not text a pattern can judge (image files are skipped the same way), and random base64 can spell `MRN123ab`."""
-    return _EMBEDDED_IMAGE.sub(lambda m: m.group(1) + re.sub(r"[^\n]", " ", m.group(2)), text)
+    return _EMBEDDED_IMAGE.sub(lambda m: m.group(1) + _blanked(m.group(2)), text)
 
 # %% ../../nbs/10_data/13_phi.ipynb #cbdebbe0
 def scan_file(scanner: PhiScanner, path: Path, name: str | None = None) -> tuple[list[PhiHit], bool]:
