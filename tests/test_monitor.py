@@ -238,7 +238,7 @@ def test_the_retrain_command_the_monitor_prints_runs_as_printed(project_clone, t
     prepared = run(shlex.split(command), root)                         # step 1, exactly as printed
     experiment = prepared.stdout.strip()
     record = json.loads(next((root/"data/raw/retrain").glob("*.json")).read_text())
-    assert experiment == record["command"] and experiment.startswith("dvc exp run -n retrain-ward_2027_01-")
+    assert experiment == record["command"] and experiment.startswith("healthml warm dvc exp run -n retrain-ward_2027_01-")
     assert f"-S dataset.file={record['file']} -S dataset.provenance.sha256={record['sha256']}" in experiment
     assert record["rows"]["development"] == 9105 and 780 <= record["rows"]["added"] <= 800   # top-coded ages repeat a few rows
     assert not run(["git", "status", "--porcelain", "data/raw/retrain"], root).stdout  # patient data: git-ignored
