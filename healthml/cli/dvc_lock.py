@@ -6,10 +6,12 @@ re-emitted only when it changed, and the file replaced atomically. `healthml rep
 # %% ../../nbs/60_cli/66_dvc_lock.ipynb #03ff6f0b
 from __future__ import annotations
 
+import copy
 import io
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..core.io import atomic_write
 
@@ -48,16 +50,21 @@ def faster_lock_file() -> bool:
         original, load, parse, dump = dvcfile.modify_yaml, _common._load_data, _yaml.parse_yaml, _yaml._dump
     except (ImportError, AttributeError): return False
     if getattr(original, "healthml", False): return True
-    text_of = stage_dumper(dump)
+    text_of, written = stage_dumper(dump), {}   # written: path -> (the text this process last wrote there, its data)
 
     @contextmanager
     def modify_yaml(path, fs=None):
         if os.path.basename(os.fspath(path)) != LOCK_FILE or (fs is not None and getattr(fs, "protocol", None) != "local"):
             with original(path, fs=fs) as data: yield data
             return
-        data = load(path, parser=parse) if os.path.exists(path) else {}
+        key = os.path.abspath(os.fspath(path))
+        text = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else None
+        last = written.get(key)
+        data = ({} if text is None else copy.deepcopy(last[1]) if last and last[0] == text else load(path, parser=parse))
         yield data
-        atomic_write(path, text_of(data))
+        text = text_of(data)
+        atomic_write(path, text)
+        written[key] = (text, copy.deepcopy(data))
 
     modify_yaml.healthml = True
     dvcfile.modify_yaml = modify_yaml
