@@ -11,7 +11,6 @@ import io
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 from ..core.io import atomic_write
 
@@ -47,7 +46,7 @@ def faster_lock_file() -> bool:
     try:
         import dvc.dvcfile as dvcfile
         from dvc.utils.serialize import _common, _yaml
-        original, load, parse, dump = dvcfile.modify_yaml, _common._load_data, _yaml.parse_yaml, _yaml._dump
+        original, read, parse, dump = dvcfile.modify_yaml, _common._load_data, _yaml.parse_yaml, _yaml._dump
     except (ImportError, AttributeError): return False
     if getattr(original, "healthml", False): return True
     text_of, written = stage_dumper(dump), {}   # written: path -> (the text this process last wrote there, its data)
@@ -58,9 +57,9 @@ def faster_lock_file() -> bool:
             with original(path, fs=fs) as data: yield data
             return
         key = os.path.abspath(os.fspath(path))
-        text = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else None
+        text = read(path, parser=lambda text, _: text) if os.path.exists(path) else None   # DVC's reader (its encoding error), once
         last = written.get(key)
-        data = ({} if text is None else copy.deepcopy(last[1]) if last and last[0] == text else load(path, parser=parse))
+        data = ({} if text is None else copy.deepcopy(last[1]) if last and last[0] == text else parse(text, path))
         yield data
         text = text_of(data)
         atomic_write(path, text)

@@ -296,20 +296,21 @@ PHI_PATTERNS = {  # a value glued to other text by - _ . still matches; digits a
     "ssn": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",
     "phone": r"(?<!\d)(?<!\d[.-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?!\d)(?![.-]\d)",
     "email": r"[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9])",   # a TLD ends the address: never `pkg@2.9.0.post0`
-    "mrn": r"(?i)(?<![a-z])(?:MRN|medical record (?:number|no))[\s:#_.-]{0,64}\d[\dA-Z]{4,}(?![a-z0-9])",
+    "mrn": r"(?i)(?<![a-z])(?:MRN|medical record (?:number|no))[\s:#_.-]*\d[\dA-Z]{4,}(?![a-z0-9])",
 }
 DATE_PATTERN = r"\b(?:19|20)\d\d-[01]\d-[0-3]\d\b|\b[01]?\d/[0-3]?\d/(?:19|20)\d\d\b"
 _WORD = re.compile(r"[^\W_]+")                    # a token: letters and digits; `-`, `_`, `.`, `@` ... separate tokens
 _GLUE = re.compile(r"[ \t\-_.,/'@:+]{1,3}")       # what may join the tokens of one value in text (never a line break)
 _DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=\s]+")
-_BLANK_RUN = re.compile(r"[ \n]{256,}")          # a blanked script, style or image: no pattern reaches across one
+_BLANK_RUN = re.compile(r"[ \n]{256,}")          # a blanked script, style or image: only the MRN label's pattern reaches across one
+_SPANS_BLANKS = {"mrn"}                          # its separator is unbounded: it is searched in the whole text
 
 def _blanked(text: str) -> str:
     "`text` with every character but line breaks turned into a space (same length and lines)."
     return "\n".join(" " * len(line) for line in text.split("\n"))
 
 def _segments(text: str):
-    "(offset, part) of `text` between runs of 256+ blanks, which no pattern can match across (each allows at most 64)."
+    "(offset, part) of `text` between runs of 256+ blanks, which no pattern but those of `_SPANS_BLANKS` can match across."
     start = 0
     for gap in _BLANK_RUN.finditer(text):
         if gap.start() > start: yield start, text[start:gap.start()]
@@ -417,7 +418,9 @@ class PhiScanner:
     def scan_text(self, text: str, tabular: bool = False) -> list[tuple[int, str]]:
         "Offsets and kinds of suspected identifiers in `text` (dates by pattern only when `tabular`)."
         text = _DATA_URI.sub(lambda m: " " * len(m.group()), text)
-        hits = [(at + m.start(), kind) for at, part in _segments(text) for kind, p in self.patterns.items() for m in p.finditer(part)]
+        parts = list(_segments(text))
+        hits = [(at + m.start(), kind) for kind, p in self.patterns.items()
+                for at, part in ([(0, text)] if kind in _SPANS_BLANKS else parts) for m in p.finditer(part)]
         if tabular: hits += [(m.start(), "date") for m in self.date.finditer(text)]
         if self.values:
             words = list(_WORD.finditer(text.lower()))
