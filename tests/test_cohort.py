@@ -216,6 +216,16 @@ def test_leakage_audit_flags_avtisst_when_it_is_put_back_into_support2(tmp_path)
     assert "leakage audit: `avtisst` alone has AUROC" in r.stderr
     audit = json.loads((root/"metrics/leakage.json").read_text())
     assert audit["suspected_leakage"] == ["avtisst"] and audit["single_feature_auroc"]["avtisst"] > 0.8
+    # the plan's leakage rule blocks promotion on this audit, and passes it only once review accepts avtisst with a reason
+    from healthml.core.params import load_params
+    from healthml.governance.gate import evaluate_gate
+    plan = load_params(root/"params.yaml").gate
+    gate = plan.model_copy(update={"rules": [r for r in plan.rules if r.kind == "leakage"]})
+    evidence = {"evaluation": {gate.candidate: {"auroc": 0.9}}, "leakage": audit}
+    rule = evaluate_gate(gate, evidence)["rules"][0]
+    assert rule["status"] == "FAIL" and "`avtisst` alone has train AUROC" in rule["reason"], rule
+    gate = gate.model_copy(update={"rules": [gate.rules[0].model_copy(update={"accepted": {"avtisst": "reviewed"}})]})
+    assert evaluate_gate(gate, evidence)["rules"][0]["status"] == "pass"
 
 
 def test_quarantine_sets_failing_rows_aside_with_reasons_and_goes_on(tmp_path):

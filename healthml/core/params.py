@@ -17,8 +17,8 @@ from .spec import DatasetSpec, SensitiveAttribute, StrictModel
 
 # %% auto #0
 __all__ = ['Rule', 'ModelConfig', 'MODEL_KINDS', 'MODEL_PACKAGES', 'RESERVED_NAMES', 'within', 'ThresholdRule', 'SubgroupRule',
-           'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'PrivacyRule', 'GateConfig',
-           'LightGBMConfig', 'LogisticConfig', 'CompactConfig', 'Models', 'default_models', 'SplitConfig',
+           'FairnessRule', 'NonInferiorityRule', 'ParityRule', 'DirectionRule', 'PrivacyRule', 'LeakageRule',
+           'GateConfig', 'LightGBMConfig', 'LogisticConfig', 'CompactConfig', 'Models', 'default_models', 'SplitConfig',
            'ValidateConfig', 'DeidentifyConfig', 'DatasetCardConfig', 'RobustnessConfig', 'EvaluateConfig',
            'PrivacyConfig', 'ExportConfig', 'project_root', 'TrackingConfig', 'ReportConfig', 'MonitorConfig',
            'column_problems', 'FeatureStoreConfig', 'ComputeConfig', 'Params', 'parse_params', 'read_yaml',
@@ -88,7 +88,16 @@ class PrivacyRule(_Rule):
         "Whether `metrics/privacy.json`'s summary meets the rule (the gate's verdict and the privacy stage's levers both ask this)."
         return within(summary.get(self.metric), self.min, self.max)
 
-Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule, PrivacyRule],
+class LeakageRule(_Rule):
+    """The split's leakage audit (`metrics/leakage.json`) finds no leak: no patient in two splits, no index time after its
+    split's start, no feature value recorded after the index time, no evaluation split copying training rows (beyond
+    `max_copied_share`), and no feature that alone nearly predicts the outcome, unless it is `accepted` with the reason."""
+    kind: Literal["leakage"]
+    accepted: dict[str, str] = {}  # feature -> why its strong single-feature AUROC is not leakage (a reviewed decision)
+    max_copied_share: float = Field(0.01, ge=0, le=1)  # share of a validation/test split's rows that may copy a training row
+
+Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule, PrivacyRule,
+                       LeakageRule],
                  Field(discriminator="kind")]
 
 class GateConfig(StrictModel):
@@ -381,6 +390,9 @@ def column_problems(p) -> list[str]:
             for a in (value if isinstance(value, (list, tuple, dict, set)) else [value]):
                 if a not in crossed: out.append(f"gate.rules.{i}.{field}: '{a}' is not a sensitive attribute, slice or intersection "
                                                 f"({', '.join(sorted(crossed)) or 'none declared'})")
+        for f in getattr(rule, "accepted", {}):
+            if f not in spec.features: out.append(f"gate.rules.{i}.accepted: '{f}' is not a feature of the dataset spec; remove it "
+                                                  "(an accepted feature must be one the model uses)")
     return out
 
 # %% ../../nbs/00_core/04_params.ipynb #282b6ca9

@@ -48,6 +48,9 @@ def gate_plan(model_name: str, has_subgroups: bool) -> dict:
         {"name": "non_inferior_to_champion", "kind": "non_inferiority", "against": "champion", "metric": "auroc", "margin": 0.01,
          "why": "a replacement is not worse than the model in service"},
         {"name": "onnx_parity", "kind": "parity", "max": 1.0e-5, "why": "the deployed ONNX graph gives the validated risks"},
+        {"name": "no_leakage", "kind": "leakage",
+         "why": "no test patient and nothing known after the prediction time reached training: a feature that alone nearly "
+                "predicts the outcome fails it until it is excluded or, after review, accepted with the reason"},
         {"name": "membership_inference", "kind": "privacy", "metric": "mia_auc_ci_high", "max": 0.65,
          "why": "the stronger of two published membership attacks does not tell training from held-out patients with an AUC shown above 0.65"},
         {"name": "direction_of_risk", "kind": "direction",

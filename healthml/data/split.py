@@ -244,6 +244,7 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
              + [f"`{f}` alone has AUROC {aucs[f]:.3f} on train (>= {cfg.leakage_auroc}): suspected target leakage" for f in suspected]
              + [f"`{f}`: {n} value(s) recorded after the index time" for f, n in post.items() if n])
     return {"patients_in_two_splits": shared, "duplicate_feature_rows": dup, "train_duplicate_share": round(chance, 6),
+            "copied_share": {n: round(share[n], 6) for n in copied},  # the splits flagged for copying training rows: their share
             "single_feature_auroc": aucs,
             "auroc_threshold": cfg.leakage_auroc, "suspected_leakage": suspected, "recorded_after_index": post,
             **({"rows_after_start": after} if after else {}),

@@ -10,12 +10,13 @@ import json
 from ..core.errors import HealthmlError
 from ..core.io import write_json
 from ..core.layout import Layout
-from ..core.params import (DirectionRule, FairnessRule, GateConfig, NonInferiorityRule, ParityRule, PrivacyRule, SubgroupRule,
+from ..core.params import (DirectionRule, FairnessRule, GateConfig, LeakageRule, NonInferiorityRule, ParityRule, PrivacyRule, SubgroupRule,
                                   ThresholdRule, within)
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
-__all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'run_summary', 'run_gate']
+__all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'optional_evidence', 'run_summary',
+           'run_gate']
 
 # %% ../../nbs/40_governance/41_gate.ipynb #6e90f0bd
 class GateFailed(HealthmlError):
@@ -71,9 +72,38 @@ def _privacy(rule: PrivacyRule, privacy: dict, candidate: str) -> tuple[bool | N
     elif not ok and privacy.get("mitigation_status"): why += f"; levers {privacy['mitigation_status']}"
     return ok, {"metric": rule.metric, "value": v, "levers": levers}, why
 
+def _leakage(rule: LeakageRule, audit: dict) -> tuple[bool, dict, str]:
+    """The split's leakage audit (`metrics/leakage.json`): each finding fails the rule and says how to fix it; a feature
+    whose strong single-feature AUROC was reviewed and found legitimate passes when the rule `accepted` it with the reason."""
+    if not audit: return False, {}, "no leakage audit (metrics/leakage.json): run `dvc repro split`"
+    auroc = audit.get("single_feature_auroc", {})
+    found = {"patients_in_two_splits": {k: n for k, n in audit.get("patients_in_two_splits", {}).items() if n},
+             "rows_after_start": {k: n for k, n in audit.get("rows_after_start", {}).items() if n},
+             "recorded_after_index": {f: n for f, n in audit.get("recorded_after_index", {}).items() if n},
+             "copied_share": {k: s for k, s in audit.get("copied_share", {}).items() if s > rule.max_copied_share},
+             "suspected_leakage": {f: auroc.get(f) for f in audit.get("suspected_leakage", []) if f not in rule.accepted}}
+    why = ([f"{n} patient(s) in both {k.replace('/', ' and ')} (give each patient one key: dataset.patient_id)"
+            for k, n in found["patients_in_two_splits"].items()]
+           + [f"{n} {k.replace('_after_', ' row(s) with an index time after the ').replace('_start', ' start')}"
+              for k, n in found["rows_after_start"].items()]
+           + [f"`{f}`: {n} value(s) recorded after the index time (build it from what is known by then)"
+              for f, n in found["recorded_after_index"].items()]
+           + [f"{s:.1%} of the {k} rows copy a training row's features (at most {rule.max_copied_share:.1%}: remove the copies)"
+              for k, s in found["copied_share"].items()]
+           + [f"`{f}` alone has train AUROC {a:.3f} (>= {audit.get('auroc_threshold')}): if it is known only after the prediction "
+              f"time, move it to dataset.excluded_columns; if it is a legitimate predictor, add it to this rule's `accepted` with "
+              f"the reason" for f, a in found["suspected_leakage"].items()])
+    accepted = {f: r for f, r in rule.accepted.items() if f in audit.get("suspected_leakage", [])}
+    note = "".join(f"; accepted: `{f}` (AUROC {auroc.get(f, float('nan')):.3f}: {r})" for f, r in accepted.items())
+    if why: return False, {k: v for k, v in found.items() if v} | {"accepted": accepted}, "; ".join(why) + note
+    return True, {"accepted": accepted}, (f"no leak found: no patient in two splits, no value after the index time, every "
+                                          f"feature's single-feature AUROC below {audit.get('auroc_threshold')}" + note)
+
 # %% ../../nbs/40_governance/41_gate.ipynb #92c1dc04
-def _check(rule, r: EvaluationResult, export: dict, candidate: str, privacy: dict | None = None) -> tuple[bool | None, dict, str]:
-    if isinstance(rule, PrivacyRule): return _privacy(rule, privacy or {}, candidate)
+def _check(rule, r: EvaluationResult, evidence: dict, candidate: str) -> tuple[bool | None, dict, str]:
+    if isinstance(rule, PrivacyRule): return _privacy(rule, evidence.get("privacy") or {}, candidate)
+    if isinstance(rule, LeakageRule): return _leakage(rule, evidence.get("leakage") or {})
+    export = evidence.get("export", {})
     cand = r.models[candidate]
     if isinstance(rule, ThresholdRule):
         v = cand.get(rule.metric)
@@ -124,7 +154,7 @@ def evaluate_gate(cfg: GateConfig, evidence: dict) -> dict:
     results = []
     for rule in cfg.rules:   # fail closed: with too small a test split no rule can pass
         passed, detail, reason = (False, {}, f"no estimate: {short}") if short else \
-            _check(rule, r, evidence.get("export", {}), cfg.candidate, evidence.get("privacy"))
+            _check(rule, r, evidence, cfg.candidate)
         results.append({"name": rule.name, "kind": rule.kind, "passed": passed,
                         "status": {True: "pass", False: "FAIL", None: "not applicable"}[passed],
                         "reason": reason, "why": rule.why, "evidence": detail})
@@ -140,8 +170,12 @@ def gate_evidence(layout: Layout) -> dict:
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing: raise HealthmlError(f"gate needs {', '.join(missing)}", hint="run `dvc repro evaluate export` first")
     out = {k: json.loads(p.read_text()) for k, p in paths.items()}
-    # read when present: a privacy rule without it fails, saying so; a plan without one does not need the stage
-    return out | ({"privacy": json.loads(layout.privacy.read_text())} if layout.privacy.exists() else {})
+    return out | optional_evidence(layout)
+
+def optional_evidence(layout: Layout) -> dict:
+    """The evidence only some rules read, when present: a privacy or leakage rule without its file fails, saying so; a plan
+    without one does not need it."""
+    return {k: json.loads(p.read_text()) for k, p in {"privacy": layout.privacy, "leakage": layout.leakage}.items() if p.exists()}
 
 SUMMARY_METRICS = ("auroc", "auroc_ci_low", "auroc_ci_high", "calibration_slope", "calibration_intercept", "observed_expected",
                    "brier", "alerts_per_100")

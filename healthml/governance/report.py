@@ -72,7 +72,7 @@ class ReportContext:
 
     @classmethod
     def load(cls, root: str | Path = ".", params_path: str | Path = "params.yaml") -> "ReportContext":
-        from healthml.governance.gate import evaluate_gate
+        from healthml.governance.gate import evaluate_gate, optional_evidence
         from healthml.governance.model_card import load_review
         layout = Layout(root)
         params = load_params(Path(root)/params_path)
@@ -83,7 +83,7 @@ class ReportContext:
         export = _models_first(_read_json(layout.export_metrics), params.model_names)
         privacy = json.loads(layout.privacy.read_text()) if layout.privacy.exists() else None
         footprint = json.loads(layout.footprint.read_text()) if layout.footprint.exists() else None
-        evidence = {"evaluation": evaluation, "export": export} | ({"privacy": privacy} if privacy else {})
+        evidence = {"evaluation": evaluation, "export": export} | optional_evidence(layout)
         verdict = evaluate_gate(params.gate, evidence) if params.gate else None
         review_path = params.report.review if params.report.review.is_absolute() else layout.root/params.report.review
         return cls(params, layout, _read_json(layout.ingest_record), _read_json(layout.validation),
