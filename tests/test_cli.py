@@ -98,6 +98,8 @@ def test_a_different_extract_than_the_pinned_one_is_refused(tmp_path):
     (tmp_path/"params.yaml").write_text(yaml.safe_dump(params))
     r = run(["healthml", "ingest"], tmp_path, check=False)
     assert r.returncode == 1 and "params.yaml pins" in r.stderr
+    from healthml.core.io import sha256_file   # the hint gives the whole digest, to paste once the extract is reviewed
+    assert f"dataset.provenance.sha256: {sha256_file(tmp_path/'cohort.csv')}" in " ".join(r.stderr.split()), r.stderr
 
 
 # A Python file object whose methods and release record when one of Arrow's native threads calls them, and whose

@@ -35,7 +35,9 @@ def test_init_then_dvc_repro_runs_an_unseen_cohort_without_an_edit(tmp_path):
     unseen_cohort().to_csv(root/"data/raw/icu.csv", index=False)
     r = run(["healthml", "init", "data/raw/icu.csv"], root, check=False)
     assert r.returncode == 1 and "params.yaml exists" in r.stderr and "--force" in r.stderr   # never over a project's params
-    run(["healthml", "init", "data/raw/icu.csv", "--force"], root)
+    assert "no dvc.yaml" not in run(["healthml", "init", "data/raw/icu.csv", "--force"], root).stderr
+    r = run(["healthml", "init", "data/raw/icu.csv", "--dir", str(tmp_path/"elsewhere")], root)   # a folder that is no project:
+    assert "has no dvc.yaml, so `dvc repro` cannot run there" in " ".join(r.stderr.split()), r.stderr  # said, with the way out
     text = (root/"params.yaml").read_text()
     p = yaml.safe_load(text)
     ds = p["dataset"]

@@ -170,6 +170,10 @@ def init(file: Annotated[Path, typer.Argument(help="Cohort file (CSV, TSV or Par
         need(file)
         out, p, review = write_params(file, folder, name, force)
         d = p["dataset"]
+        if not (folder/"dvc.yaml").exists():   # the stages' code deps are the project's own sources: a project is a clone
+            console.print(f"[yellow]! {escape(str(folder))} has no dvc.yaml, so `dvc repro` cannot run there:[/yellow] run `healthml "
+                          "init` inside a clone of the healthml project (its dvc.yaml, notebooks and templates), or copy this "
+                          "params.yaml into one (docs/cohorts.md)")
         return (f"{out}: outcome {d['outcome']}, {len(d['features'])} features, {len(d['identifiers'])} identifier column(s), "
                 f"{len(d['excluded_columns'])} excluded; model {p['report']['model_name']}; {len(review)} item(s) to review at its head")
     run_stage("init", go)

@@ -146,6 +146,7 @@ class DatasetSpec(StrictModel):
     positive_value: int | float | str | list[int | float | str] = 1  # the outcome value meaning the event, or a list of them
     outcome_rule: str | dict | None = None  # instead: a comparison ("> 0", "!= '-'") or a derived outcome ({any_of: [...]})
     undefined_values: list[int | float | str] = []  # outcome values that are neither (e.g. invalid): rows excluded, counted
+    missing_values: list[str] = []  # text a feature column writes for "not recorded" ("?", "."): read as missing at ingest
     outcome_description: str = ""
     prediction_time: str = ""  # when, clinically, the prediction is made
     row_id: str | None = None  # unique key of a row (e.g. encounter id) when a patient may have several rows

@@ -27,10 +27,10 @@ from ..core.rules import dataset_schema, whole_column_passes
 from ..core.spec import ROW_KEY, DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'ingest', 'Check', 'run_schema',
-           'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort', 'empty_rows_check',
-           'row_numbers', 'check_partition', 'sum_checks', 'judge_validation', 'validate_cohort', 'validate_on_cluster',
-           'validate', 'subgroup_frame']
+__all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'read_missing_codes', 'ingest',
+           'Check', 'run_schema', 'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort',
+           'empty_rows_check', 'row_numbers', 'check_partition', 'sum_checks', 'judge_validation', 'validate_cohort',
+           'validate_on_cluster', 'validate', 'subgroup_frame']
 
 # %% ../../nbs/10_data/11_cohort.ipynb #f2315825
 class CohortError(HealthmlError):
@@ -173,7 +173,24 @@ def select_cohort(raw: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, d
     unspecified = [c for c in raw.columns if c not in keep and c not in excluded and c != SOURCE_ROW]
     record = {"rows": len(raw), "columns_in_file": raw.shape[1] - 1, "columns_kept": keep,
               "excluded": excluded, "unspecified_dropped": unspecified}
-    return raw[[SOURCE_ROW, *keep]].copy(), record
+    kept = raw[[SOURCE_ROW, *keep]].copy()
+    if spec.missing_values: record["missing_codes"] = read_missing_codes(kept, spec)
+    return kept, record
+
+def read_missing_codes(df: pd.DataFrame, spec: DatasetSpec) -> dict[str, int]:
+    """Replace, in place, each feature value that is one of `dataset.missing_values` (spaces around it ignored) by a
+    missing value; return how many values each feature lost this way (counts only: the codes are the spec's own)."""
+    codes, out = set(map(str, spec.missing_values)), {}
+    for f in spec.features:
+        col = df[f]
+        if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_datetime64_any_dtype(col): continue
+        hit = col.notna().to_numpy() & col.astype(str).str.strip().isin(codes).to_numpy()
+        if hit.any():
+            col = col.mask(hit)
+            num = pd.to_numeric(col, errors="coerce") if spec.features[f].kind == "numeric" else None
+            df[f] = num if num is not None and num.notna().sum() == col.notna().sum() else col   # all numbers now: stored as such
+            out[f] = int(hit.sum())
+    return out
 
 # %% ../../nbs/10_data/11_cohort.ipynb #2e8faf4e
 def ingest(spec: DatasetSpec, layout: Layout) -> dict:
@@ -187,7 +204,7 @@ def ingest(spec: DatasetSpec, layout: Layout) -> dict:
     digest = sha256_file(path)   # a folder's: over its files' relative paths and digests
     if spec.provenance.sha256 and digest != spec.provenance.sha256:
         raise CohortError(f"{path.name} has SHA-256 {digest[:12]}..., but params.yaml pins {spec.provenance.sha256[:12]}...",
-                          hint="a different extract was supplied: review it, then update dataset.provenance.sha256")
+                          hint=f"a different extract was supplied: review it, then set dataset.provenance.sha256: {digest}")
     cohort, record = select_cohort(raw, spec)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     record = {"dataset": spec.name, "file": str(spec.file), "sha256": digest, "bytes": size,
@@ -224,8 +241,8 @@ def run_schema(schema: pa.DataFrameSchema, df: pd.DataFrame, severity: str = "ha
         for chk in col.checks:
             hit = failures[(failures["column"] == column) & (failures["check"] == chk.name)]
             idx = hit["index"].dropna().astype(int).to_numpy()
-            if len(hit) and not len(idx):  # a column-level rule: count the rows it concerns
-                n = int(df[column].notna().sum()) if chk.name.startswith("binary") else len(df)
+            if len(hit) and not len(idx):  # a column-level rule: count the rows it concerns (for a missing-value rule, the missing ones)
+                n = int(df[column].notna().sum()) if chk.name.startswith("binary") else int(df[column].isna().sum())
                 checks.append(Check(column, chk.name, max(n, 1), [], severity))
                 continue
             pos = df.index.get_indexer(np.unique(idx))
@@ -316,7 +333,8 @@ def sum_checks(parts: list[dict], cfg: ValidateConfig, n_examples: int = 5) -> t
             c = Check(first.column, first.rule, sum(s.failed for s in same), [r for s in same for r in s.example_rows][:n_examples],
                       first.severity)
             ok = whole_column_passes(c.rule, sum(p["present"].get(c.column, 0) for p in parts), rows, cfg)
-            if ok is not None: c.failed, c.example_rows = (0 if ok else max(rows, 1)), []
+            missing = rows - sum(p["present"].get(c.column, 0) for p in parts)   # the rows a whole-column (missing-value) rule concerns
+            if ok is not None: c.failed, c.example_rows = (0 if ok else max(missing, 1)), []
             out.append(c)
         return out
     by_row = {}

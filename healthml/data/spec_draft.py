@@ -22,7 +22,7 @@ from .phi import PHI_PATTERNS
 # %% auto #0
 __all__ = ['IDENTIFIER_NAMES', 'EVENT_WORDS', 'WEAK_OUTCOME_WORDS', 'DEMOGRAPHIC_WORDS', 'POST_OUTCOME_WORDS', 'ID_WORDS',
            'PATIENT_WORDS', 'INDEX_WORDS', 'DAY_WORDS', 'YEAR_WORDS', 'SITE_WORDS', 'FACILITY_VALUES', 'SENTINELS',
-           'SpecDraft', 'draft_cohort', 'draft_spec', 'spec_yaml']
+           'PLACEHOLDERS', 'SpecDraft', 'draft_cohort', 'draft_spec', 'spec_yaml']
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #80579d1e
 IDENTIFIER_NAMES = [  # (pattern on the canonical, lower-cased column name, Safe Harbor kind)
@@ -147,6 +147,13 @@ def _sentinels(col: str, x: pd.Series) -> dict[float, int]:
         if implausible_age or code: out[float(s)] = int((v == s).sum())
     return out
 
+PLACEHOLDERS = ("?", ".", "-", "--", "*")  # what extracts write for "not recorded" (NA, null, N/A are read as missing already)
+
+def _placeholders(s: pd.Series) -> pd.Series:
+    "Rows whose value is only a placeholder for a missing value (`?`, `.`, `-`), spaces around it ignored; text columns only."
+    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s): return pd.Series(False, index=s.index)
+    return s.notna() & s.astype(str).str.strip().isin(PLACEHOLDERS)
+
 def _feature(col: str, s: pd.Series) -> tuple[dict | None, list[str], str | None, pd.Series]:
     """One column's draft: its feature entry (or None and the reason to exclude it), notes for the reviewer,
     and the rows whose value the proposed spec rejects on purpose (missing-value codes, text in a numeric column)."""
@@ -248,7 +255,7 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
             later = _later_share(df[c], df[index_time])
             if later > 0.5: excluded[c] = f"recorded after the index time `{index_time}` in {later:.0%} of rows: not known at prediction"
     site = _pick_site(df, [c for c in rest if c not in excluded and c != index_time and not _name_kind(c)])
-    identifiers, features, flagged = {}, {}, pd.Series(False, index=df.index)
+    identifiers, features, flagged, codes = {}, {}, pd.Series(False, index=df.index), {}
     for key in (patient, row):
         if key and _name_kind(key) not in (None, "age"): identifiers[key] = {"kind": _name_kind(key)}
     for c in rest:
@@ -262,7 +269,9 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
         if kind and kind != "age":
             identifiers[c] = {"kind": kind}
             continue
-        feat, notes, why, bad = _feature(c, df[c])
+        coded = _placeholders(df[c])
+        if coded.any(): codes[c] = sorted(set(df[c][coded].astype(str).str.strip()))
+        feat, notes, why, bad = _feature(c, df[c].mask(coded) if coded.any() else df[c])
         if feat is None: excluded[c] = why
         else: features[c] = feat
         flagged |= bad
@@ -283,6 +292,9 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
     review += [f"time columns: {', '.join(times)}"] if times else []
     review.append(f"index time: {f'`{index_time}`' if index_time else 'none found'}"
                   + (f" (a {unit} axis: index_time_unit: {unit}; the report's periods follow it)" if unit else ""))
+    found = sorted({v for c, vs in codes.items() if c in features for v in vs})
+    if found: review.append(f"missing_values: {', '.join(repr(v) for v in found)} read as missing in feature columns (found in "
+                            f"{', '.join(c for c in codes if c in features)}); remove a code that means something")
     if flagged.any(): review.append(f"{int(flagged.sum()):,} row(s) hold values the draft leaves out on purpose (codes, text in numbers): "
                                     "they fail validation until recoded")
     sensitive = _sensitive(features)
@@ -292,7 +304,8 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
             "positive_value": _positive(sample[outcome]) if outcome else 1,
             **({"index_time": index_time} if index_time else {}), **({"index_time_unit": unit} if unit and unit != "day" else {}),
             **({"site": site} if site else {}),
-            "features": features, "sensitive_attributes": sensitive, "excluded_columns": excluded, "identifiers": identifiers}
+            "features": features, "sensitive_attributes": sensitive, "excluded_columns": excluded, "identifiers": identifiers,
+            **({"missing_values": found} if found else {})}
     return SpecDraft(spec, review, len(df), int(flagged.sum()))
 
 def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> tuple[dict, list[str]]:
