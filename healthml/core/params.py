@@ -90,8 +90,9 @@ class PrivacyRule(_Rule):
 
 class LeakageRule(_Rule):
     """The split's leakage audit (`metrics/leakage.json`) finds no leak: no patient in two splits, no index time after its
-    split's start, no feature value recorded after the index time, no evaluation split copying training rows (beyond
-    `max_copied_share`), and no feature that alone nearly predicts the outcome, unless it is `accepted` with the reason."""
+    split's start, no evaluation split copying training rows (beyond `max_copied_share`), and no feature that alone nearly
+    predicts the outcome, unless it is `accepted` with the reason (values recorded after the index time are set missing by
+    the split, so they are reported, not judged)."""
     kind: Literal["leakage"]
     accepted: dict[str, str] = {}  # feature -> why its strong single-feature AUROC is not leakage (a reviewed decision)
     max_copied_share: float = Field(0.01, ge=0, le=1)  # share of a validation/test split's rows that may copy a training row

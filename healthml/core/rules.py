@@ -276,7 +276,8 @@ def dataset_schema(spec: DatasetSpec, cfg: ValidateConfig | None = None, soft: b
         what = "one row per encounter" if spec.row_id else "one row per patient"
         seen = pd.Index(list(earlier))
         add(key, check(lambda s: ~((s.duplicated(keep="first") | s.isin(seen)) & s.notna()), f"unique ({what})", ignore_na=False))
-        for c in spec.time_columns: add(c, check(_is_time, "a date-time", ignore_na=False))
+        for c in spec.time_columns:   # a number is a step on the study's own axis (a day, week or year number)
+            add(c, check(_is_time, f"a date-time or a {spec.index_time_unit} number", ignore_na=False))
         if spec.index_time: add(spec.index_time, check(lambda s: s.notna(), "not missing", ignore_na=False))
     rules = select(compile_rules(spec.features), *VALIDATED)
     for name, f in spec.features.items():

@@ -285,6 +285,10 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
                                         "ingest) keys the rows; name the encounter key if the file has one")
     if outcome is None: review.insert(0, "outcome: no two-valued column found; name the outcome and its positive value")
     elif len(outcomes) > 1: review.append(f"outcome: chose `{outcome}`; other two-valued columns: {', '.join(outcomes[1:6])}")
+    if outcome is not None:
+        review.append(f"outcome: say what `{outcome}` counts and by when (dataset.outcome_description, dataset.prediction_time"
+                      + (", and dataset.outcome_horizon_days: monitoring leaves out patients not yet followed that long)"
+                         if index_time else ")"))
     if excluded: review.append(f"excluded_columns: {len(excluded)} column(s) proposed as never a predictor, each with its reason; check each")
     if identifiers: review.append(f"identifiers: {len(identifiers)} column(s) look like direct identifiers; check each kind")
     if site: review.append(f"site: `{site}` proposed as the site column (not a predictor); split.method: site holds one out "

@@ -21,8 +21,8 @@ from ..core.spec import DatasetSpec, category_labels
 __all__ = ['SPLITS', 'DROPPED', 'LeakageError', 'patient_split', 'assert_disjoint', 'time_order', 'temporal_patients',
            'period_starts', 'cut_at_period_starts', 'temporal_split', 'site_split', 'patient_facts',
            'combine_patient_facts', 'patient_assignment', 'row_splits', 'assign_splits', 'rank_auroc',
-           'single_feature_auroc', 'rows_after_start', 'feature_row_hashes', 'recorded_after_index', 'leakage_audit',
-           'split_summary', 'split_on_cluster', 'split_cohort']
+           'single_feature_auroc', 'rows_after_start', 'feature_row_hashes', 'after_index_rows', 'recorded_after_index',
+           'as_of_index_time', 'leakage_audit', 'split_summary', 'split_on_cluster', 'split_cohort']
 
 # %% ../../nbs/10_data/15_split.ipynb #cbe62e62
 SPLITS = ("train", "validation", "test")
@@ -200,15 +200,24 @@ def feature_row_hashes(d: pd.DataFrame, features: list[str]) -> pd.Series:
         return s
     return pd.util.hash_pandas_object(pd.DataFrame({f: ready(d[f]) for f in features}, index=d.index), index=False)
 
+def after_index_rows(d: pd.DataFrame, spec: DatasetSpec) -> dict[str, np.ndarray]:
+    "For each feature with a `recorded_at` column: the rows of `d` holding a value recorded after the index time (`recorded_at` > 0)."
+    return {f: (pd.to_numeric(d[feat.recorded_at], errors="coerce").to_numpy() > 0) & d[f].notna().to_numpy()
+            for f, feat in spec.features.items() if feat.recorded_at}
+
 def recorded_after_index(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> dict[str, int]:
-    "For each feature with a `recorded_at` column: its values recorded after the index time (`recorded_at` > 0), over the splits."
-    post = {}
-    for f, feat in spec.features.items():
-        if feat.recorded_at:
-            d = pd.concat([s[[f, feat.recorded_at]] for s in splits.values()])
-            t = pd.to_numeric(d[feat.recorded_at], errors="coerce")
-            post[f] = int(((t > 0) & d[f].notna()).sum())
-    return post
+    "For each feature with a `recorded_at` column: its values recorded after the index time, over the splits."
+    counts = [after_index_rows(s, spec) for s in splits.values()]
+    return {f: int(sum(c[f].sum() for c in counts)) for f in (counts[0] if counts else {})}
+
+def as_of_index_time(d: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """`d` with every value recorded after the index time set missing: at the prediction time it was not known, so no
+    model may learn from it (a lab resulted hours later, a join that reached past the index time)."""
+    late = {f: m for f, m in after_index_rows(d, spec).items() if m.any()}
+    if not late: return d
+    d = d.copy()
+    for f, m in late.items(): d[f] = d[f].mask(m)
+    return d
 
 def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: SplitConfig,
                   hashes: dict[str, pd.Series] | None = None,  # each split's `feature_row_hashes`; default: from `splits`
@@ -242,7 +251,8 @@ def leakage_audit(splits: dict[str, pd.DataFrame], spec: DatasetSpec, cfg: Split
              + [f"{n} {k} row(s) duplicate a training row's features ({share[k]:.0%}; training rows repeat each other at "
                 f"{chance:.0%})" for k, n in copied.items()]
              + [f"`{f}` alone has AUROC {aucs[f]:.3f} on train (>= {cfg.leakage_auroc}): suspected target leakage" for f in suspected]
-             + [f"`{f}`: {n} value(s) recorded after the index time" for f, n in post.items() if n])
+             + [f"`{f}`: {n} value(s) recorded after the index time, set missing (not known at the prediction time)"
+                for f, n in post.items() if n])
     return {"patients_in_two_splits": shared, "duplicate_feature_rows": dup, "train_duplicate_share": round(chance, 6),
             "copied_share": {n: round(share[n], 6) for n in copied},  # the splits flagged for copying training rows: their share
             "single_feature_auroc": aucs,
@@ -277,18 +287,27 @@ def _split_facts(part: RowRange, columns: list[str], spec: DatasetSpec, cfg: Spl
 def _split_part(part: RowRange, name: str, label: pd.Series, starts: dict | None, spec: DatasetSpec, out_dir: Path) -> dict:
     "On a worker: one partition's rows written to `out_dir/<split>/name`; its narrow columns, row hashes and counts."
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     f = pq.ParquetFile(part.file)
     table = f.read_row_groups(list(part.row_groups)) if part.row_groups else f.schema_arrow.empty_table()
     df = table.to_pandas()
     rows = row_splits(df, label, spec, starts)
+    inside = (rows != DROPPED).to_numpy()
+    late = {f: m for f, m in after_index_rows(df, spec).items()}
+    recorded = {f: int((m & inside).sum()) for f, m in late.items()}
+    for f, m in late.items():   # as `as_of_index_time`: a value recorded after the index time is set missing
+        if m.any():
+            i = table.schema.get_field_index(f)
+            table = table.set_column(i, f, pc.if_else(pa.array(m), pa.scalar(None, table[f].type), table[f].combine_chunks()))
+    df = as_of_index_time(df, spec)
     cols, mine = _narrow_columns(df.columns, spec), {}
     for s in SPLITS:
         keep = (rows == s).to_numpy()
         pq.write_table(table.filter(pa.array(keep)), Path(out_dir)/s/name)   # the file's own types, part after part
         mine[s] = df[keep]
     return {"narrow": {s: d[cols] for s, d in mine.items()}, "hashes": {s: feature_row_hashes(d, list(spec.features)) for s, d in mine.items()},
-            "recorded_after": recorded_after_index(mine, spec), "dropped": int((rows == DROPPED).sum())}
+            "recorded_after": recorded, "dropped": int((rows == DROPPED).sum())}
 
 def split_on_cluster(client, spec: DatasetSpec, cfg: SplitConfig, layout: Layout, partition_rows: int) -> tuple[dict, dict, int, int]:
     """Split the de-identified cohort partition by partition on the Dask workers of `client` and write the split files.
@@ -335,7 +354,9 @@ def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout, compute: C
             for name, d in splits.items():
                 if d.empty: raise HealthmlError(f"the {name} split is empty", hint="check split sizes, test_site or the cohort size")
             assert_disjoint(splits, spec.patient_id)
-            audit = leakage_audit(splits, spec, cfg)
+            post = recorded_after_index(splits, spec)
+            splits = {name: as_of_index_time(d, spec) for name, d in splits.items()}   # what the model may learn from
+            audit = leakage_audit(splits, spec, cfg, recorded_after=post)
             for name, d in splits.items(): write_parquet(layout.split_file(name), d)
             dropped, engine = int((label == DROPPED).sum()), {}
         else:

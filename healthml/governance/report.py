@@ -310,7 +310,7 @@ def leakage_table(ctx: ReportContext) -> pd.DataFrame:
                 if lk.get("train_duplicate_share") else "")),
             (f"Features alone with train AUROC >= {lk['auroc_threshold']}", ", ".join(lk["suspected_leakage"]) or "none"),
             ("Most predictive single features (train AUROC)", ", ".join(f"{f} {a:.3f}" for f, a in top)),
-            ("Values recorded after the index time", ", ".join(f"{k}: {v}" for k, v in lk["recorded_after_index"].items()) or "no recording times declared")]
+            ("Values recorded after the index time (set missing before training)", ", ".join(f"{k}: {v}" for k, v in lk["recorded_after_index"].items()) or "no recording times declared")]
     return pd.DataFrame(rows, columns=["Check", "Result"])
 
 def deidentification_table(ctx: ReportContext) -> pd.DataFrame:
