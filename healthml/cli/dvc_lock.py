@@ -12,6 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 
+from ..core.faults import checkpoint
 from ..core.io import atomic_write
 
 # %% auto #0
@@ -62,7 +63,7 @@ def faster_lock_file() -> bool:
         data = ({} if text is None else copy.deepcopy(last[1]) if last and last[0] == text else parse(text, path))
         yield data
         text = text_of(data)
-        atomic_write(path, text)
+        atomic_write(path, text, before_replace=lambda: checkpoint("dvc_lock.replace"))
         written[key] = (text, copy.deepcopy(data))
 
     modify_yaml.healthml = True

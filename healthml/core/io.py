@@ -13,8 +13,9 @@ __all__ = ['SOURCE_ROW', 'MISSING_CATEGORY', 'atomic_write', 'write_json', 'writ
 # %% ../../nbs/00_core/02_io.ipynb #b0a0e65e
 import json, tempfile as _tempfile
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    "Write `data` to `path` via a temporary file and an atomic rename."
+def atomic_write(path: str | Path, data: bytes | str, before_replace=None) -> Path:
+    """Write `data` to `path` via a temporary file and an atomic rename (`before_replace`: called between the two, where a
+    crash test can stop the process, see `core.faults`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str): data = data.encode()
@@ -25,6 +26,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace: before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -73,6 +73,7 @@ def init_params(path: str | Path, name: str | None = None, file_ref: str | None 
     sex = next((g for g in groups if g != "age_band"), None)
     review = list(d.review)
     if spec["patient_id"] is None:   # one row per person: the spec makes a row key at ingest (said so in the report)
+        review = [r for r in review if not r.startswith("patient_id:")]   # this item replaces the draft's, never repeats it
         review.append("dataset.patient_id: null, so each row is taken as one patient (a key is made at ingest); "
                       "name the patient key if a patient can have several rows")
     validation = {"on_failure": "stop", "max_quarantine_fraction": 0.05, "max_missing_fraction": 0.5}
