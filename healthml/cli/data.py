@@ -33,7 +33,9 @@ def ingest(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
         from healthml.data.cohort import ingest as _ingest
         r = _ingest(load_params(params).dataset, Layout(root))
         return (f"{r['rows']} rows; kept {len(r['columns_kept'])} columns, excluded {len(r['excluded'])} "
-                f"(leak / post-index), dropped {len(r['unspecified_dropped'])} unspecified; sha256 {r['sha256'][:12]}")
+                f"(leak / post-index), dropped {len(r['unspecified_dropped'])} unspecified; sha256 {r['sha256'][:12]}"
+                + (f"; {sum(r['missing_codes'].values())} placeholder value(s) in {len(r['missing_codes'])} feature(s) read as "
+                   "missing (dataset.missing_values)" if r.get("missing_codes") else ""))
     run_stage("ingest", go)
 
 # %% ../../nbs/60_cli/62_data.ipynb #4c806ce3
@@ -160,15 +162,18 @@ def spec_draft(file: Annotated[Path, typer.Argument(help="Cohort file (CSV, TSV 
 def init(file: Annotated[Path, typer.Argument(help="Cohort file (CSV, TSV or Parquet).")],
          folder: Annotated[Path, typer.Option("--dir", "-d", help="Project folder to write params.yaml into (created if new).")] = Path("."),
          name: Annotated[str | None, typer.Option(help="Dataset name (default: from the file name); names the model and report.")] = None,
-         force: Annotated[bool, typer.Option("--force", help="Replace an existing params.yaml.")] = False):
+         force: Annotated[bool, typer.Option("--force", help="Replace an existing params.yaml.")] = False,
+         outcome: Annotated[str | None, typer.Option(help="The outcome column (default: the draft's choice, the most outcome-like "
+                                                     "two-valued column; the review list names the others).")] = None):
     """Write a complete params.yaml for a new cohort: the drafted dataset spec, subgroups, slices and a gate plan from its own columns.
 
     `dvc repro` runs it as written; the file opens with the items a person must review.
-    Example: healthml init data/raw/my_cohort.csv --force   (then: dvc repro)"""
+    Examples: healthml init data/raw/my_cohort.csv --force   (then: dvc repro)
+              healthml init data/raw/actg175.csv --outcome cens --force"""
     def go():
         from healthml.data.project_init import write_params
         need(file)
-        out, p, review = write_params(file, folder, name, force)
+        out, p, review = write_params(file, folder, name, force, outcome)
         d = p["dataset"]
         if not (folder/"dvc.yaml").exists():   # the stages' code deps are the project's own sources: a project is a clone
             console.print(f"[yellow]! {escape(str(folder))} has no dvc.yaml, so `dvc repro` cannot run there:[/yellow] run `healthml "

@@ -443,6 +443,12 @@ def validate_on_cluster(client, spec: DatasetSpec, layout: Layout, cfg: Validate
     finally: shutil.rmtree(work, ignore_errors=True)
     return result | {"engine": "dask", "partitions": len(parts)}
 
+def _placeholder_text(col: pd.Series) -> bool:
+    "Does a column hold text made of no letter and no digit (`?`, `.`, `-`), the way extracts write 'not recorded'?"
+    if pd.api.types.is_numeric_dtype(col): return False
+    text = col.dropna().astype(str).str.strip()
+    return bool(text.str.fullmatch(r"[^\w]+").any())
+
 def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateConfig(), compute: ComputeConfig | None = None) -> dict:
     """Validate the ingested cohort; write the result, and the typed cohort only if it passed. In this process, or
     (`compute.engine: dask`) partition by partition on the cluster's workers."""
@@ -460,11 +466,15 @@ def validate(spec: DatasetSpec, layout: Layout, cfg: ValidateConfig = ValidateCo
         why = f" (quarantine refused: {result['quarantine_refused']})" if "quarantine_refused" in result else ""
         commas = [] if df is None else [c["column"] for c in result["checks"]
                                         if not c["passed"] and c["rule"] == "numeric" and decimal_comma(df[c["column"]])]
+        marks = [] if df is None else [c["column"] for c in result["checks"]   # `?`, `.`, `-`: no letter, no digit
+                                       if not c["passed"] and c["rule"] == "numeric" and _placeholder_text(df[c["column"]])]
         raise CohortValidationError(
             f"{result['n_failed']} validation check(s) failed on {result['rows']} rows of {spec.name}{why}:\n"
             f"{failure_table(_checks(result['checks']))}",
             hint=(f"{', '.join(commas)} hold(s) numbers with a decimal comma (1,5): re-save the file with '.' decimals, "
                   "or with ';' between fields so ingest reads the comma as the decimal separator; " if commas else "")
+                 + (f"{', '.join(marks)} hold(s) text with no letter or digit, a placeholder for 'not recorded'?: list it in "
+                    "`dataset.missing_values` (e.g. ['?', '.']) to read it as missing; " if marks else "")
                  + f"fix the rows listed (full result in {layout.validation}), correct the spec if a range is wrong, "
                  "or set `validation.on_failure: quarantine` to set failing rows aside")
     if df is not None:

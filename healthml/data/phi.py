@@ -367,6 +367,11 @@ def _date_texts(values: list, cutoff: str) -> list[str]:
     short = d.month.astype(str) + "/" + d.day.astype(str) + "/" + d.year.astype(str)
     return texts + list(iso) + list(short) + list(d.strftime("%m/%d/%Y"))
 
+def _fraction_digits(text: str, m) -> bool:
+    "Is the token `m` the digits after a decimal point (`0.940535`, a risk or a rate in a metrics file)?"
+    at = m.start()
+    return at >= 2 and text[at - 1] == "." and text[at - 2].isdigit() and m.group().isdigit()
+
 class PhiScanner:
     """Find identifier patterns and known identifier values in text and tables.
 
@@ -426,6 +431,7 @@ class PhiScanner:
             words = list(_WORD.finditer(text.lower()))
             for i, m in enumerate(words):
                 if m.group() not in self.first and m.group() not in self.values: continue
+                if _fraction_digits(text, m): continue   # 0.940535 is a number's decimals, never the key 940535
                 key, n, j = m.group(), 1, i
                 while True:
                     if key in self.values: hits.append((m.start(), self.values[key])); break

@@ -59,9 +59,10 @@ def gate_plan(model_name: str, has_subgroups: bool) -> dict:
             "candidate": "lightgbm", "rules": rules}
 
 # %% ../../nbs/10_data/17_project_init.ipynb #bde5988d
-def init_params(path: str | Path, name: str | None = None, file_ref: str | None = None) -> tuple[dict, list[str]]:
+def init_params(path: str | Path, name: str | None = None, file_ref: str | None = None, outcome: str | None = None
+                ) -> tuple[dict, list[str]]:
     "A complete params mapping for the cohort at `path` (`file_ref`: how params.yaml names the file) and the reviewer's list."
-    d = draft_cohort(path, name)
+    d = draft_cohort(path, name, outcome=outcome)
     spec = {**d.spec, "file": file_ref or d.spec["file"], "abstention": Abstention().model_dump(mode="json")}
     if spec["outcome"] is None:
         raise HealthmlError(f"{Path(path).name}: the draft found no outcome column",
@@ -103,7 +104,7 @@ def init_params(path: str | Path, name: str | None = None, file_ref: str | None 
     if site: review.append(f"split.method: random; `site` ({site}) allows method: site with test_site (external validation)")
     if spec.get("index_time"): review.append(f"split.method: random; `index_time` ({spec['index_time']}) allows method: temporal")
     review += [f"report.model_name, tracking.experiment and gate.plan are named `{model_name}` after the drafted outcome: "
-               "if you change dataset.outcome, rename all three (or run init again)",
+               "if you change dataset.outcome, rename all three (or run `healthml init --outcome <column> --force` again)",
                "evaluate.robustness.unit_errors: empty; add a lab sent in the wrong unit (e.g. creatinine: 88.4) to test it",
                "features: no `direction` of risk declared, so the gate's direction rule is not applicable until you declare some",
                "gate: thresholds are generic starting points; set them for the clinical use before a model is judged"]
@@ -136,7 +137,8 @@ def params_yaml(params: dict, review: list[str]) -> str:
             for k, v in params.items()]
     return "\n".join(head) + "\n" + "".join(body)
 
-def write_params(file: str | Path, folder: str | Path = ".", name: str | None = None, force: bool = False) -> tuple[Path, dict, list[str]]:
+def write_params(file: str | Path, folder: str | Path = ".", name: str | None = None, force: bool = False,
+                 outcome: str | None = None) -> tuple[Path, dict, list[str]]:
     "Write `<folder>/params.yaml` for the cohort `file` (the folder is created if new); never over an existing one unless `force`."
     file, folder = Path(file), Path(folder)
     out = folder/"params.yaml"
@@ -145,7 +147,7 @@ def write_params(file: str | Path, folder: str | Path = ".", name: str | None = 
     try: ref = Path(os.path.relpath(file.resolve(), folder.resolve()))
     except ValueError: ref = file.resolve()   # another drive
     if ref.parts[:1] == ("..",): ref = file.resolve()
-    params, review = init_params(file, name, ref.as_posix())
+    params, review = init_params(file, name, ref.as_posix(), outcome)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(out, params_yaml(params, review))
     checks = folder/params["report"]["review"]

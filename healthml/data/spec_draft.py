@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..core.errors import HealthmlError
 from ..core.spec import ROW_KEY
 from .cohort import SOURCE_ROW, read_cohort
 from ..core.io import sha256_file
@@ -36,7 +37,7 @@ IDENTIFIER_NAMES = [  # (pattern on the canonical, lower-cased column name, Safe
     (r"^url$|website|web_?page", "url"), (r"^ip$|ip_?addr", "ip"), (r"photo|image|face", "photo"),
 ]
 EVENT_WORDS = r"death|dead|died|mortal|expire|readmi|outcome|event|label|target|(^|_)y($|_)|icu_?admi|intubat|sepsis|arrest"
-WEAK_OUTCOME_WORDS = r"status|flag|positive|result"
+WEAK_OUTCOME_WORDS = r"status|flag|positive|result|(^|_)(cens|censor\w*|fail|failure)($|_)"  # a survival study's event flag
 DEMOGRAPHIC_WORDS = r"(^|_)(sex|gender|race|ethnic\w*|marital\w*|language|religion|insur\w*)($|_)"
 POST_OUTCOME_WORDS = (r"turnaround|result|(^|_)(vital|discharge|final|outcome|survival|alive)_?status|^status$|discharg|"
                       r"(^|_)[a-z]?los($|_)|length_?of_?stay|death_?(date|time|day)|date_?of_?death|(^|_)dod($|_)|follow_?up|"
@@ -235,14 +236,19 @@ def _sensitive(features: dict) -> dict:
     return out
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #00ca8cdc
-def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> SpecDraft:
-    "Draft the `dataset:` block of params.yaml for the cohort file at `path`, with the review notes."
+def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_000, outcome: str | None = None) -> SpecDraft:
+    "Draft the `dataset:` block of params.yaml for the cohort file at `path`, with the review notes (`outcome`: the user's choice)."
     path = Path(path)
     df = read_cohort(path).drop(columns=SOURCE_ROW)
     sample = df if len(df) <= max_rows else df.sample(max_rows, random_state=0)
     cols, review, excluded = list(df.columns), [], {}
     patient, row, other_ids = _pick_keys(df, cols)
     outcomes = _outcomes(sample, [c for c in cols if c not in (patient, row)])
+    if outcome is not None:   # named by the user: first, whatever the ranking says
+        if outcome not in cols: raise HealthmlError(f"--outcome: `{outcome}` is not a column of {path.name}",
+                                                    hint=f"the columns are: {', '.join(cols)}")
+        outcomes = [outcome] + [c for c in outcomes if c != outcome]
+        patient, row = (None if patient == outcome else patient), (None if row == outcome else row)
     outcome = outcomes[0] if outcomes else None
     rest = [c for c in cols if c not in (patient, row, outcome)]
     times = [c for c in rest if _is_time(sample[c])]
@@ -284,7 +290,10 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
     if row == ROW_KEY: review.insert(0, f"row_id: `{patient}` repeats and no column is unique, so `{ROW_KEY}` (each row's number, made at "
                                         "ingest) keys the rows; name the encounter key if the file has one")
     if outcome is None: review.insert(0, "outcome: no two-valued column found; name the outcome and its positive value")
-    elif len(outcomes) > 1: review.append(f"outcome: chose `{outcome}`; other two-valued columns: {', '.join(outcomes[1:6])}")
+    elif len(outcomes) > 1:
+        more = f" and {len(outcomes) - 9} more" if len(outcomes) > 9 else ""
+        review.append(f"outcome: chose `{outcome}`; other two-valued columns: {', '.join(outcomes[1:9])}{more} "
+                      "(`healthml init --outcome <column> --force` drafts again around another)")
     if outcome is not None:
         review.append(f"outcome: say what `{outcome}` counts and by when (dataset.outcome_description, dataset.prediction_time"
                       + (", and dataset.outcome_horizon_days: monitoring leaves out patients not yet followed that long)"
@@ -312,9 +321,9 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
             **({"missing_values": found} if found else {})}
     return SpecDraft(spec, review, len(df), int(flagged.sum()))
 
-def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_000) -> tuple[dict, list[str]]:
+def draft_spec(path: str | Path, name: str | None = None, max_rows: int = 200_000, outcome: str | None = None) -> tuple[dict, list[str]]:
     "Draft the `dataset:` block of params.yaml for the cohort file at `path`; return it and the review notes."
-    d = draft_cohort(path, name, max_rows)
+    d = draft_cohort(path, name, max_rows, outcome)
     return d.spec, d.review
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #7cc7f17d
