@@ -836,5 +836,8 @@ def phi_scan(spec: DatasetSpec, layout: Layout, tracking_uri: str | None = None,
     write_json(L.phi_scan, result)
     if not result["passed"]:
         raise PhiLeakError(f"{len(result['hits'])} suspected identifier(s) in pipeline outputs:\n" + leak_message(result["hits"]),
-                           hint=f"every hit is listed in {L.phi_scan}; find where the column or value enters and de-identify it")
+                           hint=f"every hit is listed in {L.phi_scan}; find where the column or value enters and de-identify it"
+                                + ("; a hit in an earlier MLflow run stays after a rerun: delete that run (`mlflow runs delete --run-id "
+                                   "<id>`, then `mlflow gc`)" if any(h["file"] == "mlflow" or h["file"].startswith("mlartifacts")
+                                                                      for h in result["hits"]) else ""))
     return result

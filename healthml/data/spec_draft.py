@@ -161,7 +161,8 @@ def _feature(col: str, s: pd.Series) -> tuple[dict | None, list[str], str | None
     notes, flagged = [], pd.Series(False, index=s.index)
     present = s.notna()
     if present.mean() < 0.05: notes.append(f"{1 - present.mean():.0%} missing")
-    if s.dropna().nunique() <= 1: notes.append("constant")
+    if s.dropna().nunique() <= 1:
+        return None, notes, "one value (or none) in this file: it carries no information; declare it if later extracts vary", flagged
     num = pd.to_numeric(s, errors="coerce")
     text = present & num.isna()
     if pd.api.types.is_numeric_dtype(s) or (num.notna().any() and text.sum() <= 0.05 * present.sum() and s.dropna().nunique() > 2):
@@ -175,6 +176,7 @@ def _feature(col: str, s: pd.Series) -> tuple[dict | None, list[str], str | None
             flagged |= num == value
         kept = num[~flagged].dropna()
         if kept.empty: return {"kind": "numeric"}, notes, None, flagged
+        if kept.isin((0, 1)).all(): return {"kind": "numeric", "min": 0, "max": 1}, notes, None, flagged   # a 0/1 flag: its range is known
         lo, hi = _outward(kept.min(), False), _outward(kept.max(), True)
         notes.append(f"observed {lo:g} to {hi:g} (rounded outward, all {len(s):,} rows): replace with the clinically plausible range and unit")
         return {"kind": "numeric", "min": lo, "max": hi}, notes, None, flagged
@@ -222,11 +224,20 @@ def _pick_site(df: pd.DataFrame, cols: list[str]) -> str | None:
             and (re.search(SITE_WORDS, c.lower()) or (not pd.api.types.is_numeric_dtype(df[c]) and _is_facility(df[c])))]
     return fits[0] if fits else None
 
-def _sensitive(features: dict) -> dict:
-    "Subgroup attributes from the cohort's own columns: sex/gender, race/ethnicity (categorical), age in bands."
+def _sensitive(features: dict, df: pd.DataFrame | None = None, review: list | None = None) -> dict:
+    """Subgroup attributes from the cohort's own columns: sex/gender, race/ethnicity (categorical, or a few integer codes
+    `df` shows: one band per code, labelled `<column>=<code>` until review says what each code means), age in bands."""
     out = {}
     for c, f in features.items():
-        if f["kind"] == "categorical" and re.search(r"(^|_)(sex|gender|race|ethnic\w*)($|_)", c.lower()): out[c] = {"column": c}
+        if not re.search(r"(^|_)(sex|gender|race|ethnic\w*)($|_)", c.lower()): continue
+        if f["kind"] == "categorical": out[c] = {"column": c}
+        elif df is not None:
+            codes = np.sort(df[c].dropna().unique())
+            if 2 <= len(codes) <= 10 and np.all(codes == np.round(codes)):
+                codes = [int(v) for v in codes]
+                out[c] = {"column": c, "bins": codes + [codes[-1] + 1], "labels": [f"{c}={v}" for v in codes]}
+                if review is not None: review.append(f"sensitive_attributes.{c}: coded {', '.join(map(str, codes))} in this file; "
+                                                     "replace each label with what its code means")
     age = next((c for c, f in features.items() if f["kind"] == "numeric" and _name_kind(c) == "age" and "min" in f), None)
     if age:
         lo, hi = int(np.floor(features[age]["min"])), int(np.floor(features[age]["max"])) + 1
@@ -310,7 +321,7 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
                             f"{', '.join(c for c in codes if c in features)}); remove a code that means something")
     if flagged.any(): review.append(f"{int(flagged.sum()):,} row(s) hold values the draft leaves out on purpose (codes, text in numbers): "
                                     "they fail validation until recoded")
-    sensitive = _sensitive(features)
+    sensitive = _sensitive(features, df, review)
     spec = {"name": name or re.sub(r"\W+", "_", path.stem).lower(), "file": str(path),
             "provenance": {"source": "TODO: who extracted this file, from which system, when", "sha256": sha256_file(path)},
             "patient_id": patient, **({"row_id": row} if row else {}), "outcome": outcome,
