@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, ROOT, project_env, run
+from healthml.core.errors import HealthmlError
 from healthml.deploy.serve import free_port, wait_until_ready
 
 MODELS = {"params.yaml": "synthetic-events-mortality", "readmission.yaml": "synthetic-events-readmission"}
@@ -66,16 +67,23 @@ def test_two_models_train_on_the_same_declared_features_and_the_audit_checks_eac
 
 
 def test_the_leakage_audit_catches_a_join_that_used_a_later_event(events_project, tmp_path):
-    def later(path):          # as a join on the stay would: the lactate's time an hour after admission
-        df = pd.read_parquet(path)
-        known = df.lactate_last_24h_at.notna()
-        df.loc[known, "lactate_last_24h_at"] = pd.to_datetime(df.loc[known, "admit_time"]) + pd.Timedelta(hours=1)
-        df.to_parquet(tmp_path/"joined_on_the_stay.parquet", index=False)
-        return str(tmp_path/"joined_on_the_stay.parquet")
-    p, layout, _ = stages(events_project, "params.yaml", "mutated", later)
+    def later(share):         # as a join on the stay would: the lactate's time an hour after admission, in `share` of stays
+        def mutate(path):
+            df = pd.read_parquet(path)
+            known = df.lactate_last_24h_at.notna() & (df.index % round(1 / share) == 0)
+            df.loc[known, "lactate_last_24h_at"] = pd.to_datetime(df.loc[known, "admit_time"]) + pd.Timedelta(hours=1)
+            df.to_parquet(tmp_path/f"joined_on_the_stay_{share}.parquet", index=False)
+            return str(tmp_path/f"joined_on_the_stay_{share}.parquet")
+        return mutate
+    p, layout, _ = stages(events_project, "params.yaml", "mutated", later(0.5))
     audit = json.loads(layout.leakage.read_text())
     assert audit["recorded_after_index"]["lactate_last_24h"] > 100
-    assert any(f.startswith("`lactate_last_24h`: ") and "recorded after the index time" in f for f in audit["flags"])
+    assert any(f.startswith("`lactate_last_24h`: ") and "recorded after the index time, set missing" in f for f in audit["flags"])
+    train = pd.read_parquet(layout.split_file("train"))               # the late values never reach a model
+    late = pd.to_numeric(train["lactate_last_24h_at"], errors="coerce") > 0
+    assert late.sum() > 50 and train.loc[late, "lactate_last_24h"].isna().all()
+    with pytest.raises(HealthmlError, match="feature `lactate_last_24h` has no value in the train split: its .* set missing"):
+        stages(events_project, "params.yaml", "every_stay", later(1))  # every value late: the feature would be empty
 
 
 def test_features_list_names_every_model_that_uses_a_feature(events_project):

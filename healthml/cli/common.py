@@ -89,7 +89,8 @@ def run_stage(stage: str, fn: Callable[[], str]) -> None:
     except Exception as e:
         if verbose(): raise
         console.print(f"[red]✗ {stage} failed unexpectedly ({type(e).__name__}).[/red] "
-                      "Rerun with --verbose for the traceback (it may quote data; do not paste it where PHI is not allowed).")
+                      f"Rerun it as `healthml --verbose {escape(stage)} ...` (the flag goes right after `healthml`) for the traceback "
+                      "(it may quote data; do not paste it where PHI is not allowed).")
         raise typer.Exit(2)
 
 # %% ../../nbs/60_cli/61_common.ipynb #24657efd

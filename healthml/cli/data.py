@@ -88,7 +88,12 @@ def split(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
         s = split_cohort(p.dataset, p.split, Layout(root), p.compute)
         flags = s["leakage_flags"]
         for f in flags: console.print(f"[yellow]! leakage audit:[/yellow] {escape(f)}")
-        return (f"{s['method']}: " + ", ".join(f"{k} {s[k]['patients']} patients ({s[k]['prevalence']:.1%} events)" for k in SPLITS)
+        rows = lambda k: f"{s[k]['rows']} encounters of " if s[k]["rows"] != s[k]["patients"] else ""
+        dropped = s.get("rows_dropped_at_time_boundaries", 0)
+        return (f"{s['method']}: " + ", ".join(f"{k} {rows(k)}{s[k]['patients']} patients ({s[k]['prevalence']:.1%} of patients with "
+                                               "an event)" for k in SPLITS)
+                + (f"; {dropped} encounter(s) dropped at the period boundaries (a patient's encounters in a later period than "
+                   "the patient's split)" if dropped else "")
                 + (f"; {len(flags)} leakage flag(s)" if flags else "; leakage audit clean"))
     run_stage("split", go)
 

@@ -68,11 +68,14 @@ app = typer.Typer()
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
-def summary_table(evaluation: dict) -> Table:
-    "The models' headline numbers under the size of the test set."
+def summary_table(evaluation: dict, split: dict | None = None) -> Table:
+    """The models' headline numbers under the size of the test set: its rows, and its patients when a patient has several
+    rows (`split`: metrics/split.json); events are counted as the metrics count them, by row."""
     from healthml.evaluation.result import EvaluationResult
     first = next(iter(EvaluationResult.from_json(evaluation).models.values()), {})
-    size = f": {first['n']:,} patients, {first['events']:,} events" if {"n", "events"} <= first.keys() else ""
+    test = (split or {}).get("test", {})
+    unit = (f"encounters ({test['patients']:,} patients)" if test.get("patients") not in (None, test.get("rows")) else "patients")
+    size = f": {first['n']:,} {unit}, {first['events']:,} events" if {"n", "events"} <= first.keys() else ""
     table = Table(title=f"Test set{size}", title_justify="left")
     for column in ("model", "AUROC (95% CI)", "slope", "O/E", "alerts/100"): table.add_column(column)
     for row in model_rows(evaluation): table.add_row(*row)
@@ -89,7 +92,7 @@ def summary(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     if not Path(root).is_dir(): raise typer.BadParameter(f"{root} is not a folder", param_hint="--root")
     layout, out = Layout(root), Console(highlight=False, soft_wrap=True)
     evaluation = _json(layout.evaluation)
-    out.print(summary_table(evaluation) if evaluation else f"[bold]Test set[/bold]  not evaluated ({layout.evaluation} not found)")
+    out.print(summary_table(evaluation, _json(layout.split_metrics)) if evaluation else f"[bold]Test set[/bold]  not evaluated ({layout.evaluation} not found)")
     out.print(f"[bold]Gate[/bold]    {gate_verdict(_json(layout.gate))}")
     out.print(f"[bold]Report[/bold]  {report_path(_json(layout.report_record), Path(root))}")
     try: line = mlflow_line(params, Path(root)) if Path(params).exists() else None

@@ -194,6 +194,9 @@ class DatasetSpec(StrictModel):
                 raise ValueError(f"`{name}` is a direct identifier ({self.identifiers[name].kind}) and cannot be a feature")
             if f.recorded_at and self.index_time is None:
                 raise ValueError(f"feature `{name}` has `recorded_at` but the dataset has no `index_time`")
+            if f.recorded_at in self.identifiers:   # de-identification would cut it to a year: every value would read as late
+                raise ValueError(f"`{f.recorded_at}` is feature `{name}`'s recorded_at and a date identifier: remove it from "
+                                 "dataset.identifiers (a recording time is kept as days from the index time)")
         if self.index_time and self.index_time in self.features:
             raise ValueError(f"the index time `{self.index_time}` cannot be a feature")
         problems = _source_problems(self)

@@ -664,16 +664,27 @@ def leak_message(hits: list[dict], n: int = 8) -> str:
     more = f"\n  ... and {len(hits) - n} more" if len(hits) > n else ""
     return "\n".join(lines) + more
 
-def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str, root: Path | None = None) -> dict:
+def keep_only_if_clean(scanner: PhiScanner, path: Path, message: str, hint: str, root: Path | None = None,
+                       spec: DatasetSpec | None = None, shown_as: str | None = None) -> dict:
     """Scan a new output (file or folder) before it is kept; on any hit delete it and raise `PhiLeakError`.
 
-    `message` may use `{n}` for the number of hits; the error lists each hit's file and place, never the value."""
+    `message` may use `{n}` for the number of hits; the error lists each hit's file and place, never the value. With
+    `spec`, the hint names the identifier columns of the kinds hit; `shown_as` names a temporary folder as its final place."""
     import shutil
     path = Path(path)
     scan = scan_paths(scanner, [path], root=root or path)
     if not scan["passed"]:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        raise PhiLeakError(message.format(n=len(scan["hits"])) + ":\n" + leak_message(scan["hits"]), hint=hint)
+        hits = scan["hits"]
+        if shown_as:
+            here = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
+            hits = [h | {"file": shown_as + h["file"].removeprefix(here)} if h["file"].startswith(here) else h for h in hits]
+        if spec is not None:
+            kinds = {h["kind"] for h in hits}
+            cols = [f"{c} ({k})" for c, k in _identifier_columns(spec).items() if k in kinds]
+            if cols: hint += (f"; the values found are those of {', '.join(cols)}: a column declared an identifier that is none (a "
+                              "lab named like one) belongs in dataset.features, not dataset.identifiers")
+        raise PhiLeakError(message.format(n=len(hits)) + ":\n" + leak_message(hits), hint=hint)
     return scan
 
 # %% ../../nbs/10_data/13_phi.ipynb #4936df7b
@@ -815,7 +826,8 @@ def deidentify(spec: DatasetSpec, cfg: DeidentifyConfig, layout: Layout, compute
             scanner = scanner_for(spec, layout)   # the identifier columns of the validated cohort, read here
             save_scanner(scanner, layout.phi_values, scanner_key(spec, layout.validated))
     scan = keep_only_if_clean(scanner, layout.deidentified, "{n} suspected identifier(s) remain after de-identification",
-                              hint="declare the column in `dataset.identifiers` (or drop it from the features)", root=layout.root)
+                              hint="declare the column in `dataset.identifiers` (or drop it from the features)", root=layout.root,
+                              spec=spec)
     record["scan"] = {k: v for k, v in scan.items() if k != "hits"}
     write_json(layout.deid_record, record)
     return record

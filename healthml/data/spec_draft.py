@@ -23,18 +23,19 @@ from .phi import PHI_PATTERNS
 # %% auto #0
 __all__ = ['IDENTIFIER_NAMES', 'EVENT_WORDS', 'WEAK_OUTCOME_WORDS', 'DEMOGRAPHIC_WORDS', 'POST_OUTCOME_WORDS', 'ID_WORDS',
            'PATIENT_WORDS', 'INDEX_WORDS', 'DAY_WORDS', 'YEAR_WORDS', 'SITE_WORDS', 'FACILITY_VALUES', 'SENTINELS',
-           'PLACEHOLDERS', 'SpecDraft', 'draft_cohort', 'draft_spec', 'spec_yaml']
+           'PLACEHOLDERS', 'SHAPED_KINDS', 'SpecDraft', 'draft_cohort', 'draft_spec', 'spec_yaml']
 
 # %% ../../nbs/10_data/14_spec_draft.ipynb #80579d1e
 IDENTIFIER_NAMES = [  # (pattern on the canonical, lower-cased column name, Safe Harbor kind)
     (r"(^|_)(first|last|given|family|middle|full|maiden|sur)_?name$|^(patient_|person_|pt_)?name$|^surname$", "name"),
     (r"address|street|addr_?line", "address"), (r"^(city|town)$|_city$", "city"),
-    (r"^zip|postcode|postal_?code|zipcode", "zip"), (r"fax", "fax"),
+    (r"^zip|postcode|postal_?code|zipcode", "zip"), (r"(^|_)fax($|_)", "fax"),
     (r"phone|^tel(ephone)?$|mobile|(^|_)cell($|_)", "phone"), (r"e_?mail", "email"), (r"^ssn$|social_?sec", "ssn"),
     (r"^mrn$|medical_?record|^mrn_|_mrn$", "mrn"), (r"^dob$|birth", "date"),
     (r"insurance|health_?plan|member_?id|policy|beneficiary", "health_plan"), (r"account|acct", "account"),
-    (r"licen[cs]e|certificate", "licence"), (r"^vin$|plate|vehicle", "vehicle"), (r"device|serial", "device"),
-    (r"^url$|website|web_?page", "url"), (r"^ip$|ip_?addr", "ip"), (r"photo|image|face", "photo"),
+    (r"^vin$|(^|_)(licen[cs]e_?)?plate(_?(no|num\w*|id))?$|vehicle", "vehicle"), (r"licen[cs]e|certificate", "licence"),
+    (r"(^|_)device(_?(id|no|num\w*))?$|(^|_)serial(_?(no|num\w*|id))?$", "device"),   # `platelet`, `serial_creatinine`: labs
+    (r"^url$|website|web_?page", "url"), (r"^ip$|ip_?addr", "ip"), (r"(^|_)(photo\w*|image|face|picture)($|_)", "photo"),
 ]
 EVENT_WORDS = r"death|dead|died|mortal|expire|readmi|outcome|event|label|target|(^|_)y($|_)|icu_?admi|intubat|sepsis|arrest"
 WEAK_OUTCOME_WORDS = r"status|flag|positive|result|(^|_)(cens|censor\w*|fail|failure)($|_)"  # a survival study's event flag
@@ -197,6 +198,19 @@ class SpecDraft:
     rows: int
     flagged_rows: int
 
+SHAPED_KINDS = ("vehicle", "device", "licence", "account", "health_plan", "photo", "url", "ip", "fax")  # codes, never fractions
+
+def _result_times(times: list[str], cols: list[str], index_time: str | None) -> dict[str, str]:
+    """Time columns named after another column (`bili_time`, `lactate_at`, `crp_resulted`): when that value was recorded,
+    proposed as its `recorded_at` (needs an index time to compare with)."""
+    if not index_time: return {}
+    out = {}
+    for t in times:
+        m = re.fullmatch(r"(.+?)_(time|at|datetime|date|ts|timestamp|resulted|result_time|drawn)", t.lower())
+        base = next((c for c in cols if m and c.lower() == m.group(1) and c != t), None)
+        if base and base != index_time: out[t] = base
+    return out
+
 def _later_share(t: pd.Series, index: pd.Series) -> float:
     "Share of rows (both recorded) whose time `t` lies after the index time."
     if pd.api.types.is_numeric_dtype(index):
@@ -267,8 +281,9 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
                                    [c for c in rest if _is_year_axis(c, df[c])])
     for c in outcomes[1:]:
         if re.search(EVENT_WORDS, c.lower()): excluded[c] = f"another outcome-like column beside `{outcome}`: a later or related outcome leaks"
+    result_times = _result_times(times, rest, index_time)   # `bili_time` beside `bili`: when each value was recorded
     for c in [*times, *[c for c in rest if _is_day_axis(c, df[c])]]:
-        if index_time and c not in (index_time, *excluded) and _name_kind(c) != "date":
+        if index_time and c not in (index_time, *excluded, *result_times) and _name_kind(c) != "date":
             later = _later_share(df[c], df[index_time])
             if later > 0.5: excluded[c] = f"recorded after the index time `{index_time}` in {later:.0%} of rows: not known at prediction"
     site = _pick_site(df, [c for c in rest if c not in excluded and c != index_time and not _name_kind(c)])
@@ -276,8 +291,9 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
     for key in (patient, row):
         if key and _name_kind(key) not in (None, "age"): identifiers[key] = {"kind": _name_kind(key)}
     for c in rest:
-        if c in excluded or c in (index_time, site): continue
+        if c in excluded or c in (index_time, site) or c in result_times: continue
         kind = _name_kind(c)
+        if kind in SHAPED_KINDS and pd.api.types.is_float_dtype(df[c]) and (df[c].dropna() % 1 != 0).any(): kind = None   # a measurement
         if kind == "name" and _is_facility(df[c]): kind = None
         if kind is None and re.search(POST_OUTCOME_WORDS, c.lower()):
             excluded[c] = "name suggests it is known only after the prediction (a result, turnaround, status, discharge or stay)"
@@ -297,6 +313,11 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
             notes.append("age: Safe Harbor codes ages over 89 as 90")
         review += [f"features.{c}: {n}" for n in notes]
     for c in other_ids: features.pop(c, None); excluded.setdefault(c, "an id-like column: a key, not a predictor")
+    for t, f in result_times.items():
+        if f in features:
+            features[f]["recorded_at"] = t
+            review.append(f"features.{f}: recorded_at: {t} (its values recorded after the index time are set missing at the split)")
+        else: identifiers[t] = {"kind": "date"}
     if patient is None: review.insert(0, "patient_id: no column looks like a patient key; name it")
     if row == ROW_KEY: review.insert(0, f"row_id: `{patient}` repeats and no column is unique, so `{ROW_KEY}` (each row's number, made at "
                                         "ingest) keys the rows; name the encounter key if the file has one")
@@ -310,7 +331,8 @@ def draft_cohort(path: str | Path, name: str | None = None, max_rows: int = 200_
                       + (", and dataset.outcome_horizon_days: monitoring leaves out patients not yet followed that long)"
                          if index_time else ")"))
     if excluded: review.append(f"excluded_columns: {len(excluded)} column(s) proposed as never a predictor, each with its reason; check each")
-    if identifiers: review.append(f"identifiers: {len(identifiers)} column(s) look like direct identifiers; check each kind")
+    named = ", ".join(f"{c} ({i['kind']})" for c, i in identifiers.items())
+    if identifiers: review.append(f"identifiers: {named} look like direct identifiers; check each kind")
     if site: review.append(f"site: `{site}` proposed as the site column (not a predictor); split.method: site holds one out "
                            "for external validation")
     review += [f"time columns: {', '.join(times)}"] if times else []

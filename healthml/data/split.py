@@ -22,7 +22,8 @@ __all__ = ['SPLITS', 'DROPPED', 'LeakageError', 'patient_split', 'assert_disjoin
            'period_starts', 'cut_at_period_starts', 'temporal_split', 'site_split', 'patient_facts',
            'combine_patient_facts', 'patient_assignment', 'row_splits', 'assign_splits', 'rank_auroc',
            'single_feature_auroc', 'rows_after_start', 'feature_row_hashes', 'after_index_rows', 'recorded_after_index',
-           'as_of_index_time', 'leakage_audit', 'split_summary', 'split_on_cluster', 'split_cohort']
+           'refuse_empty_features', 'as_of_index_time', 'leakage_audit', 'split_summary', 'split_on_cluster',
+           'split_cohort']
 
 # %% ../../nbs/10_data/15_split.ipynb #cbe62e62
 SPLITS = ("train", "validation", "test")
@@ -210,6 +211,15 @@ def recorded_after_index(splits: dict[str, pd.DataFrame], spec: DatasetSpec) -> 
     counts = [after_index_rows(s, spec) for s in splits.values()]
     return {f: int(sum(c[f].sum() for c in counts)) for f in (counts[0] if counts else {})}
 
+def refuse_empty_features(train_present: dict[str, int], late: dict[str, int]) -> None:
+    "Raise when a feature has no value in the train split (no model can learn it), saying whether late values were set missing."
+    empty = [f for f, n in train_present.items() if n == 0]
+    if empty:
+        f = empty[0]
+        why = f": its {late[f]:,} value(s) recorded after the index time were set missing" if late.get(f) else ""
+        raise HealthmlError(f"feature `{f}` has no value in the train split{why}",
+                            hint=f"check dataset.features.{f}.recorded_at (is it when the value was recorded?), or remove the feature")
+
 def as_of_index_time(d: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     """`d` with every value recorded after the index time set missing: at the prediction time it was not known, so no
     model may learn from it (a lab resulted hours later, a join that reached past the index time)."""
@@ -307,7 +317,8 @@ def _split_part(part: RowRange, name: str, label: pd.Series, starts: dict | None
         pq.write_table(table.filter(pa.array(keep)), Path(out_dir)/s/name)   # the file's own types, part after part
         mine[s] = df[keep]
     return {"narrow": {s: d[cols] for s, d in mine.items()}, "hashes": {s: feature_row_hashes(d, list(spec.features)) for s, d in mine.items()},
-            "recorded_after": recorded, "dropped": int((rows == DROPPED).sum())}
+            "recorded_after": recorded, "dropped": int((rows == DROPPED).sum()),
+            "train_present": {f: int(mine["train"][f].notna().sum()) for f in spec.features}}
 
 def split_on_cluster(client, spec: DatasetSpec, cfg: SplitConfig, layout: Layout, partition_rows: int) -> tuple[dict, dict, int, int]:
     """Split the de-identified cohort partition by partition on the Dask workers of `client` and write the split files.
@@ -333,6 +344,8 @@ def split_on_cluster(client, spec: DatasetSpec, cfg: SplitConfig, layout: Layout
             d.attrs = dict(attrs)
             if d.empty: raise HealthmlError(f"the {s} split is empty", hint="check split sizes, test_site or the cohort size")
         assert_disjoint(splits, spec.patient_id)
+        refuse_empty_features({f: sum(d["train_present"][f] for d in done) for f in spec.features},
+                              {f: sum(d["recorded_after"][f] for d in done) for f in done[0]["recorded_after"]})
         for s in SPLITS: concatenate_parquet([work/s/n for n in names], layout.split_file(s))
     finally: shutil.rmtree(work, ignore_errors=True)
     hashes = {s: pd.concat([d["hashes"][s] for d in done], ignore_index=True) for s in SPLITS}
@@ -356,6 +369,7 @@ def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout, compute: C
             assert_disjoint(splits, spec.patient_id)
             post = recorded_after_index(splits, spec)
             splits = {name: as_of_index_time(d, spec) for name, d in splits.items()}   # what the model may learn from
+            refuse_empty_features({f: int(splits["train"][f].notna().sum()) for f in spec.features}, post)
             audit = leakage_audit(splits, spec, cfg, recorded_after=post)
             for name, d in splits.items(): write_parquet(layout.split_file(name), d)
             dropped, engine = int((label == DROPPED).sum()), {}

@@ -87,16 +87,26 @@ def _leakage(rule: LeakageRule, audit: dict) -> tuple[bool, dict, str]:
               for k, n in found["rows_after_start"].items()]
            + [f"{s:.1%} of the {k} rows copy a training row's features (at most {rule.max_copied_share:.1%}: remove the copies)"
               for k, s in found["copied_share"].items()]
-           + [f"`{f}` alone has train AUROC {a:.3f} (>= {audit.get('auroc_threshold')}): if it is known only after the prediction "
-              f"time, move it to dataset.excluded_columns; if it is a legitimate predictor, add it to this rule's `accepted` with "
-              f"the reason" for f, a in found["suspected_leakage"].items()])
+           + _suspected(found["suspected_leakage"], audit.get("auroc_threshold")))
     accepted = {f: r for f, r in rule.accepted.items() if f in audit.get("suspected_leakage", [])}
     note = "".join(f"; accepted: `{f}` (AUROC {auroc.get(f, float('nan')):.3f}: {r})" for f, r in accepted.items())
     late = {f: n for f, n in audit.get("recorded_after_index", {}).items() if n}   # set missing by the split: never learnt from
-    note += "".join(f"; `{f}`: {n} value(s) recorded after the index time were set missing" for f, n in late.items())
-    if why: return False, {k: v for k, v in found.items() if v} | {"accepted": accepted}, "; ".join(why) + note
-    return True, {"accepted": accepted}, (f"no leak found: no patient in two splits, no copied test rows, every feature's "
-                                          f"single-feature AUROC below {audit.get('auroc_threshold')}" + note)
+    detail = {"accepted": accepted, "set_missing_after_index": late}
+    if why: return False, {k: v for k, v in found.items() if v} | detail, "; ".join(why) + note
+    return True, detail, (f"no leak found: no patient in two splits, no copied test rows, every feature's single-feature AUROC "
+                          f"below {audit.get('auroc_threshold')}" + note
+                          + "".join(f"; for information, `{f}`: {n} value(s) recorded after the index time were set missing"
+                                    for f, n in late.items()))
+
+def _suspected(aurocs: dict, threshold) -> list[str]:
+    "One reason for every suspected feature, the way out said once."
+    if not aurocs: return []
+    fix = ("if known only after the prediction time, move to dataset.excluded_columns; if a legitimate predictor, add to this "
+           "rule's `accepted` with the reason")
+    if len(aurocs) == 1:
+        (f, a), = aurocs.items()
+        return [f"`{f}` alone has train AUROC {a:.3f} (>= {threshold}): {fix}"]
+    return [", ".join(f"`{f}` ({a:.3f})" for f, a in aurocs.items()) + f" each alone have train AUROC >= {threshold}: {fix}"]
 
 # %% ../../nbs/40_governance/41_gate.ipynb #92c1dc04
 def _check(rule, r: EvaluationResult, evidence: dict, candidate: str) -> tuple[bool | None, dict, str]:
@@ -107,7 +117,9 @@ def _check(rule, r: EvaluationResult, evidence: dict, candidate: str) -> tuple[b
     if isinstance(rule, ThresholdRule):
         v = cand.get(rule.metric)
         ok = _within(v, rule.min, rule.max)
-        return ok, {"metric": rule.metric, "value": v}, f"{rule.metric} = {v} (must be {_bounds(rule.min, rule.max)})"
+        lever = ("; `evaluate.recalibration: platt` (or isotonic) refits the risks on the validation split"
+                 if not ok and v is not None and rule.metric.startswith(("calibration_", "observed_expected")) else "")
+        return ok, {"metric": rule.metric, "value": v}, f"{rule.metric} = {v} (must be {_bounds(rule.min, rule.max)}){lever}"
     if isinstance(rule, SubgroupRule):
         groups = [g for g in r.subgroups["groups"] if g["status"] == "ok" and g["n"] >= rule.min_n and in_scope(rule, g["attribute"])]
         bad = [{"attribute": g["attribute"], "group": g["group"], "n": g["n"], rule.metric: g.get(rule.metric)}

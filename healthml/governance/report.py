@@ -891,7 +891,8 @@ def _scan_for_phi(ctx: ReportContext, out_dir: Path, scanner=None) -> None:
     from healthml.data.phi import keep_only_if_clean, scanner_for
     keep_only_if_clean(scanner or scanner_for(ctx.params.dataset, ctx.layout), out_dir,
                        "the new report holds {n} suspected identifier(s); it was not kept",
-                       hint="find where the value enters the report and de-identify it upstream", root=ctx.layout.root.resolve())
+                       hint="find where the value enters the report and de-identify it upstream", root=ctx.layout.root.resolve(),
+                       spec=ctx.params.dataset, shown_as=str(ctx.layout.report_render.relative_to(ctx.layout.root)))
 
 # %% ../../nbs/40_governance/45_report.ipynb #150d05b1
 def verify_report(report_dir: str | Path, root: str | Path = ".", audit=None, anchor: str | None = None) -> list[str]:
