@@ -81,6 +81,13 @@ def test_every_way_around_the_gate_is_refused(registry_clone):
     r = cli(root, "model", "register", check=False)                      # 1. an edited verdict file
     assert r.returncode == 1 and "says PASS but its evidence gives FAIL" in r.stderr
     gate_file.write_bytes(original)
+    leak = root/"metrics/leakage.json"                                   # 2a. the leakage audit the leakage rule reads,
+    audit = leak.read_bytes()                                            #     its threshold raised so nothing is suspected
+    leak.write_text(leak.read_text().replace('"auroc_threshold": 0.8', '"auroc_threshold": 0.99', 1))
+    assert leak.read_bytes() != audit
+    r = cli(root, "model", "register", check=False)
+    assert r.returncode == 1 and "pipeline outputs differ from dvc.lock (stage split" in r.stderr, r.stderr
+    leak.write_bytes(audit)
     ev = root/"metrics/evaluate.json"
     ev.write_text(ev.read_text().replace('"auroc_ci_low": 0.', '"auroc_ci_low": 0.9', 1))
     r = cli(root, "model", "register", check=False)                      # 2. edited evidence
