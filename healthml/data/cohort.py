@@ -27,8 +27,8 @@ from ..core.rules import dataset_schema, whole_column_passes
 from ..core.spec import ROW_KEY, DatasetSpec, category_labels
 
 # %% auto #0
-__all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'read_missing_codes', 'ingest',
-           'Check', 'run_schema', 'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort',
+__all__ = ['CohortError', 'decimal_comma', 'read_cohort', 'spec_columns', 'select_cohort', 'coded_missing', 'read_missing_codes',
+           'ingest', 'Check', 'run_schema', 'outcome_checks', 'CohortValidationError', 'failure_table', 'clean_cohort',
            'empty_rows_check', 'row_numbers', 'check_partition', 'sum_checks', 'judge_validation', 'validate_cohort',
            'validate_on_cluster', 'validate', 'subgroup_frame']
 
@@ -177,14 +177,18 @@ def select_cohort(raw: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, d
     if spec.missing_values: record["missing_codes"] = read_missing_codes(kept, spec)
     return kept, record
 
+def coded_missing(col: pd.Series, codes) -> pd.Series:
+    "Rows of a text column whose value, spaces around it ignored, is one of `codes` (a number or date column holds none)."
+    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_datetime64_any_dtype(col): return pd.Series(False, index=col.index)
+    return col.notna() & col.astype(str).str.strip().isin(set(map(str, codes)))
+
 def read_missing_codes(df: pd.DataFrame, spec: DatasetSpec) -> dict[str, int]:
     """Replace, in place, each feature value that is one of `dataset.missing_values` (spaces around it ignored) by a
     missing value; return how many values each feature lost this way (counts only: the codes are the spec's own)."""
-    codes, out = set(map(str, spec.missing_values)), {}
+    out = {}
     for f in spec.features:
         col = df[f]
-        if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_datetime64_any_dtype(col): continue
-        hit = col.notna().to_numpy() & col.astype(str).str.strip().isin(codes).to_numpy()
+        hit = coded_missing(col, spec.missing_values).to_numpy()
         if hit.any():
             col = col.mask(hit)
             num = pd.to_numeric(col, errors="coerce") if spec.features[f].kind == "numeric" else None

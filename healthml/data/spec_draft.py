@@ -16,7 +16,7 @@ import yaml
 
 from ..core.errors import HealthmlError
 from ..core.spec import ROW_KEY
-from .cohort import SOURCE_ROW, read_cohort
+from .cohort import SOURCE_ROW, coded_missing, read_cohort
 from ..core.io import sha256_file
 from .phi import PHI_PATTERNS
 
@@ -152,9 +152,8 @@ def _sentinels(col: str, x: pd.Series) -> dict[float, int]:
 PLACEHOLDERS = ("?", ".", "-", "--", "*")  # what extracts write for "not recorded" (NA, null, N/A are read as missing already)
 
 def _placeholders(s: pd.Series) -> pd.Series:
-    "Rows whose value is only a placeholder for a missing value (`?`, `.`, `-`), spaces around it ignored; text columns only."
-    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_datetime64_any_dtype(s): return pd.Series(False, index=s.index)
-    return s.notna() & s.astype(str).str.strip().isin(PLACEHOLDERS)
+    "Rows whose value is only a placeholder for a missing value (`?`, `.`, `-`), as ingest reads `dataset.missing_values`."
+    return coded_missing(s, PLACEHOLDERS)
 
 def _feature(col: str, s: pd.Series) -> tuple[dict | None, list[str], str | None, pd.Series]:
     """One column's draft: its feature entry (or None and the reason to exclude it), notes for the reviewer,

@@ -220,10 +220,11 @@ def refuse_empty_features(train_present: dict[str, int], late: dict[str, int]) -
         raise HealthmlError(f"feature `{f}` has no value in the train split{why}",
                             hint=f"check dataset.features.{f}.recorded_at (is it when the value was recorded?), or remove the feature")
 
-def as_of_index_time(d: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+def as_of_index_time(d: pd.DataFrame, spec: DatasetSpec, late: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """`d` with every value recorded after the index time set missing: at the prediction time it was not known, so no
-    model may learn from it (a lab resulted hours later, a join that reached past the index time)."""
-    late = {f: m for f, m in after_index_rows(d, spec).items() if m.any()}
+    model may learn from it (a lab resulted hours later, a join that reached past the index time). `late`: its
+    `after_index_rows`, when already computed."""
+    late = {f: m for f, m in (after_index_rows(d, spec) if late is None else late).items() if m.any()}
     if not late: return d
     d = d.copy()
     for f, m in late.items(): d[f] = d[f].mask(m)
@@ -304,13 +305,13 @@ def _split_part(part: RowRange, name: str, label: pd.Series, starts: dict | None
     df = table.to_pandas()
     rows = row_splits(df, label, spec, starts)
     inside = (rows != DROPPED).to_numpy()
-    late = {f: m for f, m in after_index_rows(df, spec).items()}
+    late = after_index_rows(df, spec)
     recorded = {f: int((m & inside).sum()) for f, m in late.items()}
     for f, m in late.items():   # as `as_of_index_time`: a value recorded after the index time is set missing
         if m.any():
             i = table.schema.get_field_index(f)
             table = table.set_column(i, f, pc.if_else(pa.array(m), pa.scalar(None, table[f].type), table[f].combine_chunks()))
-    df = as_of_index_time(df, spec)
+    df = as_of_index_time(df, spec, late)
     cols, mine = _narrow_columns(df.columns, spec), {}
     for s in SPLITS:
         keep = (rows == s).to_numpy()
@@ -367,8 +368,9 @@ def split_cohort(spec: DatasetSpec, cfg: SplitConfig, layout: Layout, compute: C
             for name, d in splits.items():
                 if d.empty: raise HealthmlError(f"the {name} split is empty", hint="check split sizes, test_site or the cohort size")
             assert_disjoint(splits, spec.patient_id)
-            post = recorded_after_index(splits, spec)
-            splits = {name: as_of_index_time(d, spec) for name, d in splits.items()}   # what the model may learn from
+            late = {name: after_index_rows(d, spec) for name, d in splits.items()}
+            post = {f: int(sum(m[f].sum() for m in late.values())) for f in late["train"]}   # as `recorded_after_index`
+            splits = {name: as_of_index_time(d, spec, late[name]) for name, d in splits.items()}   # what the model may learn from
             refuse_empty_features({f: int(splits["train"][f].notna().sum()) for f in spec.features}, post)
             audit = leakage_audit(splits, spec, cfg, recorded_after=post)
             for name, d in splits.items(): write_parquet(layout.split_file(name), d)
