@@ -97,6 +97,13 @@ class LeakageRule(_Rule):
     accepted: dict[str, str] = {}  # feature -> why its strong single-feature AUROC is not leakage (a reviewed decision)
     max_copied_share: float = Field(0.01, ge=0, le=1)  # share of a validation/test split's rows that may copy a training row
 
+    @field_validator("accepted")
+    @classmethod
+    def _reasons(cls, accepted):
+        blank = [f for f, why in accepted.items() if not str(why).strip()]
+        if blank: raise ValueError(f"accepted `{blank[0]}` needs the reviewed reason it is no leak, not an empty one")
+        return accepted
+
 Rule = Annotated[Union[ThresholdRule, SubgroupRule, FairnessRule, NonInferiorityRule, ParityRule, DirectionRule, PrivacyRule,
                        LeakageRule],
                  Field(discriminator="kind")]
