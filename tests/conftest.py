@@ -74,7 +74,7 @@ def copy_project(dest: Path) -> Path:
         if src.is_file():
             (dest/f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest/f)
-    for f in ["reports", "report", "models", "metrics", "plots", "datacard", "dvc.lock"]:  # a fresh project: no earlier outputs
+    for f in ["reports", "report", "models", "metrics", "plots", "datacard", "seals", "dvc.lock"]:  # a fresh project: no earlier outputs
         p = dest/f
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run(["git", "init", "-q"], dest)
@@ -146,7 +146,7 @@ def set_params(root: Path, **changes) -> None:
     (root/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-SNAPSHOT = ("models", "metrics", "plots", "report", "reports", "datacard", "data/processed", "dvc.lock", "params.yaml")
+SNAPSHOT = ("models", "metrics", "plots", "report", "reports", "datacard", "seals", "data/processed", "dvc.lock", "params.yaml")
 
 
 def build_three_versions(shared: Path) -> Path:

@@ -19,7 +19,7 @@ from ..core.errors import HealthmlError
 
 # %% auto #0
 __all__ = ['TELEMETRY_OFF', 'console', 'ParamsOpt', 'RootOpt', 'ActorOpt', 'ReasonOpt', 'SETTINGS', 'QUIET_LOGGERS',
-           'telemetry_off', 'verbose', 'quiet_libraries', 'need', 'fail', 'Caution', 'run_stage',
+           'telemetry_off', 'verbose', 'quiet_libraries', 'need', 'fail', 'Caution', 'run_stage', 'sealed',
            'flags_without_placeholder']
 
 # %% ../../nbs/60_cli/61_common.ipynb #2ec3e81d
@@ -92,6 +92,16 @@ def run_stage(stage: str, fn: Callable[[], str]) -> None:
                       f"Rerun it as `healthml --verbose {escape(stage)} ...` (the flag goes right after `healthml`) for the traceback "
                       "(it may quote data; do not paste it where PHI is not allowed).")
         raise typer.Exit(2)
+
+def sealed(stage: str, root: Path, fn: Callable[[], str]) -> Callable[[], str]:
+    """`fn`, then the outputs of pipeline stage `stage` sealed: signed with the audit key in `seals/<stage>.json`, so the gate
+    and registration can tell them from an edit DVC recorded (`healthml.governance.seal`; nothing when run outside a pipeline)."""
+    def go():
+        summary = fn()
+        from healthml.governance.seal import seal_stage
+        seal_stage(root, stage)
+        return summary
+    return go
 
 # %% ../../nbs/60_cli/61_common.ipynb #24657efd
 def _flag_type(display):

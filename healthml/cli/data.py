@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .common import ParamsOpt, RootOpt, console, need, run_stage
+from .common import ParamsOpt, RootOpt, console, need, run_stage, sealed
 from ..core.errors import HealthmlError
 from ..core.layout import Layout
 from ..core.params import load_params
@@ -36,7 +36,7 @@ def ingest(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
                 f"(leak / post-index), dropped {len(r['unspecified_dropped'])} unspecified; sha256 {r['sha256'][:12]}"
                 + (f"; {sum(r['missing_codes'].values())} placeholder value(s) in {len(r['missing_codes'])} feature(s) read as "
                    "missing (dataset.missing_values)" if r.get("missing_codes") else ""))
-    run_stage("ingest", go)
+    run_stage("ingest", sealed("ingest", root, go))
 
 # %% ../../nbs/60_cli/62_data.ipynb #4c806ce3
 @app.command(rich_help_panel="Pipeline stages")
@@ -53,7 +53,7 @@ def validate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
         q = f"; {r['rows_quarantined']} quarantined" if r["rows_quarantined"] else ""
         w = f"; {r['n_warnings']} warning(s) for the report" if r["n_warnings"] else ""
         return f"{r['rows_kept']} of {r['rows']} rows passed {r['n_checks']} checks{q}{w}"
-    run_stage("validate", go)
+    run_stage("validate", sealed("validate", root, go))
 
 # %% ../../nbs/60_cli/62_data.ipynb #f0b90d47
 @app.command(rich_help_panel="Pipeline stages")
@@ -72,7 +72,7 @@ def deidentify(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."
         removed = sum(a["action"] == "removed" for a in r["actions"])
         return (f"{r['rows']} rows; {removed} identifier column(s) removed, {len(r['actions']) - removed} generalised or "
                 f"replaced; scan of {r['scan']['identifier_values']} identifier values: clean")
-    run_stage("deidentify", go)
+    run_stage("deidentify", sealed("deidentify", root, go))
 
 # %% ../../nbs/60_cli/62_data.ipynb #8d2f0ca0
 @app.command(rich_help_panel="Pipeline stages")
@@ -95,7 +95,7 @@ def split(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
                 + (f"; {dropped} encounter(s) dropped at the period boundaries (a patient's encounters in a later period than "
                    "the patient's split)" if dropped else "")
                 + (f"; {len(flags)} leakage flag(s)" if flags else "; leakage audit clean"))
-    run_stage("split", go)
+    run_stage("split", sealed("split", root, go))
 
 # %% ../../nbs/60_cli/62_data.ipynb #7fcb26e6
 @app.command(rich_help_panel="Pipeline stages")
@@ -114,7 +114,7 @@ def datacard(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
         return (f"{c['dataset']}: sample size {'adequate' if r['adequate'] else 'BELOW the Riley minimum'}: "
                 f"{r['n_train']:,} training {c['unit']}s with {r['events_train']:,} events, {r['n_required']:,} with "
                 f"{r['events_required']:,} events needed; datacard/dataset_card.html")
-    run_stage("datacard", go)
+    run_stage("datacard", sealed("datacard", root, go))
 
 # %% ../../nbs/60_cli/62_data.ipynb #d288671a
 phi_app = typer.Typer(help="PHI tools: scan pipeline outputs for identifiers.", no_args_is_help=True)
@@ -136,7 +136,7 @@ def phi_scan(paths: Annotated[list[Path] | None, typer.Argument(help="Files or f
         r = _scan(p.dataset, Layout(root), uri, [Path(x) for x in paths] if paths else None)
         return (f"{r['files_scanned']} files{' + MLflow store' if mlflow else ''} scanned for {len(r['patterns'])} patterns and "
                 f"{r['identifier_values']} identifier values: no PHI found")
-    run_stage("phi scan", go)
+    run_stage("phi scan", sealed("phi_scan", root, go))
 
 # %% ../../nbs/60_cli/62_data.ipynb #20a38afe
 spec_app = typer.Typer(help="Dataset spec tools.", no_args_is_help=True)

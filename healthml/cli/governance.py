@@ -13,7 +13,7 @@ import typer
 
 from rich.markup import escape
 
-from .common import ActorOpt, ParamsOpt, ReasonOpt, RootOpt, console, run_stage
+from .common import ActorOpt, ParamsOpt, ReasonOpt, RootOpt, console, run_stage, sealed
 from ..core.layout import Layout
 from ..core.params import load_params
 
@@ -39,7 +39,7 @@ def report(ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), root: Ro
         from healthml.governance.report import build_report
         out = build_report(root, params)
         return f"{out.relative_to(Path(root).resolve())}/validation.html"
-    run_stage("report", go)
+    run_stage("report", sealed("report", root, go))
 
 # %% ../../nbs/60_cli/64_governance.ipynb #bff35d4b
 @report_app.command("verify")
@@ -63,15 +63,19 @@ def report_verify(report_dir: Annotated[Path, typer.Argument(help="A filed repor
 def gate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
     """Apply the pre-specified promotion rules (params.yaml `gate:`); exit 1 if any fails.
 
-    Writes metrics/gate.json with the verdict and the evidence for every rule. Example: healthml gate"""
+    Writes metrics/gate.json with the verdict and the evidence for every rule. In a pipeline (a dvc.yaml beside it) the
+    evidence must be what its stages wrote: each stage's seal must hold (`healthml.governance.seal`).
+    Example: healthml gate"""
     def go():
         from healthml.core.errors import ConfigError
-        from healthml.governance.gate import run_gate
-        p = load_params(params)
+        from healthml.governance.gate import evidence_files, run_gate
+        from healthml.governance.seal import check_seals
+        p, layout = load_params(params), Layout(root)
         if p.gate is None:
             raise ConfigError("params.yaml has no `gate:` section, so no model can pass",
                               hint="pre-specify promotion rules under `gate:` (see README)")
-        v = run_gate(p.gate, Layout(root))
+        if (Path(root)/"dvc.yaml").exists(): check_seals(root, evidence_files(layout))
+        v = run_gate(p.gate, layout)
         applied = [r for r in v["rules"] if r["passed"] is not None]
         return f"PASS: {len(applied)} rules passed, {len(v['rules']) - len(applied)} not applicable (plan '{v['plan']}')"
     run_stage("gate", go)

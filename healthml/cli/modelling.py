@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from .common import Caution, ParamsOpt, RootOpt, run_stage
+from .common import Caution, ParamsOpt, RootOpt, run_stage, sealed
 from ..core.layout import Layout
 from ..core.params import load_params
 
@@ -34,7 +34,7 @@ def train(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
         r = train_models(p, Layout(root), track=track)
         return ("validation AUROC " + ", ".join(f"{m} {r[m]['validation_auroc']:.3f}" for m in p.model_names)
                 + ("; logged to MLflow" if track else ""))
-    run_stage("train", go)
+    run_stage("train", sealed("train", root, go))
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #6889ccfa
 @app.command(rich_help_panel="Pipeline stages")
@@ -51,7 +51,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."))
             return Caution(f"every estimate insufficient: {cand['reason']}; the gate will fail")
         return "; ".join(f"{m} AUROC {v['auroc']:.3f} ({v['auroc_ci_low']:.3f}-{v['auroc_ci_high']:.3f}), "
                          f"slope {v['calibration_slope']:.2f}" for m, v in r.models.items())
-    run_stage("evaluate", go)
+    run_stage("evaluate", sealed("evaluate", root, go))
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #1b95b815
 @app.command(rich_help_panel="Pipeline stages")
@@ -68,7 +68,7 @@ def export(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
             return f" (no compiled trees: {c['why']})" if c.get("built") is False and "tree ensemble" not in c.get("why", "") else \
                    ("" if not c.get("built") else f" (compiled trees refused: {c['max_abs_diff_onnx']:.1e} from ONNX)")
         return "; ".join(f"{m} parity max |dp| {v['max_abs_diff']:.1e}{trees(v.get('compiled') or {})}" for m, v in r.items())
-    run_stage("export", go)
+    run_stage("export", sealed("export", root, go))
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #2b535994
 @app.command(rich_help_panel="Pipeline stages")
@@ -85,7 +85,7 @@ def footprint(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")
         p = load_params(params)
         r = measure_footprint(p, Layout(root), records, rounds)
         return "; ".join(f"{m} {r[m]['onnx_bytes'] / 1000:,.0f} KB, {r[m]['latency']['median_us']:.0f} us per record" for m in p.model_names)
-    run_stage("footprint", go)
+    run_stage("footprint", sealed("footprint", root, go))
 
 # %% ../../nbs/60_cli/63_modelling.ipynb #101b22ae
 @app.command(rich_help_panel="Pipeline stages")
@@ -100,4 +100,4 @@ def privacy(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
         s = r["summary"]
         return (f"membership attack AUC {s['mia_auc']:.3f} (upper 95% bound {s['mia_auc_ci_high']:.3f}, {s['strongest_attack']} attack); "
                 f"label screen flags {r['screen']['flagged']:,} of {r['screen']['rows']:,} training rows")
-    run_stage("privacy", go)
+    run_stage("privacy", sealed("privacy", root, go))

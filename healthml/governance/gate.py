@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..core.errors import HealthmlError
 from ..core.io import write_json
@@ -15,8 +16,8 @@ from ..core.params import (DirectionRule, FairnessRule, GateConfig, LeakageRule,
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
-__all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'optional_evidence', 'run_summary',
-           'run_gate']
+__all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'optional_evidence', 'evidence_files',
+           'run_summary', 'run_gate']
 
 # %% ../../nbs/40_governance/41_gate.ipynb #6e90f0bd
 class GateFailed(HealthmlError):
@@ -174,10 +175,16 @@ def evaluate_gate(cfg: GateConfig, evidence: dict) -> dict:
             "verdict": "PASS" if not failed else "FAIL", "rules": results}
 
 # %% ../../nbs/40_governance/41_gate.ipynb #bc76e4b5
+def _needed(layout: Layout) -> dict[str, Path]:
+    return {"evaluation": layout.evaluation, "comparison": layout.comparison, "subgroups": layout.subgroups,
+            "robustness": layout.robustness, "export": layout.export_metrics}
+
+def _optional(layout: Layout) -> dict[str, Path]:
+    return {"privacy": layout.privacy, "leakage": layout.leakage}
+
 def gate_evidence(layout: Layout) -> dict:
     "The evaluation outputs the rules read."
-    paths = {"evaluation": layout.evaluation, "comparison": layout.comparison, "subgroups": layout.subgroups,
-             "robustness": layout.robustness, "export": layout.export_metrics}
+    paths = _needed(layout)
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing: raise HealthmlError(f"gate needs {', '.join(missing)}", hint="run `dvc repro evaluate export` first")
     out = {k: json.loads(p.read_text()) for k, p in paths.items()}
@@ -186,7 +193,11 @@ def gate_evidence(layout: Layout) -> dict:
 def optional_evidence(layout: Layout) -> dict:
     """The evidence only some rules read, when present: a privacy or leakage rule without its file fails, saying so; a plan
     without one does not need it."""
-    return {k: json.loads(p.read_text()) for k, p in {"privacy": layout.privacy, "leakage": layout.leakage}.items() if p.exists()}
+    return {k: json.loads(p.read_text()) for k, p in _optional(layout).items() if p.exists()}
+
+def evidence_files(layout: Layout) -> list[Path]:
+    "Every file the rules read (the optional ones when present): what must be sealed by the stage that wrote it (`governance.seal`)."
+    return [*_needed(layout).values(), *(p for p in _optional(layout).values() if p.exists())]
 
 SUMMARY_METRICS = ("auroc", "auroc_ci_low", "auroc_ci_high", "calibration_slope", "calibration_intercept", "observed_expected",
                    "brier", "alerts_per_100")

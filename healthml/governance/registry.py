@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .audit import AuditLog, actor_name, verify_log
-from .gate import evaluate_gate, gate_evidence
+from .gate import evaluate_gate, evidence_files, gate_evidence
+from .seal import check_seals
 from .report import file_report, write_index
 from ..core.errors import HealthmlError
 from ..core.faults import checkpoint
@@ -26,7 +27,7 @@ from ..modelling.train import mlflow_experiment, using_tracking
 # %% auto #0
 __all__ = ['CHAMPION', 'CANDIDATE', 'T_ANCHOR', 'ONNX_ARTIFACT', 'EVIDENCE_ARTIFACT', 'EXPLAINER_ARTIFACT', 'TREES_ARTIFACT',
            'RegistryError', 'synthetic_example', 'RegistryState', 'log_state', 'previous_champion', 'Registry', 'sync',
-           'outputs_current', 'verified_verdict', 'dvc_hashes', 'feature_lineage', 'register_version',
+           'outputs_current', 'sealed_inputs', 'verified_verdict', 'dvc_hashes', 'feature_lineage', 'register_version',
            'verify_artifact', 'evidence_verdict', 'ServedModel', 'parse_model_ref', 'resolve_model', 'promote',
            'rollback', 'lineage', 'verify_audit']
 
@@ -189,6 +190,14 @@ def outputs_current(layout: Layout) -> None:
         raise RegistryError(f"pipeline outputs differ from dvc.lock (stage {stage}: {', '.join(kinds)}); nothing registered",
                             hint="run `dvc repro` so the evidence is what the pipeline produced (an edited metrics file is refused)")
 
+def sealed_inputs(layout: Layout, candidate: str) -> None:
+    """Raise unless what registration reads or logs (the gate's evidence, the models, the report, the training data's
+    record) is what its stage wrote: every stage's seal holds, under the audit key. `dvc commit` cannot make a seal, so an
+    edited output that DVC recorded in dvc.lock is still refused."""
+    L = layout
+    check_seals(L.root, [*evidence_files(L), L.onnx_models, L.model_file(candidate), L.report_render, L.ingest_record,
+                         L.split_file("train")])
+
 def verified_verdict(params: Params, layout: Layout) -> dict:
     "The gate verdict recomputed from the pipeline's outputs; `metrics/gate.json` must say the same."
     if params.gate is None: raise RegistryError("params.yaml has no `gate:` section", hint="pre-specify promotion rules")
@@ -297,6 +306,7 @@ def register_version(reg: Registry, actor: str | None = None) -> tuple[dict, lis
     reg.check_log()
     notes = sync(reg)                                        # finish an interrupted action first
     outputs_current(L)
+    sealed_inputs(L, p.candidate)
     verdict = verified_verdict(p, L)
     onnx_sha = sha256_file(L.model_file(p.candidate, "onnx"))
     logged = [v for v, d in reg.state().versions.items() if d.get("onnx_sha256") == onnx_sha]
