@@ -102,6 +102,12 @@ def test_every_way_around_the_gate_is_refused(registry_clone):
     assert r.returncode == 1 and "seals/split.json is not signed with the audit key" in r.stderr, r.stderr
     (root/"seals/split.json").write_bytes(sealed)
     leak.write_bytes(audit)
+    params = (root/"params.yaml").read_bytes()                          # 2d. evidence and params that disagree (computed
+    set_params(root, **{"evaluate.ci_level": 0.5})                       #     at one CI level, recorded under another)
+    run(["dvc", "commit", "-f", "-q"], root)
+    r = cli(root, "model", "register", check=False)
+    assert r.returncode == 1 and "params.yaml:evaluate is not the value `healthml evaluate` ran with" in r.stderr, r.stderr
+    (root/"params.yaml").write_bytes(params)
     run(["dvc", "commit", "-f", "-q"], root)
     assert "up to date" in run(["dvc", "status"], root).stdout
     ev = root/"metrics/evaluate.json"
