@@ -87,7 +87,7 @@ def test_every_way_around_the_gate_is_refused(registry_clone):
     assert leak.read_bytes() != audit
     r = cli(root, "model", "register", check=False)
     assert r.returncode == 1 and "pipeline outputs differ from dvc.lock (stage split" in r.stderr, r.stderr
-    run(["dvc", "commit", "-f", "-q"], root)                            # 2b. the edit recorded by DVC itself: dvc.lock
+    run(["dvc", "commit", "-f", "-q", "split"], root)                         # 2b. the edit recorded by DVC itself: dvc.lock
     assert "up to date" in run(["dvc", "status"], root).stdout           #     now agrees, but no stage sealed it
     for args in (["gate"], ["model", "register"]):
         r = cli(root, *args, check=False)
@@ -97,7 +97,7 @@ def test_every_way_around_the_gate_is_refused(registry_clone):
     seal = json.loads(sealed)                                            # 2c. its seal rewritten to match, without the key
     seal["outs"]["metrics/leakage.json"] = hashlib.sha256(leak.read_bytes()).hexdigest()
     (root/"seals/split.json").write_text(json.dumps(seal))
-    run(["dvc", "commit", "-f", "-q"], root)
+    run(["dvc", "commit", "-f", "-q", "split"], root)
     r = cli(root, "model", "register", check=False)
     assert r.returncode == 1 and "seals/split.json is not signed with the audit key" in r.stderr, r.stderr
     (root/"seals/split.json").write_bytes(sealed)
