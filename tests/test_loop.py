@@ -81,13 +81,18 @@ def test_every_way_around_the_gate_is_refused(registry_clone):
     r = cli(root, "model", "register", check=False)                      # 1. an edited verdict file
     assert r.returncode == 1 and "says PASS but its evidence gives FAIL" in r.stderr
     gate_file.write_bytes(original)
+    lenient = root.parent/"lenient.yaml"                                 # 1b. the rules read from another params file
+    lenient.write_bytes((root/"params.yaml").read_bytes())
+    for args in (["gate"], ["model", "register"]):
+        r = cli(root, *args, "--params", str(lenient), check=False)
+        assert r.returncode == 1 and "the params the pipeline ran with" in r.stderr, r.stderr
     leak = root/"metrics/leakage.json"                                   # 2a. the leakage audit the leakage rule reads,
     audit = leak.read_bytes()                                            #     its threshold raised so nothing is suspected
     leak.write_text(leak.read_text().replace('"auroc_threshold": 0.8', '"auroc_threshold": 0.99', 1))
     assert leak.read_bytes() != audit
     r = cli(root, "model", "register", check=False)
     assert r.returncode == 1 and "pipeline outputs differ from dvc.lock (stage split" in r.stderr, r.stderr
-    run(["dvc", "commit", "-f", "-q", "split"], root)                         # 2b. the edit recorded by DVC itself: dvc.lock
+    run(["dvc", "commit", "-f", "-q"], root)                            # 2b. the edit recorded by DVC itself: dvc.lock
     assert "up to date" in run(["dvc", "status"], root).stdout           #     now agrees, but no stage sealed it
     for args in (["gate"], ["model", "register"]):
         r = cli(root, *args, check=False)

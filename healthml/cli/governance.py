@@ -18,8 +18,8 @@ from ..core.layout import Layout
 from ..core.params import load_params
 
 # %% auto #0
-__all__ = ['app', 'report_app', 'model_app', 'audit_app', 'report', 'report_verify', 'gate', 'registry', 'describe',
-           'model_register', 'model_promote', 'model_rollback', 'model_list', 'model_show', 'audit_verify',
+__all__ = ['app', 'report_app', 'model_app', 'audit_app', 'report', 'report_verify', 'gate', 'pipeline_params', 'registry',
+           'describe', 'model_register', 'model_promote', 'model_rollback', 'model_list', 'model_show', 'audit_verify',
            'lineage_cmd']
 
 # %% ../../nbs/60_cli/64_governance.ipynb #8cea9a86
@@ -70,7 +70,7 @@ def gate(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
         from healthml.core.errors import ConfigError
         from healthml.governance.gate import evidence_files, run_gate
         from healthml.governance.seal import check_seals
-        p, layout = load_params(params), Layout(root)
+        p, layout = load_params(pipeline_params(params, root)), Layout(root)
         if p.gate is None:
             raise ConfigError("params.yaml has no `gate:` section, so no model can pass",
                               hint="pre-specify promotion rules under `gate:` (see README)")
@@ -85,6 +85,16 @@ model_app = typer.Typer(help="The model registry: register, promote, roll back, 
 audit_app = typer.Typer(help="The hash-chained audit log of registry actions.", no_args_is_help=True)
 app.add_typer(model_app, name="model", rich_help_panel="Governance")
 app.add_typer(audit_app, name="audit", rich_help_panel="Governance")
+
+def pipeline_params(params: Path, root: Path) -> Path:
+    """`params`, unless `root` is a pipeline (it has a dvc.yaml) and `params` is not its params.yaml, the one its stages
+    ran with and sealed: the gate's rules and the evidence they judge come from one file."""
+    own = Path(root)/"params.yaml"
+    if (Path(root)/"dvc.yaml").exists() and Path(params).resolve() != own.resolve():
+        from healthml.core.errors import ConfigError
+        raise ConfigError(f"--params {params} is not {own}, the params the pipeline ran with: the gate's rules must come from it",
+                          hint="drop --params (to change a rule, edit params.yaml and run `dvc repro`)")
+    return params
 
 def registry(params: Path, root: Path):
     "The project's registry, as params.yaml `tracking:` configures it."
@@ -109,7 +119,7 @@ def model_register(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path
     Example: dvc repro && healthml model register"""
     def go():
         from healthml.governance.registry import register_version
-        v, notes = register_version(registry(params, root), actor)
+        v, notes = register_version(registry(pipeline_params(params, root), root), actor)
         _notes(notes)
         return describe(v)
     run_stage("register", go)

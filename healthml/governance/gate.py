@@ -16,8 +16,8 @@ from ..core.params import (DirectionRule, FairnessRule, GateConfig, LeakageRule,
 from ..evaluation.result import EvaluationResult, attribute_gaps
 
 # %% auto #0
-__all__ = ['SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'optional_evidence', 'evidence_files',
-           'run_summary', 'run_gate']
+__all__ = ['WRITTEN_BY', 'SUMMARY_METRICS', 'GateFailed', 'in_scope', 'evaluate_gate', 'gate_evidence', 'optional_evidence',
+           'evidence_files', 'run_summary', 'run_gate']
 
 # %% ../../nbs/40_governance/41_gate.ipynb #6e90f0bd
 class GateFailed(HealthmlError):
@@ -195,9 +195,13 @@ def optional_evidence(layout: Layout) -> dict:
     without one does not need it."""
     return {k: json.loads(p.read_text()) for k, p in _optional(layout).items() if p.exists()}
 
-def evidence_files(layout: Layout) -> list[Path]:
-    "Every file the rules read (the optional ones when present): what must be sealed by the stage that wrote it (`governance.seal`)."
-    return [*_needed(layout).values(), *(p for p in _optional(layout).values() if p.exists())]
+WRITTEN_BY = {"evaluation": "evaluate", "comparison": "evaluate", "subgroups": "evaluate", "robustness": "evaluate",
+              "export": "export", "privacy": "privacy", "leakage": "split"}   # the stage each piece of evidence comes from
+
+def evidence_files(layout: Layout) -> dict[Path, str]:
+    """Every file the rules read (the optional ones when present), with the stage that writes it: what must be sealed by
+    that stage (`governance.seal`)."""
+    return {p: WRITTEN_BY[k] for k, p in _needed(layout).items()} | {p: WRITTEN_BY[k] for k, p in _optional(layout).items() if p.exists()}
 
 SUMMARY_METRICS = ("auroc", "auroc_ci_low", "auroc_ci_high", "calibration_slope", "calibration_intercept", "observed_expected",
                    "brier", "alerts_per_100")

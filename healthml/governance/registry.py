@@ -195,8 +195,8 @@ def sealed_inputs(layout: Layout, candidate: str) -> None:
     record) is what its stage wrote: every stage's seal holds, under the audit key. `dvc commit` cannot make a seal, so an
     edited output that DVC recorded in dvc.lock is still refused."""
     L = layout
-    check_seals(L.root, [*evidence_files(L), L.onnx_models, L.model_file(candidate), L.report_render, L.ingest_record,
-                         L.split_file("train")])
+    check_seals(L.root, {**evidence_files(L), L.onnx_models: "export", L.model_file(candidate): "train", L.report_render: "report",
+                         L.ingest_record: "ingest", L.split_file("train"): "split"})
 
 def verified_verdict(params: Params, layout: Layout) -> dict:
     "The gate verdict recomputed from the pipeline's outputs; `metrics/gate.json` must say the same."
